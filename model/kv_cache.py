@@ -1,0 +1,242 @@
+"""The rolling self-attention cache of the causal rollout, and the temporal positions it hands out.
+
+Every idea of Infinity-RoPE that touches attention lives here:
+
+* **Sink + window.** The cache holds, per layer, the keys and values of at most
+  ``local_attn_size`` latent frames: ``sink_size`` sink frames (the first frames generated,
+  never evicted), a ring of the most recent context frames, and the block being generated
+  (``local_attn_size - sink_size - block_frames`` context frames). Memory is allocated once and
+  never grows, however long the video.
+* **Positions are data.** Keys are stored *un-rotated*; the rotation is applied with positions
+  that the cache assigns now:
+
+  - ``absolute`` (plain Self-Forcing): a frame's position is its global latent index;
+  - ``relativistic`` (Block-Relativistic RoPE): the attended frames, in temporal order (sink,
+    context, current block), get positions 0, 1, 2, ... Until the window is full this equals
+    the absolute positions; afterwards no position exceeds ``local_attn_size - 1``.
+  - **RoPE Cut** (:meth:`KVCache.cut`): for the next block only, the block's positions jump by
+    ``cut_offset``; the block after it returns to plain positions.
+* **KV Flush** (:meth:`KVCache.flush`): keep the sink and the last ``keep`` context frames, drop
+  the rest and the cross-attention cache, so a new prompt takes effect at once.
+
+Fast path: rotated keys are kept beside the raw ones and re-rotated only when the layout
+changes (once per block), not at every denoising step. ``naive_rope=True`` re-rotates every key
+from its raw copy at every forward, which is the oracle the tests compare against.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from model.rope import Rope, apply_rope
+
+POLICIES = ("absolute", "relativistic")
+
+
+class KVCache:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        grid: tuple[int, int],
+        block_frames: int,
+        local_attn_size: int,
+        sink_size: int,
+        rope: Rope,
+        policy: str = "relativistic",
+        cut_offset: int = 0,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        naive_rope: bool = False,
+    ):
+        if policy not in POLICIES:
+            raise ValueError(f"position policy must be one of {POLICIES}, got {policy!r}")
+        if local_attn_size < sink_size + block_frames:
+            raise ValueError(f"local_attn_size {local_attn_size} cannot hold sink {sink_size} + block {block_frames}")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.frame_tokens = self.grid[0] * self.grid[1]
+        self.block_frames = block_frames
+        self.capacity = local_attn_size  # frames
+        self.sink_size = sink_size
+        self.ring_size = local_attn_size - sink_size - block_frames
+        self.policy = policy
+        self.cut_offset = cut_offset
+        self.rope = rope
+        self.naive_rope = naive_rope
+        self.batch_size = batch_size
+        shape = (num_layers, batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
+        self.k_raw = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.reset()
+
+    # ------------------------------------------------------------------ bookkeeping (Python only)
+    def reset(self) -> None:
+        """Empty the cache for a new video (buffers are kept)."""
+        self.n_sink = 0             # sink frames held
+        self.n_ring = 0             # context frames held in the ring
+        self.head = 0               # ring slot of the oldest context frame once the ring is full
+        self.frames_seen = 0        # global latent index of the next frame to be committed
+        self.ring_first_frame = 0   # global latent index of the oldest context frame
+        self.slot_frame: list[int | None] = [None] * self.capacity  # global frame index per slot
+        self.cut_pending = False
+        self.version = 0            # bumped whenever stored frames or their positions change
+        self._rot_version = [-1] * self.k_raw.shape[0]
+        self._ctx_table = (None, None)
+        self.drop_cross_attention()
+
+    @property
+    def num_frames(self) -> int:
+        """Frames held (sink + context); the current block is written after them."""
+        return self.n_sink + self.n_ring
+
+    def _ring_slots(self) -> list[int]:
+        """Slots of the context frames, oldest first."""
+        if self.n_ring < self.ring_size:
+            return [self.sink_size + i for i in range(self.n_ring)]
+        return [self.sink_size + (self.head + i) % self.ring_size for i in range(self.ring_size)]
+
+    def _ring_base(self) -> int:
+        """Position of the oldest context frame."""
+        return self.n_sink if self.policy == "relativistic" else self.ring_first_frame
+
+    def context_runs(self) -> list[tuple[int, int]]:
+        """Temporal positions of the held frames in slot order, as (start, count) runs."""
+        runs = [(0, self.n_sink)]  # sink frames are the first frames: 0.. in both policies
+        base = self._ring_base()
+        if self.n_ring < self.ring_size or self.head == 0:
+            runs.append((base, self.n_ring))
+        else:  # a full ring that has wrapped: slots [sink, sink+head) hold the newest frames
+            runs.append((base + self.ring_size - self.head, self.head))
+            runs.append((base, self.ring_size - self.head))
+        return runs
+
+    def current_runs(self, num_frames: int) -> list[tuple[int, int]]:
+        """Temporal positions of a block of ``num_frames`` frames generated now."""
+        start = self.num_frames if self.policy == "relativistic" else self.frames_seen
+        if self.cut_pending:
+            start += self.cut_offset
+        return [(start, num_frames)]
+
+    def positions(self, num_frames: int) -> tuple[list[int], list[int]]:
+        """(positions of held frames in slot order, positions of the current block); for tests/logs."""
+        expand = lambda runs: [s + i for s, c in runs for i in range(c)]  # noqa: E731
+        return expand(self.context_runs()), expand(self.current_runs(num_frames))
+
+    # ---------------------------------------------------------------------------- events
+    def cut(self) -> None:
+        """RoPE Cut: the next block's positions jump by ``cut_offset`` (for that block only)."""
+        self.cut_pending = True
+
+    def flush(self, keep: int) -> None:
+        """KV Flush: keep the sink and the ``keep`` most recent context frames, drop the rest and
+        the cross-attention cache."""
+        keep = max(0, min(keep, self.n_ring))
+        kept = self._ring_slots()[len(self._ring_slots()) - keep:]
+        saved = [(self._tokens(s), self.slot_frame[s]) for s in kept]
+        copies = [(self.k_raw[:, :, t].clone(), self.v[:, :, t].clone(), g) for t, g in saved]
+        for i, (k, v, g) in enumerate(copies):
+            dst = self.sink_size + i
+            self.k_raw[:, :, self._tokens(dst)] = k
+            self.v[:, :, self._tokens(dst)] = v
+        for s in range(self.sink_size, self.capacity):
+            self.slot_frame[s] = None
+        for i, (_, _, g) in enumerate(copies):
+            self.slot_frame[self.sink_size + i] = g
+        self.n_ring, self.head = keep, 0
+        self.ring_first_frame = self.frames_seen - keep
+        self.version += 1
+        self.drop_cross_attention()
+
+    def commit(self, num_frames: int) -> None:
+        """Make the block staged by the last forward part of the context (its clean pass):
+        fill the sink first, then the ring, evicting the oldest context frames."""
+        start = self.num_frames
+        moves: dict[int, int] = {}  # destination slot -> source slot (later frames win)
+        for j in range(num_frames):
+            src, frame = start + j, self.frames_seen + j
+            if self.n_sink < self.sink_size:
+                self.slot_frame[src] = frame
+                self.n_sink += 1
+            elif self.ring_size == 0:
+                pass  # no context beyond the sink: the frame is dropped
+            elif self.n_ring < self.ring_size:
+                if self.n_ring == 0:
+                    self.ring_first_frame = frame
+                self.slot_frame[src] = frame
+                self.n_ring += 1
+            else:
+                dst = self.sink_size + self.head
+                moves[dst] = src
+                self.slot_frame[dst] = frame
+                self.head = (self.head + 1) % self.ring_size
+                self.ring_first_frame += 1
+        for dst, src in moves.items():  # sources lie past the ring: no overlap with destinations
+            self.k_raw[:, :, self._tokens(dst)] = self.k_raw[:, :, self._tokens(src)]
+            self.v[:, :, self._tokens(dst)] = self.v[:, :, self._tokens(src)]
+        for s in range(self.num_frames, self.capacity):
+            self.slot_frame[s] = None
+        self.frames_seen += num_frames
+        self.cut_pending = False
+        self.version += 1
+
+    def drop_cross_attention(self) -> None:
+        self._cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cross_context: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------- used by the model
+    def _tokens(self, slot: int, count: int = 1) -> slice:
+        return slice(slot * self.frame_tokens, (slot + count) * self.frame_tokens)
+
+    def context_table(self):
+        if self._ctx_table[0] != self.version:
+            table = self.rope.table_for_runs(self.context_runs(), *self.grid, self.k_raw.device)
+            self._ctx_table = (self.version, table)
+        return self._ctx_table[1]
+
+    def current_table(self, num_frames: int):
+        return self.rope.table_for_runs(self.current_runs(num_frames), *self.grid, self.k_raw.device)
+
+    def check_block(self, batch_size: int, num_frames: int) -> None:
+        if batch_size != self.batch_size:
+            raise ValueError(f"cache was allocated for batch {self.batch_size}, got {batch_size}")
+        if num_frames > self.block_frames or self.num_frames + num_frames > self.capacity:
+            raise ValueError(f"block of {num_frames} frames does not fit the cache "
+                             f"({self.num_frames} held, capacity {self.capacity})")
+
+    def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
+        """Stage the current block's keys/values for ``layer`` and return the keys (rotated) and
+        values to attend to: held frames followed by the current block, ``[B, tokens, H, D]``."""
+        held = self.num_frames * self.frame_tokens
+        cur = slice(held, held + k.shape[1])
+        if self.naive_rope or self._rot_version[layer] != self.version:
+            if held:
+                cos, sin = self.context_table()
+                self.k_rot[layer, :, :held] = apply_rope(self.k_raw[layer, :, :held], cos, sin)
+            self._rot_version[layer] = self.version
+        self.k_raw[layer, :, cur] = k.detach()
+        self.v[layer, :, cur] = v.detach()
+        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph, do not write into buffers
+            return (torch.cat([self.k_rot[layer, :, :held], k_rot], dim=1),
+                    torch.cat([self.v[layer, :, :held], v], dim=1))
+        self.k_rot[layer, :, cur] = k_rot
+        return self.k_rot[layer, :, :cur.stop], self.v[layer, :, :cur.stop]
+
+    def cross_kv(self, layer: int, context: torch.Tensor, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        """Cross-attention keys/values of ``context`` for ``layer``, computed once per prompt.
+        Under autograd they are recomputed so gradients reach the text projections."""
+        if torch.is_grad_enabled():
+            return make()
+        if self._cross_context is not context:
+            self._cross, self._cross_context = {}, context
+        kv = self._cross.get(layer)
+        if kv is None:
+            kv = self._cross[layer] = make()
+        return kv
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v))

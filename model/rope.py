@@ -1,0 +1,93 @@
+"""3D rotary position embedding of Wan2.1, rotated by explicit positions.
+
+A head of width ``d`` is split into a temporal part of ``d - 4*(d//6)`` channels and two spatial
+parts (height, width) of ``2*(d//6)`` channels each (44/42/42 for d = 128). Within a part, channel
+pair ``i`` rotates by ``position * theta ** (-2i / d_part)``; pairs are consecutive channels.
+
+Positions are data: the temporal position of every frame is passed in, never taken from the
+frame's index in a tensor. That is what lets the KV cache hand out absolute, block-relativistic
+or cut positions (``model/kv_cache.py``), and there is no table with a 1024-position ceiling:
+angles are computed from the positions asked for.
+
+Angle tables are computed in float64 (they are tiny: one row per frame) and applied in float32.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# (start, count) runs of consecutive temporal positions, one run per group of frames.
+PositionRuns = Sequence[tuple[int, int]]
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of the (t, h, w) parts of one head: 44, 42, 42 for a 128-wide head."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+class Rope:
+    """Angle tables and rotation for one head width. Keeps a few recent tables on the device."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, memo_size: int = 32):
+        if head_dim % 2 or head_dim < 6:
+            raise ValueError(f"RoPE needs an even head dim >= 6, got {head_dim}")
+        self.head_dim = head_dim
+        self.split = rope_split(head_dim)
+        self.theta = float(theta)
+        self._inv_freq = [
+            1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.split
+        ]
+        self._memo: dict = {}
+        self._memo_size = memo_size
+
+    def _inv(self, part: int, device) -> torch.Tensor:
+        return self._inv_freq[part].to(device)
+
+    def table(self, t_positions: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape ``[F * grid_h * grid_w, head_dim // 2]`` (float32) for tokens ordered
+        frame-major then row then column, frame ``f`` at temporal position ``t_positions[f]``."""
+        device = t_positions.device
+        t = t_positions.to(torch.float64)[:, None] * self._inv(0, device)[None]
+        h = torch.arange(grid_h, device=device, dtype=torch.float64)[:, None] * self._inv(1, device)[None]
+        w = torch.arange(grid_w, device=device, dtype=torch.float64)[:, None] * self._inv(2, device)[None]
+        f = t.shape[0]
+        angles = torch.cat(
+            [
+                t[:, None, None].expand(f, grid_h, grid_w, -1),
+                h[None, :, None].expand(f, grid_h, grid_w, -1),
+                w[None, None, :].expand(f, grid_h, grid_w, -1),
+            ],
+            dim=-1,
+        ).reshape(f * grid_h * grid_w, -1)
+        return torch.cos(angles).float(), torch.sin(angles).float()
+
+    def table_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`table` for frames whose temporal positions are the concatenated runs
+        ``[(start, count), ...]``. Built on the device from ``arange`` (no host-to-device copy, no
+        synchronisation) and memoised: a rollout with relative positions reuses a handful of
+        tables for its whole length."""
+        key = (tuple((int(s), int(c)) for s, c in runs if c > 0), grid_h, grid_w, str(device))
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        pos = torch.cat([torch.arange(s, s + c, device=device) for s, c in key[0]]) if key[0] else \
+            torch.zeros(0, device=device, dtype=torch.long)
+        out = self.table(pos, grid_h, grid_w)
+        if len(self._memo) >= self._memo_size:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = out
+        return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``[B, L, heads, head_dim]`` by per-token tables ``[L, head_dim/2]``.
+
+    Channel pairs (2i, 2i+1) are rotated as the complex number x[2i] + j x[2i+1] times
+    exp(j angle_i), in float32; the result has the dtype of ``x``."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)

@@ -1,0 +1,274 @@
+"""WanDiT: the Wan2.1 text-to-video DiT, with Wan's own parameter names, per-frame timesteps,
+and three ways to run attention:
+
+* full sequence, bidirectional (the base Wan2.1 model, the DMD real/fake scores);
+* full sequence, block-causal: a frame attends to every frame of its own and earlier blocks
+  (optionally restricted to sink + a local window), the oracle for the cached path;
+* one block at a time over a :class:`~model.kv_cache.KVCache`, the causal rollout.
+
+Shapes: latents ``x`` ``[B, F, C, H, W]``, timesteps ``t`` ``[B, F]`` (one per latent frame),
+text ``context`` ``[B, L, text_dim]``; the output is the flow prediction ``noise - x0``,
+``[B, F, C_out, H, W]``.
+
+Numerics follow Wan: the residual stream, the time embedding, the modulation and the norms run
+in float32; the linear layers and attention in the parameters' dtype (bf16 on GPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.kv_cache import KVCache
+from model.rope import Rope, apply_rope
+
+WAN_1_3B = dict(dim=1536, ffn_dim=8960, freq_dim=256, in_dim=16, out_dim=16, num_heads=12,
+                num_layers=30, text_len=512, text_dim=4096, eps=1e-6)
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] float timesteps → [N, dim] (cos half, then sin half), computed in float64 as Wan does."""
+    half = dim // 2
+    t = timesteps.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=torch.float64) / half)
+    angles = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in float32 whatever its parameter dtype (embeddings, modulation)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 (Wan's WanLayerNorm); returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class Attention(nn.Module):
+    """Wan attention projections (``q k v o`` + RMSNorm over the full width before the head split)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.norm_q(self.q(x)))
+
+    def out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+        """q, k, v ``[B, L, H, D]`` → ``[B, Lq, dim]`` through SDPA and the output projection."""
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: bool, cross_attn_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = LayerNorm32(dim, eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, num_heads, qk_norm, eps)
+        self.norm3 = LayerNorm32(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, num_heads, qk_norm, eps)
+        self.norm2 = LayerNorm32(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e, context, rope_cur, layer, mask=None, cache: KVCache | None = None):
+        """x ``[B, F, S, dim]`` float32 residual stream; e ``[B, F, 6, dim]`` float32 modulation."""
+        dtype = self.self_attn.q.weight.dtype
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float()[:, None] + e).unbind(2)
+        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None] for m in (shift, scale, gate, c_shift, c_scale, c_gate))
+        b, f, s, d = x.shape
+
+        # self-attention (rotated by explicit positions; over the cache when there is one)
+        h = (self.norm1(x) * (1 + scale) + shift).to(dtype).flatten(1, 2)
+        attn = self.self_attn
+        q = apply_rope(attn.project_q(h), *rope_cur)
+        k, v = attn.project_kv(h)
+        k_rot = apply_rope(k, *rope_cur)
+        if cache is not None:
+            k_rot, v = cache.attend_kv(layer, k, k_rot, v)
+        y = attn.out(q, k_rot, v, mask)
+        x = x + y.float().view(b, f, s, d) * gate
+
+        # cross-attention to the text (keys/values cached per prompt during a rollout)
+        h = self.norm3(x).to(dtype).flatten(1, 2)
+        q = self.cross_attn.project_q(h)
+        ck, cv = (cache.cross_kv(layer, context, lambda: self.cross_attn.project_kv(context())) if cache is not None
+                  else self.cross_attn.project_kv(context()))
+        x = x + self.cross_attn.out(q, ck, cv).float().view(b, f, s, d)
+
+        # feed-forward
+        h = (self.norm2(x) * (1 + c_scale) + c_shift).to(dtype)
+        x = x + self.ffn(h).float() * c_gate
+        return x
+
+
+class _LazyText:
+    """The text embedding of a context, computed on first use (cached rollouts rarely need it)."""
+
+    def __init__(self, model: "WanDiT", context: torch.Tensor):
+        self.model, self.raw, self.value = model, context, None
+
+    def __call__(self) -> torch.Tensor:
+        if self.value is None:
+            m = self.model
+            self.value = m.text_embedding(self.raw.to(m.text_embedding[0].weight.dtype))
+        return self.value
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = LayerNorm32(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x ``[B, F, S, dim]`` float32, e ``[B, F, dim]`` float32 (the time embedding)."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        h = self.norm(x) * (1 + scale[:, :, None]) + shift[:, :, None]
+        return self.head(h.to(self.head.weight.dtype))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, dim: int = 1536, ffn_dim: int = 8960, freq_dim: int = 256, in_dim: int = 16,
+                 out_dim: int = 16, num_heads: int = 12, num_layers: int = 30, text_len: int = 512,
+                 text_dim: int = 4096, eps: float = 1e-6, patch_size=(1, 2, 2), qk_norm: bool = True,
+                 cross_attn_norm: bool = True, rope_theta: float = 10000.0, **wan_extra):
+        super().__init__()
+        # Wan's config.json also carries keys that do not change the T2V network; accept them.
+        unknown = set(wan_extra) - {"model_type", "window_size", "_class_name", "_diffusers_version", "dtype"}
+        if unknown:
+            raise TypeError(f"WanDiT got unknown config keys {sorted(unknown)}")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if self.patch_size[0] != 1:
+            raise ValueError("per-frame timesteps need a temporal patch size of 1")
+        self.dim, self.freq_dim, self.text_len = dim, freq_dim, text_len
+        self.in_dim, self.out_dim, self.num_heads, self.num_layers = in_dim, out_dim, num_heads, num_layers
+        self.head_dim = dim // num_heads
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(
+            WanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers))
+        self.head = Head(dim, out_dim * math.prod(self.patch_size), eps)
+        self.rope = Rope(self.head_dim, rope_theta)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------ helpers
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of one latent frame."""
+        return height // self.patch_size[1], width // self.patch_size[2]
+
+    def new_cache(self, *, batch_size: int, height: int, width: int, block_frames: int, local_attn_size: int,
+                  sink_size: int, policy: str = "relativistic", cut_offset: int = 0, dtype=None, device=None,
+                  naive_rope: bool = False) -> KVCache:
+        """A preallocated cache sized for latents of ``height`` x ``width``."""
+        p = next(self.parameters())
+        return KVCache(num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
+                       grid=self.grid(height, width), block_frames=block_frames, local_attn_size=local_attn_size,
+                       sink_size=sink_size, rope=self.rope, policy=policy, cut_offset=cut_offset,
+                       batch_size=batch_size, dtype=dtype or p.dtype, device=device or p.device,
+                       naive_rope=naive_rope)
+
+    @staticmethod
+    def block_causal_mask(num_frames: int, frame_tokens: int, block_frames: int, local_attn_size: int = -1,
+                          sink_size: int = 0, device=None) -> torch.Tensor:
+        """Boolean ``[L, L]`` mask: frame i sees frame j iff j's block is not after i's and, with a
+        local window, j is one of the ``sink_size`` sink frames or among the last
+        ``local_attn_size - sink_size`` frames ending at the end of i's block: exactly what the
+        cache holds when i's block is generated."""
+        idx = torch.arange(num_frames, device=device)
+        block_end = (idx // block_frames + 1) * block_frames  # exclusive end of each frame's block
+        visible = idx[None, :] < block_end[:, None]
+        if local_attn_size > 0:
+            recent = idx[None, :] >= (block_end[:, None] - (local_attn_size - sink_size))
+            visible &= recent | (idx[None, :] < sink_size)
+        return visible.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+
+    def _embed_time(self, t: torch.Tensor):
+        """Per-frame time embedding e ``[B, F, dim]`` and modulation e0 ``[B, F, 6, dim]`` (float32)."""
+        b, f = t.shape
+        s = sinusoidal_embedding(t.reshape(-1), self.freq_dim).float()
+        e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], s)))
+        e0 = linear32(self.time_projection[1], F.silu(e))
+        return e.view(b, f, self.dim), e0.view(b, f, 6, self.dim)
+
+    # ------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
+                num_frame_per_block: int | None = None, local_attn_size: int = -1, sink_size: int = 0,
+                kv_cache: KVCache | None = None, commit: bool = False) -> torch.Tensor:
+        """Flow prediction for latents ``x`` ``[B, F, C, H, W]`` at per-frame timesteps ``t`` ``[B, F]``.
+
+        * default: full sequence, bidirectional, frames at positions 0..F-1;
+        * ``num_frame_per_block=n``: full sequence, block-causal (blocks of n frames), optionally
+          restricted to ``sink_size`` sink frames + a ``local_attn_size``-frame window;
+        * ``kv_cache=cache``: ``x`` is the next block; it attends to the frames the cache holds at
+          the positions the cache hands out. ``commit=True`` (the clean pass) then appends the
+          block to the cache.
+        """
+        b, f, _, height, width = x.shape
+        if t.shape != (b, f):
+            raise ValueError(f"timesteps must be [B, F] = {[b, f]}, got {list(t.shape)}")
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.to(dtype).transpose(1, 2))  # [B, dim, F, h, w]
+        gh, gw = tokens.shape[-2:]
+        s = gh * gw
+        h = tokens.flatten(3).permute(0, 2, 3, 1).float()  # [B, F, S, dim] residual stream, float32
+        e, e0 = self._embed_time(t)
+        text = _LazyText(self, context)
+
+        mask = None
+        if kv_cache is not None:
+            kv_cache.check_block(b, f)
+            if kv_cache.grid != (gh, gw):
+                raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
+            rope_cur = kv_cache.current_table(f)
+        else:
+            rope_cur = self.rope.table_for_runs([(0, f)], gh, gw, x.device)
+            if num_frame_per_block is not None:
+                mask = self.block_causal_mask(f, s, num_frame_per_block, local_attn_size, sink_size, x.device)
+
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, e0, text, rope_cur, i, mask, kv_cache, use_reentrant=False)
+            else:
+                h = block(h, e0, text, rope_cur, i, mask, kv_cache)
+        if kv_cache is not None and commit:
+            kv_cache.commit(f)
+
+        out = self.head(h, e)  # [B, F, S, pt*ph*pw*C]
+        pt, ph, pw = self.patch_size
+        out = out.view(b, f, gh, gw, pt, ph, pw, self.out_dim)
+        out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(b, f * pt, self.out_dim, gh * ph, gw * pw)
+        return out

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+from model.wan import WanDiT
+
+# A DiT small enough for CPU tests; head dim 16 splits into RoPE parts 8/4/4.
+TINY_DIT = dict(dim=32, ffn_dim=64, freq_dim=16, in_dim=4, out_dim=4, num_heads=2, num_layers=2,
+                text_len=8, text_dim=12, eps=1e-6)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Non-trivial random weights everywhere (default inits leave norms at 1 and biases at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_dit():
+    return randomize(WanDiT(**TINY_DIT)).eval()

@@ -1,0 +1,116 @@
+"""Configuration: ``configs/default.yaml`` merged with a user config and ``key=value`` overrides.
+
+Every key a run may use is documented in ``configs/default.yaml``. A key that is not there (a
+typo, a key from another project) is a :class:`ConfigError` naming the key and the file it came
+from, so nothing silently falls back to a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from utils.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
+                          f"(see {CONFIG_DIR.relative_to(REPO_ROOT)}/)")
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError, OSError) as exc:  # yaml errors are ValueError subclasses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot parse config {path}: {first}") from exc
+    except Exception as exc:  # yaml.YAMLError and friends
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot parse config {path}: {first}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return cfg
+
+
+def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of ``cfg`` that ``reference`` does not have."""
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in reference:
+            known = ", ".join(sorted(str(k) for k in reference.keys()))
+            raise ConfigError(f"unknown config key '{dotted}' in {source}; "
+                              f"known keys here: {known} (documented in configs/default.yaml)")
+        sub, ref = cfg[key], reference[key]
+        # Recurse only where the default is itself a mapping with fixed keys; a default of null
+        # admits any mapping (e.g. tiny_vae) whose keys the consumer validates.
+        if isinstance(sub, DictConfig) and isinstance(ref, DictConfig):
+            _check_known(sub, ref, source, prefix=f"{dotted}.")
+
+
+def parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    """``["a.b=1", "c=[1,2]"]`` → a config; a malformed item is a ConfigError."""
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not key=value (e.g. sink_size=2 or model.num_layers=4)")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {items}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Merge default.yaml ← ``path`` ← ``overrides`` and validate every key and a few invariants."""
+    base = _read_yaml(DEFAULT_CONFIG)
+    layers = []
+    if path is not None:
+        user = _read_yaml(Path(path))
+        _check_known(user, base, str(path))
+        layers.append(user)
+    over = parse_overrides(overrides)
+    _check_known(over, base, "the command-line overrides")
+    layers.append(over)
+    try:
+        cfg = OmegaConf.merge(base, *layers)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config values do not fit the defaults' types: {str(exc).splitlines()[0]}") from exc
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Invariants between keys; each failure names the key and what to change."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    m = cfg.model
+    need(m.dim % m.num_heads == 0, f"model.dim ({m.dim}) must be divisible by model.num_heads ({m.num_heads})")
+    head_dim = m.dim // m.num_heads
+    need(head_dim % 2 == 0 and head_dim >= 6, f"head dim model.dim/model.num_heads = {head_dim} must be even and >= 6 for 3D RoPE")
+    need(isinstance(m.patch_size, ListConfig) and len(m.patch_size) == 3, "model.patch_size must be a list of 3 ints (t, h, w)")
+    need(cfg.num_frame_per_block >= 1, "num_frame_per_block must be >= 1")
+    need(cfg.sink_size >= 0, "sink_size must be >= 0")
+    need(cfg.local_attn_size >= cfg.sink_size + cfg.num_frame_per_block,
+         f"local_attn_size ({cfg.local_attn_size}) must hold the sink ({cfg.sink_size}) and one block "
+         f"({cfg.num_frame_per_block}); raise local_attn_size")
+    context = cfg.local_attn_size - cfg.sink_size - cfg.num_frame_per_block
+    need(0 <= cfg.flush_keep <= context,
+         f"flush_keep ({cfg.flush_keep}) must be between 0 and the context frames of the window "
+         f"(local_attn_size - sink_size - num_frame_per_block = {context})")
+    need(cfg.position_policy in ("absolute", "relativistic"),
+         f"position_policy must be 'absolute' or 'relativistic', not '{cfg.position_policy}'")
+    need(cfg.rope_cut_offset >= 0, "rope_cut_offset must be >= 0")
+    need(len(cfg.denoising_step_list) >= 1, "denoising_step_list must have at least one step")
+    need(all(0 < s <= cfg.num_train_timestep for s in cfg.denoising_step_list),
+         f"denoising_step_list values must lie in (0, num_train_timestep={cfg.num_train_timestep}]")
+    need(cfg.fps > 0, "fps must be > 0")
+    need(cfg.dtype in ("bfloat16", "float16", "float32"), f"dtype must be bfloat16, float16 or float32, not '{cfg.dtype}'")
+    need(cfg.text_encoder_dtype in ("bfloat16", "float16", "float32"),
+         f"text_encoder_dtype must be bfloat16, float16 or float32, not '{cfg.text_encoder_dtype}'")
+    need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
