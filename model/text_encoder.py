@@ -1,0 +1,180 @@
+"""UMT5 text encoder: prompts → ``[B, text_len, d_model]`` embeddings, zero past each prompt.
+
+Wan2.1 (and diffusers' ``WanPipeline``) tokenize to a fixed ``text_len`` (512), run the
+umt5-xxl encoder with the attention mask, and then set every embedding past the prompt's true
+token count to exactly 0. The DiT's cross-attention attends all ``text_len`` positions with no
+mask, so those zeros matter: they become ``text_embedding``'s bias after projection.
+
+Two ways to build one:
+
+- :meth:`TextEncoder.from_pretrained` — the real encoder from a Wan2.1 diffusers folder
+  (``<wan_model_path>/text_encoder`` and ``<wan_model_path>/tokenizer``), local files only;
+- :meth:`TextEncoder.from_config` — a small randomly initialised UMT5 (``tiny_text_encoder``
+  in the config) with a sentencepiece tokenizer, for tests and CPU-sized runs.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+from utils.errors import ConfigError, WeightsMissingError
+
+log = logging.getLogger(__name__)
+
+_DOWNLOAD_HINT = ("run `bash setup_env.sh` (downloads Wan-AI/Wan2.1-T2V-1.3B-Diffusers into wan_models/) "
+                  "or place the files there by hand")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+# transformers 5 renamed from_pretrained's torch_dtype to dtype (4.x knows only torch_dtype).
+_DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: undo HTML escapes and collapse whitespace (ftfy too when installed)."""
+    try:
+        import ftfy  # optional, as in Wan; without it only HTML entities and whitespace are fixed
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_sentencepiece_tokenizer(model_file: str | Path):
+    """A T5 tokenizer (pad 0, eos 1, unk 2, no sentinels) from a sentencepiece ``.model`` file."""
+    import sentencepiece as spm
+
+    model_file = str(model_file)
+    cls = transformers.T5Tokenizer
+    if hasattr(cls, "convert_to_native_format"):
+        # transformers 5: the constructor ignores vocab_file (it silently builds a 4-token
+        # vocabulary); the .model must be converted first, which needs protobuf.
+        try:
+            import google.protobuf  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"reading the sentencepiece tokenizer {model_file} needs the protobuf package "
+                              f"with transformers 5; run `pip install protobuf`") from exc
+        tokenizer = cls(**cls.convert_to_native_format(vocab_file=model_file, extra_ids=0))
+    else:  # transformers 4: the sentencepiece-backed slow tokenizer reads the file itself
+        tokenizer = cls(vocab_file=model_file, extra_ids=0)
+    pieces = spm.SentencePieceProcessor(model_file=model_file).get_piece_size()
+    if len(tokenizer) != pieces:
+        raise RuntimeError(f"T5Tokenizer built from {model_file} has {len(tokenizer)} tokens, "
+                           f"the sentencepiece model has {pieces}")
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """Tokenizer from a folder (``tokenizer.json``/``tokenizer_config.json`` or ``spiece.model``)
+    or from a sentencepiece ``.model`` file."""
+    path = Path(path)
+    if path.is_file():
+        return load_sentencepiece_tokenizer(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "spiece.model").is_file():
+            return load_sentencepiece_tokenizer(path / "spiece.model")
+    raise WeightsMissingError(
+        f"tokenizer not found at {path}: expected a folder with one of {', '.join(_TOKENIZER_FILES)} "
+        f"or a sentencepiece .model file; set tokenizer_path (tests/assets/tokenizer has a tiny one) "
+        f"or, for the Wan tokenizer, {_DOWNLOAD_HINT}")
+
+
+def _as_dict(config: Mapping) -> dict:
+    """A plain dict from a dict or an OmegaConf DictConfig (nested lists become lists)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
+
+
+class TextEncoder(torch.nn.Module):
+    """UMT5 encoder + tokenizer; ``forward(prompts)`` → ``[B, text_len, d_model]``."""
+
+    def __init__(self, encoder: UMT5EncoderModel, tokenizer, text_len: int):
+        super().__init__()
+        if text_len < 1:
+            raise ConfigError(f"model.text_len must be >= 1, not {text_len}")
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.text_len = int(text_len)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def tokenize(self, prompts: list[str]):
+        """Token ids and attention mask, both ``[B, text_len]`` (padded, truncated, eos added)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length",
+                                max_length=self.text_len, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Exactly zero past each prompt's length (masked_fill, not a multiply: 0 * nan is nan).
+        return hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
+
+    @classmethod
+    def from_pretrained(cls, wan_model_path: str | Path, text_len: int = 512,
+                        dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> "TextEncoder":
+        """umt5-xxl from ``<wan_model_path>/text_encoder`` and ``<wan_model_path>/tokenizer``."""
+        root = Path(wan_model_path)
+        encoder_dir, tokenizer_dir = root / "text_encoder", root / "tokenizer"
+        for path in (root, encoder_dir, encoder_dir / "config.json"):
+            if not path.exists():
+                raise WeightsMissingError(f"text encoder weights missing: {path} does not exist; {_DOWNLOAD_HINT}")
+        if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
+            raise WeightsMissingError(f"tokenizer missing: {tokenizer_dir} does not hold any of "
+                                      f"{', '.join(_TOKENIZER_FILES)}; {_DOWNLOAD_HINT}")
+        try:
+            encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), local_files_only=True, use_safetensors=True,
+                                                       **{_DTYPE_KWARG: dtype})
+        except OSError as exc:  # a shard or index file missing / unreadable
+            first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise WeightsMissingError(f"cannot load the text encoder from {encoder_dir}: {first}; "
+                                      f"{_DOWNLOAD_HINT}") from exc
+        tokenizer = load_tokenizer(tokenizer_dir)
+        log.info("loaded UMT5 text encoder from %s (%s, %s)", encoder_dir, dtype, device)
+        return cls(encoder.to(device), tokenizer, text_len)
+
+    @classmethod
+    def from_config(cls, config: Mapping, tokenizer_path: str | Path, text_len: int) -> "TextEncoder":
+        """A randomly initialised UMT5 (``UMT5Config(**config)``) for tests and tiny runs.
+
+        ``vocab_size`` defaults to the tokenizer's size. The caller seeds torch. fp32 on the CPU.
+        """
+        config = _as_dict(config)
+        known = set(UMT5Config().to_dict())
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"tiny_text_encoder has unknown key(s) {', '.join(unknown)}; use UMT5Config "
+                              f"arguments such as vocab_size, d_model, d_ff, num_layers, num_heads, d_kv")
+        tokenizer = load_tokenizer(tokenizer_path)
+        config.setdefault("vocab_size", len(tokenizer))
+        if config["vocab_size"] < len(tokenizer):
+            raise ConfigError(f"tiny_text_encoder.vocab_size ({config['vocab_size']}) is smaller than the "
+                              f"tokenizer at {tokenizer_path} ({len(tokenizer)} tokens); raise it or leave it out")
+        encoder = UMT5EncoderModel(UMT5Config(**config))
+        return cls(encoder, tokenizer, text_len)

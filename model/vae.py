@@ -1,0 +1,216 @@
+"""Wan2.1 VAE (diffusers ``AutoencoderKLWan``): latent normalisation, encode, one-shot and
+streaming decode.
+
+Layout at this boundary: the project's latents are ``[B, F, C, h, w]`` (normalised), diffusers'
+are ``[B, C, F, h, w]`` (raw); pixels are ``[B, T, 3, H, W]`` in [-1, 1]. ``T = 1 + tf·(F − 1)``
+with ``tf`` the temporal factor (4 for Wan): the first latent frame decodes to one frame.
+
+Normalisation follows diffusers' Wan pipelines: ``normalised = (z − mean) / std`` per channel,
+with ``latents_mean`` / ``latents_std`` from the VAE's config.
+
+Streaming decode keeps the decoder's causal convolution cache between latent blocks, frame by
+frame exactly as ``AutoencoderKLWan._decode`` does internally, so decoding a video block by block
+equals decoding it in one shot, bit for bit, while holding only the cache (a couple of frames of
+activations per causal conv), never the past frames. That relies on the semi-private
+``decoder(..., feat_cache, feat_idx, first_chunk)`` call and ``clear_cache``/``_feat_map``;
+``tests/test_vae.py`` pins it and ``pyproject.toml`` pins the diffusers range.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from utils.errors import ConfigError, WeightsMissingError
+
+log = logging.getLogger(__name__)
+
+_DOWNLOAD_HINT = ("run `bash setup_env.sh` (downloads Wan-AI/Wan2.1-T2V-1.3B-Diffusers into wan_models/) "
+                  "or place the files there by hand")
+
+
+def _as_dict(config: Mapping) -> dict:
+    """A plain dict from a dict or an OmegaConf DictConfig (nested lists become lists)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
+
+
+class WanVAE(torch.nn.Module):
+    """``AutoencoderKLWan`` behind the project's shapes and latent normalisation."""
+
+    def __init__(self, vae: AutoencoderKLWan):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        for name in ("latents_mean", "latents_std"):
+            values = getattr(cfg, name)
+            if values is None or len(values) != cfg.z_dim:
+                raise ConfigError(f"VAE config {name} has {0 if values is None else len(values)} values but "
+                                  f"z_dim is {cfg.z_dim}; give one value per latent channel")
+        if any(s <= 0 for s in cfg.latents_std):
+            raise ConfigError("VAE config latents_std must be > 0 for every channel")
+        # Python floats, not buffers: module.to(dtype) must not round them.
+        self._mean = [float(v) for v in cfg.latents_mean]
+        self._std = [float(v) for v in cfg.latents_std]
+        levels = len(cfg.dim_mult) - 1  # the encoder downsamples after every level but the last
+        patch = cfg.patch_size or 1
+        self._spatial = 2 ** levels * patch
+        self._temporal = 2 ** sum(bool(t) for t in list(cfg.temperal_downsample)[:levels])
+        for key, derived in (("scale_factor_spatial", self._spatial), ("scale_factor_temporal", self._temporal)):
+            stated = getattr(cfg, key, None)
+            if stated is not None and stated != derived:
+                log.debug("VAE config %s=%s, architecture gives %s; using %s", key, stated, derived, derived)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, wan_model_path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu") -> "WanVAE":
+        """The Wan2.1 VAE from ``<wan_model_path>/vae`` (local files only)."""
+        root = Path(wan_model_path)
+        vae_dir = root / "vae"
+        for path in (root, vae_dir, vae_dir / "config.json"):
+            if not path.exists():
+                raise WeightsMissingError(f"VAE weights missing: {path} does not exist; {_DOWNLOAD_HINT}")
+        try:
+            vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
+                                                   use_safetensors=True)  # never unpickle weights
+        except OSError as exc:  # weights file missing / unreadable
+            first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise WeightsMissingError(f"cannot load the VAE from {vae_dir}: {first}; {_DOWNLOAD_HINT}") from exc
+        log.info("loaded Wan VAE from %s (%s, %s)", vae_dir, dtype, device)
+        return cls(vae.to(device))
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "WanVAE":
+        """``AutoencoderKLWan(**config)`` with random weights (fp32; the caller seeds torch)."""
+        config = _as_dict(config)
+        known = set(inspect.signature(AutoencoderKLWan.__init__).parameters) - {"self"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"tiny_vae has unknown key(s) {', '.join(unknown)}; use AutoencoderKLWan "
+                              f"arguments such as base_dim, z_dim, dim_mult, num_res_blocks, temperal_downsample")
+        return cls(AutoencoderKLWan(**config))
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def z_dim(self) -> int:
+        return int(self.vae.config.z_dim)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent cell along H and W (8 for Wan2.1)."""
+        return self._spatial
+
+    @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame after the first (4 for Wan2.1)."""
+        return self._temporal
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def num_video_frames(self, num_latent_frames: int) -> int:
+        """Video frames decoded from ``num_latent_frames`` latent frames: 1 + tf·(F − 1)."""
+        if num_latent_frames < 1:
+            return 0
+        return 1 + self.temporal_factor * (num_latent_frames - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent frame for a ``height`` × ``width`` video."""
+        f = self.spatial_factor
+        if height % f or width % f:
+            raise ConfigError(f"height ({height}) and width ({width}) must be multiples of the VAE's "
+                              f"spatial factor {f}; change height/width in the config")
+        return self.z_dim, height // f, width // f
+
+    # ------------------------------------------------------------------ normalisation
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, 1, self.z_dim, 1, 1)  # project layout [B, F, C, h, w]
+        mean = torch.tensor(self._mean, dtype=torch.float32, device=like.device).view(shape)
+        std = torch.tensor(self._std, dtype=torch.float32, device=like.device).view(shape)
+        return mean, std
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents ``[B, F, C, h, w]`` → normalised: (z − mean) / std (float32 math)."""
+        mean, std = self._stats(z)
+        return ((z.float() - mean) / std).to(z.dtype)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[B, F, C, h, w]`` → raw VAE latents: latents · std + mean."""
+        mean, std = self._stats(latents)
+        return (latents.float() * std + mean).to(latents.dtype)
+
+    # ------------------------------------------------------------------ encode / decode
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, T, 3, H, W]`` in [-1, 1] → normalised latents ``[B, F, C, h, w]`` (posterior mode)."""
+        if video.ndim != 5:
+            raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
+        t = video.shape[1]
+        if (t - 1) % self.temporal_factor:
+            raise ValueError(f"video has {t} frames; the VAE needs 1 + {self.temporal_factor}·k frames")
+        x = video.permute(0, 2, 1, 3, 4).to(device=self.device, dtype=self.dtype)
+        z = self.vae.encode(x).latent_dist.mode()  # [B, C, F, h, w]
+        return self.normalize(z.permute(0, 2, 1, 3, 4))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[B, F, C, h, w]`` → frames ``[B, T, 3, H, W]`` in [-1, 1], one shot."""
+        z = self.denormalize(latents).permute(0, 2, 1, 3, 4).to(device=self.device, dtype=self.dtype)
+        frames = self.vae.decode(z).sample  # diffusers clamps to [-1, 1]
+        return frames.permute(0, 2, 1, 3, 4)
+
+    def streaming_decoder(self) -> "StreamingDecoder":
+        """A fresh :class:`StreamingDecoder` over this VAE (one per video stream)."""
+        return StreamingDecoder(self)
+
+
+class StreamingDecoder:
+    """Decode consecutive latent blocks of one video, keeping the decoder's causal cache.
+
+    ``reset()`` starts a new video; ``decode_block(latents [B, f, C, h, w])`` returns frames
+    ``[B, T, 3, H, W]`` in [-1, 1]: ``1 + tf·(f − 1)`` frames for the first block, ``tf·f`` after.
+    The cache is this object's own list, so other calls on the VAE (a one-shot ``decode``, an
+    ``encode``, another stream) do not disturb it.
+    """
+
+    def __init__(self, vae: WanVAE):
+        self.wan_vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous video: empty cache, next block is the first."""
+        vae = self.wan_vae.vae
+        vae.clear_cache()  # sizes _feat_map: one slot per causal conv of the decoder
+        self._cache: list = [None] * len(vae._feat_map)
+        self.num_latent_frames = 0  # latent frames decoded since reset
+
+    @torch.no_grad()
+    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.ndim != 5 or latents.shape[2] != self.wan_vae.z_dim:
+            raise ValueError(f"latents must be [B, f, {self.wan_vae.z_dim}, h, w], got {tuple(latents.shape)}")
+        vae = self.wan_vae.vae
+        z = self.wan_vae.denormalize(latents).permute(0, 2, 1, 3, 4)
+        x = vae.post_quant_conv(z.to(device=self.wan_vae.device, dtype=self.wan_vae.dtype))  # 1×1×1 conv
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
+                                    first_chunk=self.num_latent_frames == 0))
+            self.num_latent_frames += 1
+        out = torch.cat(outs, dim=2)
+        if vae.config.patch_size is not None:  # Wan2.2-style patchified VAE; None for Wan2.1
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0).permute(0, 2, 1, 3, 4)

@@ -1,0 +1,152 @@
+"""model/vae.py: geometry from the config, latent normalisation, encode, streaming == one-shot decode.
+
+The streaming decoder leans on AutoencoderKLWan's semi-private decoder cache; this file is what
+catches a diffusers upgrade that changes it.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from omegaconf import OmegaConf
+
+from model.vae import WanVAE
+from utils.errors import ConfigError, WeightsMissingError
+
+log = logging.getLogger(__name__)
+
+TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+            "temperal_downsample": [False, True, True]}
+H, W = 32, 48  # pixels → 4 × 6 latent cells
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    torch.manual_seed(0)
+    return WanVAE.from_config(OmegaConf.create(TINY_VAE))  # the config arrives as a DictConfig
+
+
+def _stats(vae: WanVAE):
+    cfg = vae.vae.config
+    return torch.tensor(cfg.latents_mean), torch.tensor(cfg.latents_std)
+
+
+def test_geometry_from_config(vae):
+    assert vae.z_dim == 16 and vae.spatial_factor == 8 and vae.temporal_factor == 4
+    assert vae.latent_shape(480, 832) == (16, 60, 104)
+    assert [vae.num_video_frames(f) for f in (1, 3, 7, 21)] == [1, 9, 25, 81]
+    torch.manual_seed(0)
+    two_levels = WanVAE.from_config({**TINY_VAE, "dim_mult": [1, 2, 2], "temperal_downsample": [False, True]})
+    assert (two_levels.spatial_factor, two_levels.temporal_factor) == (4, 2)
+    with pytest.raises(ConfigError, match="multiples"):
+        vae.latent_shape(30, 48)
+
+
+def test_latent_stats_come_from_config(vae):
+    # no stats in the tiny config: diffusers' defaults, which are the Wan2.1 statistics
+    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters
+    assert vae.vae.config.latents_mean == defaults["latents_mean"].default
+    assert vae.vae.config.latents_std == defaults["latents_std"].default
+    assert vae.vae.config.latents_mean[0] == -0.7571 and vae.vae.config.latents_std[0] == 2.8184
+    custom = WanVAE.from_config({**TINY_VAE, "z_dim": 4, "latents_mean": [0.5, -1.0, 2.0, 0.0],
+                                 "latents_std": [2.0, 0.5, 1.0, 4.0]})
+    z = torch.ones(1, 1, 4, 1, 1)
+    assert custom.normalize(z).flatten().tolist() == [0.25, 4.0, -1.0, 0.25]
+
+
+def test_normalisation_matches_diffusers_pipeline(vae):
+    torch.manual_seed(1)
+    z = torch.randn(2, 5, 16, 4, 6)  # raw latents, project layout
+    mean, std = _stats(vae)
+    # diffusers' WanVideoToVideoPipeline: (z - mean) * (1 / std), layout [B, C, F, h, w]
+    ref = (z.permute(0, 2, 1, 3, 4) - mean.view(1, 16, 1, 1, 1)) * (1.0 / std.view(1, 16, 1, 1, 1))
+    norm = vae.normalize(z)
+    assert torch.allclose(norm, ref.permute(0, 2, 1, 3, 4), atol=1e-6)
+    back = vae.denormalize(norm)
+    err = (back - z).abs().max().item()
+    log.info("normalise/denormalise round trip max abs error %.3g", err)
+    assert err < 1e-5
+
+
+def test_encode_shape_and_mode(vae):
+    torch.manual_seed(2)
+    video = torch.rand(2, 9, 3, H, W) * 2 - 1
+    latents = vae.encode(video)
+    assert latents.shape == (2, 3, 16, 4, 6)
+    # deterministic posterior mode, normalised like the pipelines do
+    raw = vae.vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist.mode().permute(0, 2, 1, 3, 4)
+    assert torch.equal(vae.encode(video), latents)
+    assert torch.allclose(vae.denormalize(latents), raw, atol=1e-5)
+    with pytest.raises(ValueError, match="1 \\+ 4"):
+        vae.encode(video[:, :8])
+
+
+def test_decode_matches_diffusers_pipeline(vae):
+    torch.manual_seed(3)
+    latents = torch.randn(1, 3, 16, 4, 6)
+    frames = vae.decode(latents)
+    assert frames.shape == (1, 9, 3, H, W)
+    mean, std = _stats(vae)
+    # diffusers' WanPipeline: latents / (1 / std) + mean, then vae.decode
+    z = latents.permute(0, 2, 1, 3, 4) / (1.0 / std.view(1, 16, 1, 1, 1)) + mean.view(1, 16, 1, 1, 1)
+    with torch.no_grad():
+        ref = vae.vae.decode(z).sample.permute(0, 2, 1, 3, 4)
+    assert torch.allclose(frames, ref, atol=1e-5)
+    assert frames.min() >= -1 and frames.max() <= 1 and frames.std() > 0.05
+
+
+def test_streaming_decode_equals_one_shot(vae):
+    torch.manual_seed(4)
+    latents = torch.randn(2, 7, 16, 4, 6)
+    one_shot = vae.decode(latents)
+    assert one_shot.shape == (2, 25, 3, H, W)
+
+    stream = vae.streaming_decoder()
+    blocks = []
+    for start in (0, 3, 6):  # blocks of 3, 3, 1 latent frames
+        blocks.append(stream.decode_block(latents[:, start:start + 3]))
+        vae.decode(latents[:1, :2])  # other use of the VAE in between must not disturb the stream
+        # constant memory: the cache holds at most 2 frames of activations per causal conv
+        assert all(c is None or c.shape[2] <= 2 for c in stream._cache)
+    assert [b.shape[1] for b in blocks] == [9, 12, 4]
+    streamed = torch.cat(blocks, dim=1)
+    assert streamed.shape == one_shot.shape == (2, 25, 3, H, W)
+    err = (streamed - one_shot).abs().max().item()
+    log.info("streaming vs one-shot decode: max abs error %.3g", err)
+    assert err <= 1e-6
+
+    stream.reset()  # a new video starts from an empty cache
+    assert torch.equal(stream.decode_block(latents[:, :3]), blocks[0])
+
+
+def test_from_config_rejects_bad_config():
+    with pytest.raises(ConfigError, match="base_dimm"):
+        WanVAE.from_config({"base_dimm": 8})
+    with pytest.raises(ConfigError, match="latents_mean"):
+        WanVAE.from_config({**TINY_VAE, "z_dim": 4})  # default stats have 16 values
+
+
+def test_from_pretrained_missing_weights(tmp_path):
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "vae"))) as err:
+        WanVAE.from_pretrained(tmp_path, dtype=torch.float32)
+    assert "setup_env.sh" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_pretrained_round_trip(vae, tmp_path):
+    vae.vae.save_pretrained(tmp_path / "vae")
+    loaded = WanVAE.from_pretrained(tmp_path, dtype=torch.float32)
+    torch.manual_seed(5)
+    latents = torch.randn(1, 2, 16, 4, 6)
+    assert torch.equal(loaded.decode(latents), vae.decode(latents))
+    assert WanVAE.from_pretrained(tmp_path).dtype == torch.bfloat16
+
+
+def test_from_pretrained_weights_file_missing(vae, tmp_path):
+    vae.vae.save_config(tmp_path / "vae")  # config.json but no diffusion_pytorch_model.safetensors
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "vae"))) as err:
+        WanVAE.from_pretrained(tmp_path, dtype=torch.float32)
+    assert "safetensors" in str(err.value) and "\n" not in str(err.value)
