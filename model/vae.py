@@ -18,6 +18,7 @@ activations per causal conv), never the past frames. That relies on the semi-pri
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,25 @@ def _as_dict(config: Mapping) -> dict:
     return dict(config)
 
 
+def compression_factors(config: Mapping) -> tuple[int, int]:
+    """(spatial, temporal) compression of an ``AutoencoderKLWan`` config (keys it lacks take the
+    class defaults, which are Wan2.1's), without building the network: 8 and 4 for Wan2.1."""
+    defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    cfg = {**defaults, **{k: v for k, v in dict(config).items() if k in defaults}}
+    levels = len(cfg["dim_mult"]) - 1  # the encoder downsamples after every level but the last
+    patch = cfg["patch_size"] or 1
+    return 2 ** levels * patch, 2 ** sum(bool(t) for t in list(cfg["temperal_downsample"])[:levels])
+
+
+def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) -> dict:
+    """The VAE config a run will use, read without loading weights (for plans and dry runs)."""
+    if random_config is not None:
+        return _as_dict(random_config)
+    path = Path(wan_model_path or "") / "vae" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class WanVAE(torch.nn.Module):
     """``AutoencoderKLWan`` behind the project's shapes and latent normalisation."""
 
@@ -59,10 +79,7 @@ class WanVAE(torch.nn.Module):
         # Python floats, not buffers: module.to(dtype) must not round them.
         self._mean = [float(v) for v in cfg.latents_mean]
         self._std = [float(v) for v in cfg.latents_std]
-        levels = len(cfg.dim_mult) - 1  # the encoder downsamples after every level but the last
-        patch = cfg.patch_size or 1
-        self._spatial = 2 ** levels * patch
-        self._temporal = 2 ** sum(bool(t) for t in list(cfg.temperal_downsample)[:levels])
+        self._spatial, self._temporal = compression_factors(cfg)
         for key, derived in (("scale_factor_spatial", self._spatial), ("scale_factor_temporal", self._temporal)):
             stated = getattr(cfg, key, None)
             if stated is not None and stated != derived:

@@ -42,18 +42,22 @@ logger = logging.getLogger(__name__)
 START, FLUSH, CUT = "start", "flush", "cut"
 
 
-def video_frames_after(num_blocks: int, frames_per_block: int, temporal_factor: int = 4) -> int:
-    """Video frames decoded from the first ``num_blocks`` latent blocks (0 blocks → 0 frames)."""
-    if num_blocks <= 0:
+def video_frames_after(num_blocks: int, frames_per_block: int, temporal_factor: int = 4,
+                       lead_frames: int = 0) -> int:
+    """Video frames decoded from ``lead_frames`` given latent frames (1 for an image start)
+    followed by the first ``num_blocks`` latent blocks (nothing at all → 0 frames)."""
+    latents = lead_frames + frames_per_block * max(num_blocks, 0)
+    if latents <= 0:
         return 0
-    return 1 + temporal_factor * (frames_per_block * num_blocks - 1)
+    return 1 + temporal_factor * (latents - 1)
 
 
-def blocks_for_frames(frames: int, frames_per_block: int, temporal_factor: int = 4) -> int:
+def blocks_for_frames(frames: int, frames_per_block: int, temporal_factor: int = 4,
+                      lead_frames: int = 0) -> int:
     """The fewest blocks whose video frames cover ``frames``."""
-    if frames <= 0:
+    if frames <= video_frames_after(0, frames_per_block, temporal_factor, lead_frames):
         return 0
-    first = video_frames_after(1, frames_per_block, temporal_factor)
+    first = video_frames_after(1, frames_per_block, temporal_factor, lead_frames)
     later = temporal_factor * frames_per_block
     return 1 + max(0, -(-(frames - first) // later))
 
@@ -120,14 +124,17 @@ class Plan:
     block_events: PerBlock      # event before each block: start | flush | cut | None
     temporal_factor: int = 4
     warnings: tuple[str, ...] = ()
+    lead_frames: int = 0        # latent frames given before the first block (1: image start)
 
     def frames_after(self, num_blocks: int) -> int:
-        """Video frames decoded from the first ``num_blocks`` blocks (before trimming)."""
-        return video_frames_after(num_blocks, self.frames_per_block, self.temporal_factor)
+        """Video frames decoded from the lead frames and the first ``num_blocks`` blocks (before
+        trimming)."""
+        return video_frames_after(num_blocks, self.frames_per_block, self.temporal_factor, self.lead_frames)
 
     def block_frames(self, block: int) -> tuple[int, int]:
-        """Video frames ``[first, end)`` of ``block`` that are written (the last one trimmed)."""
-        return (min(self.frames_after(block), self.total_frames),
+        """Video frames ``[first, end)`` of ``block`` that are written (the last one trimmed;
+        block 0 includes the lead frames' video)."""
+        return (0 if block == 0 else min(self.frames_after(block), self.total_frames),
                 min(self.frames_after(block + 1), self.total_frames))
 
     def segment_of_frame(self, frame: int) -> int:
@@ -152,17 +159,18 @@ class Plan:
         }
 
 
-def _nearest_boundary(target: float, lo: int, hi: int, fpb: int, tf: int) -> int:
+def _nearest_boundary(target: float, lo: int, hi: int, fpb: int, tf: int, lead: int) -> int:
     """The block count in ``[lo, hi]`` whose video-frame boundary is nearest ``target`` frames."""
-    guess = math.floor((target - 1 + tf) / (tf * fpb))  # solves video_frames_after(b) = target
+    guess = math.floor((target - 1 + tf - tf * lead) / (tf * fpb))  # solves video_frames_after(b) = target
     candidates = {min(max(b, lo), hi) for b in (guess, guess + 1)}
-    return min(candidates, key=lambda b: (abs(video_frames_after(b, fpb, tf) - target), b))
+    return min(candidates, key=lambda b: (abs(video_frames_after(b, fpb, tf, lead) - target), b))
 
 
 def make_plan(script: Script, fps: float, frames_per_block: int,
-              temporal_factor: int = 4) -> Plan:
+              temporal_factor: int = 4, lead_frames: int = 0) -> Plan:
     """Plan ``script`` at ``fps`` with blocks of ``frames_per_block`` latent frames (module
-    docstring has the rules)."""
+    docstring has the rules). ``lead_frames`` latent frames (an image start: 1) come before the
+    first block and count towards the first segment."""
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
         raise ConfigError(f"fps must be a positive number, got {fps!r}")
     for name, value in (("num_frame_per_block", frames_per_block),
@@ -179,9 +187,11 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
         raise PromptError(f"the prompt asks for {cumulative[-1]:.3g} s of video, too long to plan; "
                           "shorten the durations", position=0, segment=None)
     total_frames = max(1, round(cumulative[-1] * fps))
-    total_blocks = max(blocks_for_frames(total_frames, fpb, tf), num)
-    if total_blocks > blocks_for_frames(total_frames, fpb, tf):  # more segments than blocks
-        total_frames = video_frames_after(total_blocks, fpb, tf)
+    lead = lead_frames
+    covering = blocks_for_frames(total_frames, fpb, tf, lead)
+    total_blocks = max(covering, num)
+    if total_blocks > covering:  # more segments than blocks
+        total_frames = video_frames_after(total_blocks, fpb, tf, lead)
 
     end_blocks, previous = [], 0
     for k, seconds in enumerate(cumulative):
@@ -189,15 +199,15 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
             end = total_blocks
         else:
             end = _nearest_boundary(seconds * fps, previous + 1, total_blocks - (num - 1 - k),
-                                    fpb, tf)
+                                    fpb, tf, lead)
         end_blocks.append(end)
         previous = end
 
     half_block = tf * fpb / fps / 2
     segments, warnings, first = [], [], 0
     for k, (seg, end) in enumerate(zip(script.segments, end_blocks)):
-        frames = (video_frames_after(first, fpb, tf),
-                  total_frames if k == num - 1 else min(video_frames_after(end, fpb, tf),
+        frames = (0 if k == 0 else video_frames_after(first, fpb, tf, lead),
+                  total_frames if k == num - 1 else min(video_frames_after(end, fpb, tf, lead),
                                                         total_frames))
         actual = (frames[1] - frames[0]) / fps
         event = START if k == 0 else CUT if seg.cut else FLUSH
@@ -217,4 +227,4 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
         block_segment=PerBlock(starts, total_blocks, tuple(range(num)), tuple(range(num))),
         block_events=PerBlock(starts, total_blocks, tuple(s.event for s in segments),
                               (None,) * num),
-        temporal_factor=tf, warnings=tuple(warnings))
+        temporal_factor=tf, warnings=tuple(warnings), lead_frames=lead)
