@@ -39,8 +39,12 @@ python -m pip install --quiet --upgrade pip
 # torch first, pinned: on this project's CPU machines the pin resolves to the local CPU wheel; on
 # GPU machines PyPI's CUDA build of the same version. Set TORCH_VERSION, or preinstall torch into
 # .venv, to use another build (any torch >= 2.6 works).
-echo "==> installing torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+if [ -z "${TORCH_VERSION:-}" ] && python -c "import torch" 2>/dev/null; then
+    echo "==> keeping the installed torch $(python -c 'import torch; print(torch.__version__)')"
+else
+    echo "==> installing torch==${TORCH_VERSION:-2.13.0}"
+    python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+fi
 
 if [ "$DEV" = 1 ]; then
     echo "==> installing infinity-rope with test tools (pip install -e .[dev])"

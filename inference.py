@@ -1,0 +1,117 @@
+"""Infinite, action-controllable text-to-video with Infinity-RoPE.
+
+    python inference.py --prompt "a fox runs[5s] | the fox jumps[5s] | a city at night[10s#] ; run | jump | city"
+    python inference.py --data_path prompts/infinity_rope_prompts.txt --num_samples 2
+    python inference.py --prompt "..." --dry_run                 # print the plan, load nothing
+    python inference.py --prompt "..." --config_path configs/tiny.yaml   # CPU, random weights
+
+Trailing ``key=value`` arguments override the config (e.g. ``sink_size=2 position_policy=absolute``).
+Under ``torchrun`` the prompts are split across ranks, one GPU each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from utils.errors import ConfigError, user_errors_exit
+
+log = logging.getLogger("inference")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt in the Infinity-RoPE grammar")
+    src.add_argument("--data_path", help="a text file with one prompt per line")
+    p.add_argument("--config_path", default="configs/infinity_rope.yaml")
+    p.add_argument("--checkpoint_path", default=None, help="overrides checkpoint_path of the config")
+    p.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
+    p.add_argument("--output_folder", default="outputs")
+    p.add_argument("--seed", type=int, default=None, help="overrides seed of the config")
+    p.add_argument("--num_samples", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--image", default=None, help="start from this image (first latent frame) instead of noise")
+    p.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit; loads no model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.data_path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompt file {path}: {exc.strerror or exc}; pass a UTF-8 text "
+                          f"file with one prompt per line") from exc
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompt file {path} has no prompts (one per line; lines starting with # are skipped)")
+    return prompts
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@user_errors_exit
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, local_rank = dist_info()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # heavy imports after argument parsing: --help and --dry_run stay quick
+    from model.vae import compression_factors, config_of
+    from pipeline.generate import check_prompts
+    from utils.config import load_config
+
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_config(args.config_path, overrides)
+    if args.num_samples < 1:
+        raise ConfigError("--num_samples must be >= 1")
+    prompts = read_prompts(args)
+    temporal = compression_factors(config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path))[1]
+    plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None)
+    if args.dry_run:
+        for plan in plans:
+            print(json.dumps(plan.to_json_dict(), ensure_ascii=False))
+        return 0
+    if args.image is not None and not Path(args.image).is_file():
+        raise ConfigError(f"--image {args.image} does not exist")
+
+    import torch
+    from pipeline.generate import Models, VideoGenerator, build_models, output_name, resolve_device
+    from utils.video import sigterm_as_interrupt
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    checkpoint = args.checkpoint_path or cfg.checkpoint_path
+    models: Models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
+                                  device=device)
+    gen = VideoGenerator(cfg, models)
+    folder = Path(args.output_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]
+    mine = jobs[rank::world]
+    log.info("%d video(s) to render on %s (rank %d of %d)", len(mine), device, rank, world)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
+            for index, prompt, seed in mine:
+                path = output_name(folder, index, prompt, seed)
+                gen.generate(prompt, path, seed, checkpoint=checkpoint, image=args.image)
+    except KeyboardInterrupt as exc:
+        log.warning("interrupted: the video being written was closed and stays playable")
+        return 128 + getattr(exc, "signum", 2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Render a prompt with the reference Infinity-RoPE configuration.
+#   bash inference.sh "a fox runs[5s] | the fox jumps[5s] | a city at night[10s#] ; run | jump | city"
+#   bash inference.sh                       # every prompt of prompts/infinity_rope_prompts.txt
+#   bash inference.sh "<prompt>" --config_path configs/tiny.yaml     # CPU, random weights
+# Anything after the prompt goes to inference.py (flags and key=value config overrides).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+if [ $# -ge 1 ] && [ "${1#--}" = "$1" ]; then
+    prompt=$1
+    shift
+    exec python inference.py --config_path configs/infinity_rope.yaml --prompt "$prompt" "$@"
+fi
+exec python inference.py --config_path configs/infinity_rope.yaml --data_path prompts/infinity_rope_prompts.txt "$@"

@@ -1,0 +1,218 @@
+"""Text → video file: ties the grammar, plan, text encoder, rollout, streaming decoder,
+subtitles and the mp4 writer together.
+
+Every latent block is decoded as it comes out of the rollout, its frames get their segment's
+subtitle, and they are appended to the mp4 at once: memory is the model, the KV cache and one
+block of frames, whatever the length of the video.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from model.text_encoder import TextEncoder
+from model.vae import WanVAE
+from model.wan import WanDiT
+from pipeline.grammar import parse
+from pipeline.plan import Plan, make_plan
+from pipeline.rollout import RolloutSettings, rollout
+from utils.checkpoint import load_dit_weights
+from utils.errors import ConfigError, UserError
+from utils.video import SubtitleRenderer, VideoWriter, frames_to_uint8
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA GPU is available; pass device=cpu "
+                          "(or use configs/tiny.yaml to try the pipeline on a CPU)")
+    return device
+
+
+@dataclass
+class Models:
+    dit: WanDiT
+    text_encoder: TextEncoder
+    vae: WanVAE
+    device: torch.device
+
+
+def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None = None,
+                 device: torch.device | None = None) -> Models:
+    """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
+    device = device or resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    text_dtype = DTYPES[cfg.text_encoder_dtype]
+    text_device = torch.device("cpu") if cfg.offload_text_encoder else device
+    wan_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.random_init:
+        if cfg.tiny_text_encoder is None or cfg.tokenizer_path is None:
+            raise ConfigError("random_init needs tiny_text_encoder and tokenizer_path "
+                              "(see configs/tiny.yaml)")
+        torch.manual_seed(cfg.seed)
+        dit = WanDiT(**wan_cfg)
+        text_encoder = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
+        vae = WanVAE.from_config(cfg.tiny_vae if cfg.tiny_vae is not None else {})
+        log.info("random weights: DiT with %d parameters", sum(p.numel() for p in dit.parameters()))
+    else:
+        # Build on the meta device, then load: no 1.3B random init, no double memory.
+        with torch.device("meta"):
+            dit = WanDiT(**wan_cfg)
+        dit.to_empty(device="cpu")
+        load_dit_weights(dit, checkpoint_path or cfg.checkpoint_path,
+                         use_ema=cfg.use_ema if use_ema is None else use_ema)
+        text_encoder = TextEncoder.from_pretrained(cfg.wan_model_path, text_len=cfg.model.text_len,
+                                                   dtype=text_dtype, device=text_device)
+        vae = WanVAE.from_pretrained(cfg.wan_model_path, dtype=dtype, device=device)
+    if text_encoder.dim != cfg.model.text_dim:
+        raise ConfigError(f"text encoder width {text_encoder.dim} != model.text_dim {cfg.model.text_dim}")
+    dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
+    vae = vae.to(device=device, dtype=dtype).eval()
+    if cfg.compile:
+        for block in dit.blocks:
+            block.compile()
+    return Models(dit=dit, text_encoder=text_encoder, vae=vae, device=device)
+
+
+def plan_prompt(prompt: str, cfg, temporal_factor: int, image_start: bool = False) -> Plan:
+    return make_plan(parse(prompt, float(cfg.default_segment_seconds)), fps=float(cfg.fps),
+                     frames_per_block=int(cfg.num_frame_per_block), temporal_factor=temporal_factor,
+                     lead_frames=1 if image_start else 0)
+
+
+def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
+    """An image file → ``[1, 1, 3, height, width]`` in [-1, 1], resized to cover and centre-cropped."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ConfigError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from exc
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
+    return pixels.permute(2, 0, 1)[None, None]
+
+
+def output_name(folder: Path, index: int, prompt: str, seed: int) -> Path:
+    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken)."""
+    slug = re.sub(r"[^a-zA-Z0-9]+", "-", prompt.split("[")[0].split("|")[0]).strip("-").lower()[:48] or "video"
+    stem = f"{index:03d}_{slug}_seed{seed}"
+    path, n = folder / f"{stem}.mp4", 0
+    while path.exists() or path.with_suffix(".json").exists():
+        n += 1
+        path = folder / f"{stem}-{n}.mp4"
+    return path
+
+
+class VideoGenerator:
+    def __init__(self, cfg, models: Models):
+        self.cfg, self.m = cfg, models
+        self.settings = RolloutSettings.from_config(cfg)
+        self.latent_shape = models.vae.latent_shape(int(cfg.height), int(cfg.width))
+        p = models.dit.patch_size
+        if self.latent_shape[1] % p[1] or self.latent_shape[2] % p[2]:
+            raise ConfigError(f"latent size {self.latent_shape[1:]} must be divisible by the patch size {p[1:]}; "
+                              f"change height/width")
+        if self.latent_shape[0] != models.dit.in_dim:
+            raise ConfigError(f"VAE z_dim {self.latent_shape[0]} != model.in_dim {models.dit.in_dim}")
+        self.cache = self.settings.new_cache(models.dit, 1, self.latent_shape[1:])
+        self.decoder = models.vae.streaming_decoder()
+        self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height))
+
+    def plan(self, prompt: str, image_start: bool = False) -> Plan:
+        return plan_prompt(prompt, self.cfg, self.m.vae.temporal_factor, image_start)
+
+    def encode_texts(self, plan: Plan) -> list[torch.Tensor]:
+        """One embedding per segment, computed once per distinct text."""
+        texts = [s.text for s in plan.segments]
+        unique = list(dict.fromkeys(texts))
+        emb = self.m.text_encoder(unique).to(self.m.device, DTYPES[self.cfg.dtype])
+        by_text = {t: emb[i:i + 1] for i, t in enumerate(unique)}
+        return [by_text[t] for t in texts]
+
+    def generate(self, prompt: str, path: Path, seed: int, checkpoint: str | None = None,
+                 image: str | Path | None = None) -> dict:
+        """Render ``prompt`` into ``path`` (mp4) and a sidecar ``path.json``; returns the record.
+        ``image``: start from this picture (encoded as the first latent frame) instead of noise."""
+        plan = self.plan(prompt, image_start=image is not None)
+        contexts = self.encode_texts(plan)
+        device = self.m.device
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+        record = {"prompt": prompt, "seed": int(seed), "checkpoint": None if self.cfg.random_init else checkpoint,
+                  "image": None if image is None else str(image),
+                  "plan": plan.to_json_dict(), "config": OmegaConf.to_container(self.cfg, resolve=True),
+                  "video": path.name, "frames_written": 0, "complete": False}
+        image_latent = None
+        if image is not None:
+            pixels = load_image(image, int(self.cfg.width), int(self.cfg.height))
+            image_latent = self.m.vae.encode(pixels).to(device, DTYPES[self.cfg.dtype])
+        self.decoder.reset()
+        blocks = rollout(self.m.dit, self.cache, self.settings, block_events=list(plan.block_events),
+                         block_contexts=list(plan.block_segment), contexts=contexts,
+                         latent_shape=self.latent_shape, generator=generator, image_latent=image_latent)
+        if image_latent is not None:  # the image is the video's first frame
+            blocks = itertools.chain([image_latent], blocks)
+        start = time.perf_counter()
+        written = 0
+        try:
+            with VideoWriter(path, fps=float(self.cfg.fps), width=int(self.cfg.width),
+                             height=int(self.cfg.height)) as writer:
+                total = plan.total_blocks + (image_latent is not None)
+                for latents in tqdm(blocks, total=total, desc=path.stem[:24], unit="block"):
+                    frames = frames_to_uint8(self.decoder.decode_block(latents)[0])
+                    frames = frames[: plan.total_frames - written]
+                    for seg_index, lo, hi in self._subtitle_runs(plan, written, len(frames)):
+                        text = plan.segments[seg_index].subtitle
+                        frames[lo:hi] = self.subtitles.render(frames[lo:hi], text)
+                    writer.write(frames)
+                    written += len(frames)
+            record["complete"] = True
+        finally:
+            record["frames_written"] = written
+            record["seconds_elapsed"] = round(time.perf_counter() - start, 3)
+            if path.exists():
+                path.with_suffix(".json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        log.info("wrote %s: %d frames (%.2f s of video) in %.1f s", path, written, written / float(self.cfg.fps),
+                 record["seconds_elapsed"])
+        return record
+
+    @staticmethod
+    def _subtitle_runs(plan: Plan, first: int, count: int):
+        """(segment, lo, hi) runs of the frames [first, first+count), relative to ``first``."""
+        lo = 0
+        while lo < count:
+            seg = plan.segment_of_frame(first + lo)
+            hi = min(count, plan.segments[seg].frames[1] - first)
+            yield seg, lo, hi
+            lo = hi
+
+
+def check_prompts(prompts: list[str], cfg, temporal_factor: int, image_start: bool = False) -> list[Plan]:
+    """Parse and plan every prompt before any model loads; the first bad one is the error."""
+    plans = []
+    for i, prompt in enumerate(prompts):
+        try:
+            plans.append(plan_prompt(prompt, cfg, temporal_factor, image_start))
+        except UserError as exc:
+            where = f"prompt {i + 1}: " if len(prompts) > 1 else ""
+            raise type(exc)(f"{where}{exc}") from exc
+    return plans

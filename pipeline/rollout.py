@@ -1,0 +1,130 @@
+"""The Infinity-RoPE self-rollout: latent blocks, one after another, over one KV cache.
+
+For each block of the plan: apply its event to the cache (``flush``: KV Flush; ``cut``: KV Flush
+then RoPE Cut), denoise the block with the few-step list, run the clean block once more to write
+it into the cache, and yield it. Nothing is kept but the cache (preallocated) and the block in
+hand, so memory does not depend on the length of the video.
+
+The same two functions, :func:`denoise_block` and :func:`commit_block`, drive the training-time
+self-rollout (``pipeline/self_forcing.py``): training and inference share one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from model.kv_cache import KVCache
+from model.scheduler import FlowMatchScheduler
+from model.wan import WanDiT
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """What the rollout needs from the config (every value derives from it)."""
+
+    block_frames: int
+    local_attn_size: int
+    sink_size: int
+    flush_keep: int
+    policy: str
+    cut_offset: int
+    denoising_steps: tuple[int, ...]
+    warp: bool
+    shift: float
+    num_train_timestep: int
+    context_noise: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "RolloutSettings":
+        return cls(block_frames=int(cfg.num_frame_per_block), local_attn_size=int(cfg.local_attn_size),
+                   sink_size=int(cfg.sink_size), flush_keep=int(cfg.flush_keep), policy=str(cfg.position_policy),
+                   cut_offset=int(cfg.rope_cut_offset), denoising_steps=tuple(int(s) for s in cfg.denoising_step_list),
+                   warp=bool(cfg.warp_denoising_step), shift=float(cfg.timestep_shift),
+                   num_train_timestep=int(cfg.num_train_timestep), context_noise=float(cfg.context_noise))
+
+    def scheduler(self) -> FlowMatchScheduler:
+        return FlowMatchScheduler(self.shift, self.num_train_timestep)
+
+    def timesteps(self, device=None) -> torch.Tensor:
+        """The denoising timesteps, warped onto the shifted schedule when configured."""
+        steps = self.scheduler().warp(self.denoising_steps) if self.warp else \
+            torch.tensor(self.denoising_steps, dtype=torch.float32)
+        return steps.to(device)
+
+    def new_cache(self, model: WanDiT, batch_size: int, latent_hw: tuple[int, int], **kw) -> KVCache:
+        return model.new_cache(batch_size=batch_size, height=latent_hw[0], width=latent_hw[1],
+                               block_frames=self.block_frames, local_attn_size=self.local_attn_size,
+                               sink_size=self.sink_size, policy=self.policy, cut_offset=self.cut_offset, **kw)
+
+
+def denoise_block(model: WanDiT, cache: KVCache, noise: torch.Tensor, context: torch.Tensor,
+                  timesteps: torch.Tensor, scheduler: FlowMatchScheduler, *,
+                  generator: torch.Generator | None = None, exit_step: int | None = None,
+                  grad: bool = False) -> torch.Tensor:
+    """Few-step denoising of one block ``noise`` ``[B, f, C, h, w]`` over the cache → x0.
+
+    Step i predicts x0 at ``timesteps[i]``; if it is not the last (or the exit step), x0 is
+    re-noised to ``timesteps[i+1]`` with fresh noise. ``exit_step`` stops early (Self-Forcing
+    training); with ``grad=True`` only that step's forward records a graph. The cache is only
+    read (the block's keys are staged, not committed)."""
+    b, f = noise.shape[:2]
+    last = len(timesteps) - 1 if exit_step is None else exit_step
+    x = noise
+    for i in range(last + 1):
+        t = timesteps[i].expand(b, f)
+        with torch.set_grad_enabled(grad and i == last):
+            flow = model(x, t, context, kv_cache=cache)
+            x0 = scheduler.x0_from_flow(flow, x, t)
+        if i == last:
+            return x0
+        fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(x0.dtype)
+        x = scheduler.add_noise(x0.detach(), fresh, timesteps[i + 1].expand(b, f))
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def commit_block(model: WanDiT, cache: KVCache, clean: torch.Tensor, context: torch.Tensor,
+                 context_noise: float) -> None:
+    """The clean pass: run the finished block at timestep ``context_noise`` and append its keys
+    and values to the cache."""
+    t = torch.full(clean.shape[:2], float(context_noise), device=clean.device)
+    model(clean.detach(), t, context, kv_cache=cache, commit=True)
+
+
+def apply_event(cache: KVCache, event: str | None, flush_keep: int) -> None:
+    """Execute a plan event: ``flush`` → KV Flush; ``cut`` → KV Flush + RoPE Cut."""
+    if event in ("flush", "cut"):
+        cache.flush(flush_keep)
+    if event == "cut":
+        cache.cut()
+
+
+@torch.no_grad()
+def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, *, block_events: Sequence[str | None],
+            block_contexts: Sequence[int], contexts: Sequence[torch.Tensor], latent_shape: tuple[int, int, int],
+            generator: torch.Generator | None = None, image_latent: torch.Tensor | None = None,
+            ) -> Iterator[torch.Tensor]:
+    """Yield the clean latent blocks ``[B, f, C, h, w]`` of a whole video.
+
+    ``block_events[i]`` and ``contexts[block_contexts[i]]`` give block i's event and text
+    embedding (the plan decides them; the rollout only executes). ``image_latent``
+    ``[B, 1, C, h, w]`` (image start) is written into the cache as the first latent frame, and
+    the first generated block continues from it."""
+    model_param = next(model.parameters())
+    device, dtype = model_param.device, model_param.dtype
+    batch = cache.batch_size
+    timesteps = settings.timesteps(device)
+    scheduler = settings.scheduler()
+    cache.reset()
+    if image_latent is not None:
+        commit_block(model, cache, image_latent.to(device, dtype), contexts[block_contexts[0]], settings.context_noise)
+    for i, event in enumerate(block_events):
+        apply_event(cache, event, settings.flush_keep)
+        context = contexts[block_contexts[i]]
+        noise = torch.randn((batch, settings.block_frames, *latent_shape), generator=generator, device=device,
+                            dtype=torch.float32).to(dtype)
+        clean = denoise_block(model, cache, noise, context, timesteps, scheduler, generator=generator)
+        commit_block(model, cache, clean, context, settings.context_noise)
+        yield clean

@@ -1,0 +1,145 @@
+"""End to end through the CLI on configs/tiny.yaml (random weights, CPU)."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.generate import VideoGenerator, build_models
+from utils.config import load_config
+from utils.video import probe_video
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--config_path", "configs/tiny.yaml"]
+
+
+def cli(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "inference.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def dry_plan(prompt, *extra):
+    r = cli("--prompt", prompt, "--dry_run", *TINY, *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_video_has_exactly_the_planned_frames(tmp_path):
+    prompt = "a fox runs[1.5s] | the fox jumps[1s#] ; run | jump"
+    plan = dry_plan(prompt)
+    r = subprocess.run(["bash", "inference.sh", prompt, *TINY, "--output_folder", str(tmp_path), "--seed", "5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    videos = list(tmp_path.glob("*.mp4"))
+    assert len(videos) == 1 and not list(tmp_path.glob(".*partial*"))
+    info = probe_video(videos[0])
+    assert info["frames"] == plan["total_frames"] == round(2.5 * 16)
+    assert info["fps"] == 16 and (info["width"], info["height"]) == (96, 64)
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+    sidecar = json.loads(videos[0].with_suffix(".json").read_text())
+    assert sidecar["plan"] == plan and sidecar["seed"] == 5 and sidecar["complete"]
+    assert sidecar["frames_written"] == plan["total_frames"] and sidecar["prompt"] == prompt
+    assert sidecar["config"]["sink_size"] == 1
+
+
+def test_dry_run_json_matches_plan_and_touches_no_model():
+    plan = dry_plan("walks[5s] | runs[10s] | new place[10s#] ; a | b | c", "model.num_layers=999")
+    assert set(plan) == {"fps", "frames_per_block", "total_blocks", "total_frames", "segments"}
+    assert plan["total_frames"] == 400 and [s["event"] for s in plan["segments"]] == ["start", "flush", "cut"]
+    assert [s["subtitle"] for s in plan["segments"]] == ["a", "b", "c"]
+    frames = [s["frames"] for s in plan["segments"]]
+    assert frames[0][0] == 0 and frames[-1][1] == 400
+    assert all(a[1] == b[0] for a, b in zip(frames, frames[1:]))
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ("walks[10m]", "unit"),
+    ("walks[5s] | [3s]", "segment 2"),
+    ("a[1s] | b[1s] ; only one", "subtitle"),
+    ("walks[5s", "bracket"),
+])
+def test_bad_prompt_exits_2_with_one_line(prompt, fragment):
+    r = cli("--prompt", prompt, *TINY)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "sink_sizee=2"], "sink_sizee"),
+    (["--prompt", "a[1s]", "--config_path", "configs/nope.yaml"], "configs/nope.yaml"),
+    (["--data_path", "does/not/exist.txt", "--config_path", "configs/tiny.yaml"], "does/not/exist.txt"),
+    (["--prompt", "a[1s]", "--checkpoint_path", "missing.pt", "device=cpu", "dtype=float32"], "missing.pt"),
+])
+def test_user_mistakes_exit_2_with_one_line(args, fragment):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_leaves_a_playable_file(tmp_path, sig, code):
+    proc = subprocess.Popen([sys.executable, "inference.py", "--prompt", "a very long walk[600s]", *TINY,
+                             "--output_folder", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".*partial*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    videos = list(tmp_path.glob("*.mp4"))
+    assert len(videos) == 1 and not list(tmp_path.glob(".*partial*")), list(tmp_path.iterdir())
+    info = probe_video(videos[0])
+    assert 0 < info["frames"] < 600 * 16
+    sidecar = json.loads(videos[0].with_suffix(".json").read_text())
+    assert sidecar["complete"] is False and sidecar["frames_written"] == info["frames"]
+
+
+def test_subtitles_only_in_their_segments_frames(tmp_path, monkeypatch):
+    """Frames are captured before encoding: with and without subtitles (same seed), they are
+    identical outside the subtitled segment and differ in every frame inside it."""
+    cfg = load_config("configs/tiny.yaml")
+    gen = VideoGenerator(cfg, build_models(cfg))
+    captured = {}
+
+    import utils.video as video
+
+    def capture(self, frames):
+        captured.setdefault(self.path.name, []).append(np.array(frames))
+        return original(self, frames)
+    original = video.VideoWriter.write
+    monkeypatch.setattr(video.VideoWriter, "write", capture)
+    plain = gen.generate("a fox[1s] | a cat[1s] | a dog[1s]", tmp_path / "plain.mp4", seed=1)
+    subbed = gen.generate("a fox[1s] | a cat[1s] | a dog[1s] ; | MEOW |", tmp_path / "subbed.mp4", seed=1)
+    a = np.concatenate(captured["plain.mp4"])
+    b = np.concatenate(captured["subbed.mp4"])
+    assert a.shape == b.shape and a.shape[0] == plain["plan"]["total_frames"]
+    lo, hi = subbed["plan"]["segments"][1]["frames"]
+    changed = [bool((a[i] != b[i]).any()) for i in range(a.shape[0])]
+    assert changed == [lo <= i < hi for i in range(a.shape[0])]
+    # and only in the lower part of the frame
+    assert not (a[lo:hi, : a.shape[1] // 2] != b[lo:hi, : a.shape[1] // 2]).any()
+
+
+def test_image_start_shows_the_image_first(tmp_path):
+    from PIL import Image
+
+    cfg = load_config("configs/tiny.yaml")
+    gen = VideoGenerator(cfg, build_models(cfg))
+    img = np.zeros((64, 96, 3), dtype=np.uint8)
+    img[:, :48] = 255
+    Image.fromarray(img).save(tmp_path / "start.png")
+    rec = gen.generate("a door opens[1s]", tmp_path / "i2v.mp4", seed=0, image=tmp_path / "start.png")
+    assert rec["complete"] and rec["image"].endswith("start.png")
+    assert probe_video(tmp_path / "i2v.mp4")["frames"] == rec["plan"]["total_frames"] == 16
+    assert rec["plan"]["total_blocks"] == 2   # 1 image frame + 12 per block covers 16 frames

@@ -1,0 +1,265 @@
+"""utils/video.py: the streaming mp4 writer, its behaviour on errors and interruptions, subtitles."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.video import (FONT_PATH, SubtitleRenderer, Terminated, VideoSizeError, VideoWriter,
+                         frames_to_uint8, probe_video, read_video, sigterm_as_interrupt)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def gradient_frames(num: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """Smooth colour gradients that drift over time (easy for H.264, so read-back is close)."""
+    t = np.arange(num)[:, None, None]
+    y = np.arange(height)[None, :, None]
+    x = np.arange(width)[None, None, :]
+    r = 40 + 150 * x / width + 2 * t
+    g = 40 + 150 * y / height + t
+    b = np.broadcast_to(120 + 60 * np.sin(t / 5.0), r.shape)
+    return np.stack(np.broadcast_arrays(r, g, b), axis=-1).clip(0, 255).astype(np.uint8)
+
+
+def folder_contents(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_bundled_ffmpeg_is_used():
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    if os.environ.get("IMAGEIO_FFMPEG_EXE"):
+        pytest.skip("IMAGEIO_FFMPEG_EXE overrides the bundled binary")
+    assert Path(exe).resolve().is_relative_to(Path(imageio_ffmpeg.__file__).resolve().parent)
+
+
+def test_write_probe_and_read_back(tmp_path):
+    frames = gradient_frames(37)
+    path = tmp_path / "clip.mp4"
+    with VideoWriter(path, fps=16, width=64, height=48) as writer:
+        writer.write(frames[:9])  # numpy uint8 [T, H, W, 3]
+        writer.write(torch.from_numpy(frames[9:]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        assert writer.frames_written == 37
+    assert folder_contents(tmp_path) == ["clip.mp4"]
+    info = probe_video(path)
+    assert info["frames"] == 37
+    assert info["fps"] == 16
+    assert (info["width"], info["height"]) == (64, 48)
+    assert (info["codec"], info["pix_fmt"]) == ("h264", "yuv420p")
+    back = read_video(path)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(np.float32) - frames).mean() < 8
+
+
+def test_frames_to_uint8():
+    x = torch.tensor([-1.0, -2.0, 0.0, 1.0, 5.0, 0.5]).view(1, 1, 1, 6).expand(2, 3, 1, 6)
+    out = frames_to_uint8(x)
+    assert out.dtype == np.uint8 and out.shape == (2, 1, 6, 3) and out.flags.c_contiguous
+    assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255, 191]
+    single = frames_to_uint8(torch.zeros(3, 4, 6, dtype=torch.bfloat16))
+    assert single.shape == (1, 4, 6, 3)
+    arr = np.zeros((2, 4, 6, 3), np.uint8)
+    assert frames_to_uint8(arr) is arr
+    with pytest.raises(TypeError):
+        frames_to_uint8(np.zeros((2, 4, 6, 3), np.float32))
+    with pytest.raises(ValueError):
+        frames_to_uint8(torch.zeros(2, 4, 6, 3))
+
+
+def test_odd_size_is_a_clear_user_error(tmp_path):
+    with pytest.raises(VideoSizeError, match="even") as info:
+        VideoWriter(tmp_path / "odd.mp4", 16, 65, 48)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    with pytest.raises(VideoSizeError, match="even"):
+        VideoWriter(tmp_path / "odd.mp4", 16, 64, 47)
+    assert folder_contents(tmp_path) == []
+
+
+def test_wrong_frame_size_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="64x48"):
+        with VideoWriter(tmp_path / "v.mp4", 16, 64, 48) as writer:
+            writer.write(np.zeros((2, 48, 66, 3), np.uint8))
+    assert folder_contents(tmp_path) == []
+
+
+def test_error_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with VideoWriter(tmp_path / "v.mp4", 16, 64, 48) as writer:
+            writer.write(gradient_frames(5))
+            raise RuntimeError("boom")
+    assert folder_contents(tmp_path) == []
+
+
+def test_zero_frames_leaves_no_file(tmp_path):
+    with VideoWriter(tmp_path / "v.mp4", 16, 64, 48):
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "w.mp4", 16, 64, 48):
+            raise KeyboardInterrupt
+    assert folder_contents(tmp_path) == []
+
+
+def test_keyboard_interrupt_keeps_a_playable_file(tmp_path):
+    path = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path, 16, 64, 48) as writer:
+            for block in np.split(gradient_frames(20), 5):
+                writer.write(block)
+                if writer.frames_written == 12:
+                    raise KeyboardInterrupt
+    assert folder_contents(tmp_path) == ["v.mp4"]
+    assert probe_video(path)["frames"] == 12
+
+
+def test_ctrl_c_during_a_write_is_held_until_the_frames_are_piped(tmp_path, monkeypatch):
+    """imageio-ffmpeg kills ffmpeg (no mp4 index) if an interrupt lands inside its generator, so
+    the writer holds SIGINT while piping: the interrupt surfaces after write() and the file keeps
+    every frame."""
+    real_write_frames = imageio_ffmpeg.write_frames
+
+    class InterruptOnThirdFrame:
+        def __init__(self, *args, **kwargs):
+            self.encoder, self.sent = real_write_frames(*args, **kwargs), 0
+
+        def send(self, frame):
+            if frame is not None:
+                self.sent += 1
+                if self.sent == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return self.encoder.send(frame)
+
+        def close(self):
+            self.encoder.close()
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", InterruptOnThirdFrame)
+    path = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path, 16, 64, 48) as writer:
+            try:
+                writer.write(gradient_frames(10))
+            finally:
+                assert writer.frames_written == 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert probe_video(path)["frames"] == 10
+
+
+def test_sigterm_as_interrupt_restores_the_previous_handler():
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+CHILD = textwrap.dedent("""
+    import logging, sys, time
+    import numpy as np
+    from utils.video import Terminated, VideoWriter, sigterm_as_interrupt
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    log = logging.getLogger("child")
+    try:
+        with sigterm_as_interrupt(), VideoWriter(sys.argv[1], 16, 64, 48) as writer:
+            for i in range(2000):
+                writer.write(np.full((1, 48, 64, 3), (7 * i) % 256, np.uint8))
+                log.info("written %d", writer.frames_written)
+                time.sleep(0.01)
+    except Terminated:
+        log.info("terminated after %d", writer.frames_written)
+        sys.exit(143)
+""")
+
+
+def test_sigterm_keeps_a_playable_file(tmp_path):
+    path = tmp_path / "v.mp4"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:
+            if line.strip() == "written 8":
+                break
+        else:
+            pytest.fail(f"child ended early: {child.stderr.read()}")
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("terminated after "), out
+    written = int(last.split()[-1])
+    assert written >= 8
+    assert folder_contents(tmp_path) == ["v.mp4"]
+    assert probe_video(path)["frames"] == written
+
+
+# ---------------------------------------------------------------------------------- subtitles
+
+
+def test_font_is_bundled():
+    assert FONT_PATH.is_file() and FONT_PATH.parent == REPO_ROOT / "utils" / "fonts"
+    assert (FONT_PATH.parent / "LICENSE-DejaVu.txt").is_file()
+
+
+def test_subtitle_only_touches_the_bottom():
+    height, width = 120, 160
+    frames = np.full((4, height, width, 3), 128, np.uint8)
+    renderer = SubtitleRenderer(width, height)
+    out = renderer.render(frames, "a fox runs")
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    changed_rows = np.nonzero((out != frames).any(axis=(0, 2, 3)))[0]
+    assert len(changed_rows) > 0
+    assert changed_rows.min() >= height // 2  # the top half is untouched
+    assert changed_rows.max() < height
+    bottom = out[:, height // 2:]
+    assert (bottom >= 250).all(axis=-1).any() and (bottom <= 5).all(axis=-1).any()  # white + black outline
+    assert np.array_equal(out[0], out[3])  # same subtitle on every frame
+
+
+def test_empty_subtitle_leaves_frames_unchanged():
+    frames = gradient_frames(2)
+    renderer = SubtitleRenderer(64, 48)
+    for text in (None, "", "   "):
+        assert renderer.render(frames, text) is frames
+
+
+def test_long_subtitle_wraps_within_the_frame():
+    width, height = 160, 120
+    renderer = SubtitleRenderer(width, height)
+    short = renderer.overlay("run")
+    long_text = "the fox jumps over the lazy dog and keeps running into the night " * 2
+    long = renderer.overlay(long_text)
+    assert len(short.lines) == 1 and len(long.lines) > 2
+    assert long.height > short.height
+    assert " ".join(long.lines) == " ".join(long_text.split())
+    assert all(renderer.text_width(line) <= renderer.max_text_width for line in long.lines)
+    margin = renderer.margin_x
+    assert long.alpha[:, :margin].max() == 0 and long.alpha[:, width - margin:].max() == 0
+    assert renderer.overlay(long_text) is long  # cached per text
+
+    unbroken = renderer.overlay("x" * 200)  # a single word wider than the frame is split
+    assert len(unbroken.lines) > 1 and "".join(unbroken.lines) == "x" * 200
+    assert unbroken.alpha[:, :margin].max() == 0 and unbroken.alpha[:, width - margin:].max() == 0
+
+
+def test_subtitled_frames_survive_encoding(tmp_path):
+    renderer = SubtitleRenderer(64, 48)
+    assert renderer.font_size == 10  # height / 18 would be under the 10 px minimum
+    frames = np.full((6, 48, 64, 3), 90, np.uint8)
+    path = tmp_path / "s.mp4"
+    with VideoWriter(path, 16, 64, 48) as writer:
+        writer.write(frames[:3])
+        writer.write(renderer.render(frames[3:], "hi"))
+    back = read_video(path).astype(np.float32)
+    bottom = slice(renderer.overlay("hi").top, 48)
+    assert np.abs(back[:3] - 90).max() < 4
+    assert np.abs(back[3:, bottom] - 90).max() > 100
+    assert np.abs(back[3:, :20] - 90).max() < 4

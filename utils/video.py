@@ -1,0 +1,362 @@
+"""Video output: an mp4 written frame by frame, subtitles burned into frames, and a probe.
+
+``VideoWriter`` pipes frames into ffmpeg (the binary bundled with imageio-ffmpeg) as they are
+produced, so memory does not grow with the video's length. H.264, yuv420p, the configured fps.
+
+What is left on disk:
+
+- normal end: the finished file, under the final name (written as ``.<name>.partial.mp4`` in the
+  same folder, then renamed atomically);
+- interruption (Ctrl-C, or SIGTERM inside :func:`sigterm_as_interrupt`): ffmpeg is closed
+  properly, so the file plays and holds every frame written so far, under the final name;
+- any other error: nothing (the partial file is deleted); zero frames written: nothing.
+
+A SIGINT/SIGTERM that arrives while a frame is being piped to ffmpeg is held until the frame is
+complete (imageio-ffmpeg kills ffmpeg when an interrupt lands inside its generator, which would
+leave an mp4 without its index). Only SIGKILL or a power cut can leave a stale hidden
+``.partial`` file, never a broken file under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FONT_PATH = Path(__file__).resolve().parent / "fonts" / "DejaVuSans-Bold.ttf"
+
+
+class VideoSizeError(UserError, ValueError):
+    """A frame size the encoder cannot take (yuv420p needs even width and height)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an interruption by :func:`sigterm_as_interrupt`. It subclasses
+    KeyboardInterrupt, so ``with VideoWriter(...)`` closes the file the same way as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _restore_handler(signum: int, handler) -> None:
+    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While active, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread,
+    so writers close cleanly. The previous handler is restored on exit. No-op off the main thread
+    (Python only lets the main thread set signal handlers)."""
+    if not _in_main_thread():
+        log.debug("sigterm_as_interrupt: not in the main thread, SIGTERM handling unchanged")
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        _restore_handler(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_held(redeliver: bool = True):
+    """Hold SIGINT/SIGTERM until the block ends, then deliver the first one that arrived to the
+    handler that was in place before (so Ctrl-C still raises KeyboardInterrupt, just later).
+    A signal held while the block raised, or with ``redeliver=False``, is logged and dropped."""
+    if not _in_main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            _restore_handler(s, handler)
+    if pending and redeliver:
+        signal.raise_signal(pending[0])
+    elif pending:
+        log.warning("ignored %s while closing the video", signal.Signals(pending[0]).name)
+
+
+def frames_to_uint8(frames) -> np.ndarray:
+    """Frames as uint8 ``[T, H, W, 3]`` (C-contiguous numpy).
+
+    Accepts a float torch tensor ``[T, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] — the VAE's
+    output range: ``(x + 1) / 2 * 255``, rounded and clamped — or a uint8 numpy array
+    ``[T, H, W, 3]`` (or ``[H, W, 3]``), returned as is."""
+    if isinstance(frames, torch.Tensor):
+        if not frames.is_floating_point():
+            raise TypeError(f"tensor frames must be floating point in [-1, 1], got {frames.dtype}")
+        x = frames.detach()
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"tensor frames must be [T, 3, H, W], got {list(frames.shape)}")
+        x = ((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
+        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+    elif isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise TypeError(f"numpy frames must be uint8 [T, H, W, 3], got {frames.dtype}")
+        arr = frames[None] if frames.ndim == 3 else frames
+    else:
+        raise TypeError(f"frames must be a torch tensor or a numpy array, got {type(frames).__name__}")
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got {list(arr.shape)}")
+    return np.ascontiguousarray(arr)
+
+
+class VideoWriter:
+    """Append frames to an H.264/yuv420p mp4 as they come::
+
+        with sigterm_as_interrupt(), VideoWriter(path, fps, width, height) as writer:
+            for frames in blocks:
+                writer.write(frames)      # uint8 [T, H, W, 3] or float tensor [T, 3, H, W]
+
+    ``crf`` is x264's constant-quality factor (0 lossless, 18 visually near-lossless, 51 worst).
+    Use as a context manager (or call :meth:`close` / :meth:`abort`); see the module docstring
+    for what each way of ending leaves on disk."""
+
+    def __init__(self, path, fps: float, width: int, height: int, crf: int = 18,
+                 preset: str = "medium"):
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise VideoSizeError(
+                f"video size {width}x{height} cannot be encoded: H.264 with yuv420p needs a "
+                f"positive, even width and height (e.g. {width + width % 2}x{height + height % 2})")
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.path = Path(path)
+        self.partial_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.fps, self.width, self.height = float(fps), int(width), int(height)
+        self.crf, self.preset = int(crf), preset
+        self.frames_written = 0
+        self._encoder = None  # imageio-ffmpeg's generator; started on the first frame
+        self._closed = False
+
+    def _start_encoder(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        encoder = imageio_ffmpeg.write_frames(
+            str(self.partial_path), (self.width, self.height), pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p", fps=self.fps, codec="libx264",
+            quality=None,  # imageio's 0-10 scale would add its own -crf; ours is below
+            macro_block_size=1,  # sizes are validated even; never let imageio rescale
+            ffmpeg_log_level="error",
+            output_params=["-crf", str(self.crf), "-preset", self.preset])
+        encoder.send(None)  # starts ffmpeg
+        log.debug("ffmpeg (%s) encoding to %s", imageio_ffmpeg.get_ffmpeg_exe(), self.partial_path)
+        return encoder
+
+    def write(self, frames) -> None:
+        """Append frames: uint8 numpy ``[T, H, W, 3]`` or float tensor ``[T, 3, H, W]`` in [-1, 1]."""
+        if self._closed:
+            raise RuntimeError(f"VideoWriter for {self.path} is already closed")
+        arr = frames_to_uint8(frames)
+        if arr.shape[1:3] != (self.height, self.width):
+            raise ValueError(f"frames are {arr.shape[2]}x{arr.shape[1]}, "
+                             f"the video is {self.width}x{self.height}")
+        with _signals_held():
+            if self._encoder is None:
+                self._encoder = self._start_encoder()
+            for frame in arr:
+                self._encoder.send(frame)
+                self.frames_written += 1
+
+    def _finish(self, keep: bool, redeliver: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with _signals_held(redeliver):
+            try:
+                if self._encoder is not None:
+                    self._encoder.close()  # EOF on stdin: ffmpeg flushes and writes the index
+                    self._encoder = None
+            except BaseException:
+                self.partial_path.unlink(missing_ok=True)
+                raise
+            produced = self.partial_path.is_file() and self.partial_path.stat().st_size > 0
+            if keep and self.frames_written and produced:
+                os.replace(self.partial_path, self.path)
+                return
+            self.partial_path.unlink(missing_ok=True)
+        if keep and self.frames_written:
+            raise RuntimeError(f"ffmpeg wrote nothing for {self.path} after "
+                               f"{self.frames_written} frames")
+
+    def close(self) -> None:
+        """Finish the file and move it to its final name (no file if no frame was written)."""
+        self._finish(keep=True, redeliver=True)
+        if self.frames_written:
+            log.info("wrote %d frames (%.2f s) to %s", self.frames_written,
+                     self.frames_written / self.fps, self.path)
+        else:
+            log.warning("no frames were written; %s was not created", self.path)
+
+    def abort(self) -> None:
+        """Stop and delete what was written; nothing is left under either name."""
+        self._finish(keep=False, redeliver=False)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self._finish(keep=True, redeliver=False)
+            if self.frames_written:
+                log.warning("interrupted: kept the %d frames written so far in %s",
+                            self.frames_written, self.path)
+        else:
+            self.abort()
+        return False
+
+
+# ---------------------------------------------------------------------------------- subtitles
+
+
+@dataclass(frozen=True)
+class SubtitleOverlay:
+    """A rendered subtitle: rows ``top : top + height`` of the frame get
+    ``frame * (1 - alpha) + white`` (``white`` is premultiplied by the fill's coverage)."""
+
+    lines: tuple[str, ...]
+    top: int
+    alpha: np.ndarray  # [height, W, 1] float32 in [0, 1]: text plus outline coverage
+    white: np.ndarray  # [height, W, 1] float32 in [0, 255]: 255 x fill coverage
+
+    @property
+    def height(self) -> int:
+        return self.alpha.shape[0]
+
+
+class SubtitleRenderer:
+    """Burns subtitles into frames: white text with a black outline, centred near the bottom,
+    wrapped (by measured pixel width) to fit the frame. Font size defaults to height / 18 (at
+    least 10 px). Each distinct text is rendered once; burning it into frames is a numpy blend."""
+
+    def __init__(self, width: int, height: int, font_size: int | None = None):
+        self.width, self.height = int(width), int(height)
+        self.font_size = int(font_size) if font_size else max(10, round(self.height / 18))
+        self.font = ImageFont.truetype(str(FONT_PATH), self.font_size)
+        self.stroke = max(1, round(self.font_size / 12))
+        self.margin_x = max(2 * self.stroke, round(self.width * 0.04))
+        self.margin_bottom = round(self.height * 0.05)
+        self.max_text_width = self.width - 2 * self.margin_x
+        ascent, descent = self.font.getmetrics()
+        self.line_height = ascent + descent + 2 * self.stroke
+        self.overlay = functools.lru_cache(maxsize=64)(self._render_overlay)
+
+    def text_width(self, text: str) -> float:
+        """Drawn width of one line in pixels, outline included."""
+        return self.font.getlength(text) + 2 * self.stroke
+
+    def _pieces(self, word: str) -> list[str]:
+        """The word, or chunks of it that each fit on a line if it is too wide alone."""
+        pieces, piece = [], ""
+        for char in word:
+            if piece and self.text_width(piece + char) > self.max_text_width:
+                pieces.append(piece)
+                piece = ""
+            piece += char
+        return pieces + [piece] if piece else pieces
+
+    def wrap(self, text: str) -> list[str]:
+        """Greedy word wrap to ``max_text_width`` pixels; explicit newlines are kept."""
+        lines = []
+        for paragraph in str(text).splitlines():
+            line = ""
+            for word in paragraph.split():
+                for piece in self._pieces(word):
+                    candidate = f"{line} {piece}" if line else piece
+                    if line and self.text_width(candidate) > self.max_text_width:
+                        lines.append(line)
+                        candidate = piece
+                    line = candidate
+            if line:
+                lines.append(line)
+        return lines
+
+    def _render_overlay(self, text: str) -> SubtitleOverlay:
+        lines = tuple(self.wrap(text))
+        block_height = len(lines) * self.line_height
+        coverage = Image.new("L", (self.width, block_height), 0)  # text + outline
+        fill = Image.new("L", (self.width, block_height), 0)      # text only, outline black
+        for image, outline in ((coverage, 255), (fill, 0)):
+            draw = ImageDraw.Draw(image)
+            for i, line in enumerate(lines):
+                draw.text((self.width / 2, i * self.line_height + self.stroke), line, font=self.font,
+                          anchor="ma", fill=255, stroke_width=self.stroke, stroke_fill=outline)
+        top = self.height - self.margin_bottom - block_height
+        alpha = np.asarray(coverage, dtype=np.float32)[..., None] / 255
+        white = np.asarray(fill, dtype=np.float32)[..., None]
+        if top < 0:
+            log.warning("subtitle %r needs %d lines and does not fit a %dx%d frame; its first "
+                        "lines are cut", text, len(lines), self.width, self.height)
+            alpha, white, top = alpha[-top:], white[-top:], 0
+        return SubtitleOverlay(lines, top, alpha, white)
+
+    def render(self, frames: np.ndarray, text: str | None) -> np.ndarray:
+        """``frames`` (uint8 ``[T, H, W, 3]``) with ``text`` burned in; unchanged (the same
+        array) if the text is empty or None."""
+        if text is None or not str(text).strip():
+            return frames
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"expected uint8 frames [T, {self.height}, {self.width}, 3], "
+                             f"got {frames.dtype} {list(frames.shape)}")
+        overlay = self.overlay(str(text).strip())
+        rows = slice(overlay.top, overlay.top + overlay.height)
+        out = frames.copy()
+        band = out[:, rows].astype(np.float32)
+        out[:, rows] = np.clip(band * (1 - overlay.alpha) + overlay.white + 0.5, 0, 255).astype(np.uint8)
+        return out
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def probe_video(path) -> dict:
+    """``{frames, fps, width, height, codec, pix_fmt, seconds}`` of a video file. ``frames`` is
+    exact: ffmpeg decodes the whole stream and counts (seconds for long videos)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        meta = next(reader)
+    finally:
+        reader.close()
+    frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(path))
+    width, height = meta["source_size"]
+    return {"frames": frames, "fps": meta["fps"], "width": width, "height": height,
+            "codec": meta["codec"], "pix_fmt": meta["pix_fmt"].split("(")[0], "seconds": seconds}
+
+
+def read_video(path) -> np.ndarray:
+    """All frames as uint8 ``[T, H, W, 3]`` (holds the whole video in memory: for tests and
+    short clips)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        width, height = next(reader)["size"]
+        frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
+    finally:
+        reader.close()
+    return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
