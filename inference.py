@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # heavy imports after argument parsing: --help and --dry_run stay quick
     from model.vae import compression_factors, config_of
-    from pipeline.generate import check_prompts
+    from pipeline.plan import check_prompts
     from utils.config import load_config
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])

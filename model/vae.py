@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan
 
 from utils.errors import ConfigError, WeightsMissingError
 
@@ -43,14 +42,24 @@ def _as_dict(config: Mapping) -> dict:
     return dict(config)
 
 
+def _autoencoder_cls():
+    """diffusers' ``AutoencoderKLWan``, imported on first use (it takes seconds; plans and dry runs
+    that only read a config do without it)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan
+
+
 def compression_factors(config: Mapping) -> tuple[int, int]:
     """(spatial, temporal) compression of an ``AutoencoderKLWan`` config (keys it lacks take the
     class defaults, which are Wan2.1's), without building the network: 8 and 4 for Wan2.1."""
-    defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    cfg = {**defaults, **{k: v for k, v in dict(config).items() if k in defaults}}
+    cfg = dict(config)
+    if not {"dim_mult", "temperal_downsample"} <= set(cfg):
+        defaults = {k: p.default for k, p in inspect.signature(_autoencoder_cls().__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        cfg = {**defaults, **cfg}
     levels = len(cfg["dim_mult"]) - 1  # the encoder downsamples after every level but the last
-    patch = cfg["patch_size"] or 1
+    patch = cfg.get("patch_size") or 1
     return 2 ** levels * patch, 2 ** sum(bool(t) for t in list(cfg["temperal_downsample"])[:levels])
 
 
@@ -65,7 +74,7 @@ def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) 
 class WanVAE(torch.nn.Module):
     """``AutoencoderKLWan`` behind the project's shapes and latent normalisation."""
 
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
@@ -96,7 +105,7 @@ class WanVAE(torch.nn.Module):
             if not path.exists():
                 raise WeightsMissingError(f"VAE weights missing: {path} does not exist; {_DOWNLOAD_HINT}")
         try:
-            vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
+            vae = _autoencoder_cls().from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
                                                    use_safetensors=True)  # never unpickle weights
         except OSError as exc:  # weights file missing / unreadable
             first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
@@ -108,12 +117,12 @@ class WanVAE(torch.nn.Module):
     def from_config(cls, config: Mapping) -> "WanVAE":
         """``AutoencoderKLWan(**config)`` with random weights (fp32; the caller seeds torch)."""
         config = _as_dict(config)
-        known = set(inspect.signature(AutoencoderKLWan.__init__).parameters) - {"self"}
+        known = set(inspect.signature(_autoencoder_cls().__init__).parameters) - {"self"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ConfigError(f"tiny_vae has unknown key(s) {', '.join(unknown)}; use AutoencoderKLWan "
                               f"arguments such as base_dim, z_dim, dim_mult, num_res_blocks, temperal_downsample")
-        return cls(AutoencoderKLWan(**config))
+        return cls(_autoencoder_cls()(**config))
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -22,11 +22,10 @@ from tqdm import tqdm
 from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanDiT
-from pipeline.grammar import parse
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import RolloutSettings, rollout
 from utils.checkpoint import load_dit_weights
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError
 from utils.video import SubtitleRenderer, VideoWriter, frames_to_uint8
 
 log = logging.getLogger(__name__)
@@ -86,12 +85,6 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
         for block in dit.blocks:
             block.compile()
     return Models(dit=dit, text_encoder=text_encoder, vae=vae, device=device)
-
-
-def plan_prompt(prompt: str, cfg, temporal_factor: int, image_start: bool = False) -> Plan:
-    return make_plan(parse(prompt, float(cfg.default_segment_seconds)), fps=float(cfg.fps),
-                     frames_per_block=int(cfg.num_frame_per_block), temporal_factor=temporal_factor,
-                     lead_frames=1 if image_start else 0)
 
 
 def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
@@ -204,15 +197,3 @@ class VideoGenerator:
             hi = min(count, plan.segments[seg].frames[1] - first)
             yield seg, lo, hi
             lo = hi
-
-
-def check_prompts(prompts: list[str], cfg, temporal_factor: int, image_start: bool = False) -> list[Plan]:
-    """Parse and plan every prompt before any model loads; the first bad one is the error."""
-    plans = []
-    for i, prompt in enumerate(prompts):
-        try:
-            plans.append(plan_prompt(prompt, cfg, temporal_factor, image_start))
-        except UserError as exc:
-            where = f"prompt {i + 1}: " if len(prompts) > 1 else ""
-            raise type(exc)(f"{where}{exc}") from exc
-    return plans

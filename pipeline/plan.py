@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
-from pipeline.grammar import Script
-from utils.errors import ConfigError, PromptError
+from pipeline.grammar import Script, parse
+from utils.errors import ConfigError, PromptError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +228,22 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
         block_events=PerBlock(starts, total_blocks, tuple(s.event for s in segments),
                               (None,) * num),
         temporal_factor=tf, warnings=tuple(warnings), lead_frames=lead)
+
+
+def plan_prompt(prompt: str, cfg, temporal_factor: int, image_start: bool = False) -> Plan:
+    """Parse and plan one prompt with the timing keys of a config."""
+    return make_plan(parse(prompt, float(cfg.default_segment_seconds)), fps=cfg.fps,
+                     frames_per_block=int(cfg.num_frame_per_block), temporal_factor=temporal_factor,
+                     lead_frames=1 if image_start else 0)
+
+
+def check_prompts(prompts: list[str], cfg, temporal_factor: int, image_start: bool = False) -> list[Plan]:
+    """Parse and plan every prompt before any model loads; the first bad one is the error."""
+    plans = []
+    for i, prompt in enumerate(prompts):
+        try:
+            plans.append(plan_prompt(prompt, cfg, temporal_factor, image_start))
+        except UserError as exc:
+            where = f"prompt {i + 1}: " if len(prompts) > 1 else ""
+            raise type(exc)(f"{where}{exc}") from exc
+    return plans

@@ -5,7 +5,8 @@ import gc
 import pytest
 import torch
 
-from pipeline.generate import build_models, plan_prompt
+from pipeline.generate import build_models
+from pipeline.plan import plan_prompt
 from pipeline.rollout import RolloutSettings, rollout
 from utils.config import load_config
 
