@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from model.rope import Rope, apply_rope
+from model.rope import Rope, rotate
 
 POLICIES = ("absolute", "relativistic")
 
@@ -192,14 +192,16 @@ class KVCache:
     def _tokens(self, slot: int, count: int = 1) -> slice:
         return slice(slot * self.frame_tokens, (slot + count) * self.frame_tokens)
 
-    def context_table(self):
+    def context_table(self) -> torch.Tensor:
+        """Complex RoPE table of the held frames at their current positions (:func:`~model.rope.rotate`)."""
         if self._ctx_table[0] != self.version:
-            table = self.rope.table_for_runs(self.context_runs(), *self.grid, self.k_raw.device)
+            table = self.rope.freqs_for_runs(self.context_runs(), *self.grid, self.k_raw.device)
             self._ctx_table = (self.version, table)
         return self._ctx_table[1]
 
-    def current_table(self, num_frames: int):
-        return self.rope.table_for_runs(self.current_runs(num_frames), *self.grid, self.k_raw.device)
+    def current_table(self, num_frames: int) -> torch.Tensor:
+        """Complex RoPE table of a block of ``num_frames`` frames generated now."""
+        return self.rope.freqs_for_runs(self.current_runs(num_frames), *self.grid, self.k_raw.device)
 
     def check_block(self, batch_size: int, num_frames: int) -> None:
         if batch_size != self.batch_size:
@@ -208,6 +210,10 @@ class KVCache:
             raise ValueError(f"block of {num_frames} frames does not fit the cache "
                              f"({self.num_frames} held, capacity {self.capacity})")
 
+    # The two methods the model calls per layer stay out of torch.compile's graphs: they read and
+    # write Python-side bookkeeping (version counters, slot lists) that a compiled graph would
+    # guard on and recompile for at every block. The compiled code runs around them.
+    @torch.compiler.disable
     def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
         """Stage the current block's keys/values for ``layer`` and return the keys (rotated) and
         values to attend to: held frames followed by the current block, ``[B, tokens, H, D]``."""
@@ -215,8 +221,7 @@ class KVCache:
         cur = slice(held, held + k.shape[1])
         if self.naive_rope or self._rot_version[layer] != self.version:
             if held:
-                cos, sin = self.context_table()
-                self.k_rot[layer, :, :held] = apply_rope(self.k_raw[layer, :, :held], cos, sin)
+                self.k_rot[layer, :, :held] = rotate(self.k_raw[layer, :, :held], self.context_table())
             self._rot_version[layer] = self.version
         self.k_raw[layer, :, cur] = k.detach()
         self.v[layer, :, cur] = v.detach()
@@ -226,6 +231,7 @@ class KVCache:
         self.k_rot[layer, :, cur] = k_rot
         return self.k_rot[layer, :, :cur.stop], self.v[layer, :, :cur.stop]
 
+    @torch.compiler.disable
     def cross_kv(self, layer: int, context: torch.Tensor, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
         """Cross-attention keys/values of ``context`` for ``layer``, computed once per prompt.
         Under autograd they are recomputed so gradients reach the text projections."""
@@ -240,3 +246,39 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v))
+
+    def pinned(self) -> "PinnedKV":
+        """This cache as the block being generated sees it now (for activation checkpointing)."""
+        return PinnedKV(self)
+
+
+class PinnedKV:
+    """A cache as one forward saw it, so that an activation-checkpoint recompute during backward
+    (which runs after later blocks were committed) attends to the same held frames.
+
+    During the original forward it delegates to the cache. In a recompute (the cache has moved
+    on) it attends to the frames that were held then, read from the buffers, which is exact as
+    long as none of them was evicted or flushed in between: true for a training rollout whose
+    window holds the whole clip. Otherwise it raises instead of computing a wrong gradient."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.held = cache.num_frames
+        self.version = cache.version
+        self.slots = list(cache.slot_frame[:self.held])
+
+    @torch.compiler.disable
+    def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
+        c = self.cache
+        if c.version == self.version:
+            return c.attend_kv(layer, k, k_rot, v)
+        if c.slot_frame[:self.held] != self.slots:
+            raise RuntimeError("the KV cache evicted or flushed frames between a checkpointed forward and its "
+                               "backward; use a training window that holds the whole clip or turn off "
+                               "gradient checkpointing")
+        n = self.held * c.frame_tokens
+        return torch.cat([c.k_rot[layer, :, :n], k_rot], dim=1), torch.cat([c.v[layer, :, :n], v], dim=1)
+
+    @torch.compiler.disable
+    def cross_kv(self, layer: int, context: torch.Tensor, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        return self.cache.cross_kv(layer, context, make)

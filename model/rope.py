@@ -9,7 +9,10 @@ frame's index in a tensor. That is what lets the KV cache hand out absolute, blo
 or cut positions (``model/kv_cache.py``), and there is no table with a 1024-position ceiling:
 angles are computed from the positions asked for.
 
-Angle tables are computed in float64 (they are tiny: one row per frame) and applied in float32.
+Angle tables are computed in float64 (they are tiny: one row per frame), memoised per run of
+positions, and applied in float32. The rotation itself is one complex multiply per element
+(:func:`rotate`, the fast path: one pass over the keys instead of the several of a real-valued
+formulation); :func:`apply_rope` takes the (cos, sin) pair and gives the same result.
 """
 from __future__ import annotations
 
@@ -36,19 +39,25 @@ class Rope:
         self.head_dim = head_dim
         self.split = rope_split(head_dim)
         self.theta = float(theta)
-        self._inv_freq = [
-            1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.split
+        self._inv_freq = [  # on the CPU even when the model is built under torch.device("meta")
+            1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d) for d in self.split
         ]
+        self._inv_on: dict = {}  # device → inverse frequencies there (copied once, not per table)
         self._memo: dict = {}
         self._memo_size = memo_size
+        self.tables_built = 0  # tables computed (memo misses); a steady rollout stops adding to it
 
     def _inv(self, part: int, device) -> torch.Tensor:
-        return self._inv_freq[part].to(device)
+        key = str(torch.device(device))
+        if key not in self._inv_on:
+            self._inv_on[key] = [f.to(device) for f in self._inv_freq]
+        return self._inv_on[key][part]
 
     def table(self, t_positions: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape ``[F * grid_h * grid_w, head_dim // 2]`` (float32) for tokens ordered
         frame-major then row then column, frame ``f`` at temporal position ``t_positions[f]``."""
         device = t_positions.device
+        self.tables_built += 1
         t = t_positions.to(torch.float64)[:, None] * self._inv(0, device)[None]
         h = torch.arange(grid_h, device=device, dtype=torch.float64)[:, None] * self._inv(1, device)[None]
         w = torch.arange(grid_w, device=device, dtype=torch.float64)[:, None] * self._inv(2, device)[None]
@@ -68,26 +77,60 @@ class Rope:
         ``[(start, count), ...]``. Built on the device from ``arange`` (no host-to-device copy, no
         synchronisation) and memoised: a rollout with relative positions reuses a handful of
         tables for its whole length."""
+        cos, sin, _ = self._entry(runs, grid_h, grid_w, device)
+        return cos, sin
+
+    def freqs_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """The same table as :meth:`table_for_runs` as one complex tensor ``cos + i·sin``
+        ``[L, head_dim // 2]`` (complex64), the argument of :func:`rotate`; memoised likewise."""
+        return self._entry(runs, grid_h, grid_w, device)[2]
+
+    def _entry(self, runs: PositionRuns, grid_h: int, grid_w: int, device):
         key = (tuple((int(s), int(c)) for s, c in runs if c > 0), grid_h, grid_w, str(device))
         hit = self._memo.get(key)
         if hit is not None:
             return hit
         pos = torch.cat([torch.arange(s, s + c, device=device) for s, c in key[0]]) if key[0] else \
             torch.zeros(0, device=device, dtype=torch.long)
-        out = self.table(pos, grid_h, grid_w)
+        cos, sin = self.table(pos, grid_h, grid_w)
+        out = (cos, sin, torch.complex(cos, sin))
         if len(self._memo) >= self._memo_size:
             self._memo.pop(next(iter(self._memo)))
         self._memo[key] = out
         return out
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[B, L, heads, head_dim]`` by per-token tables ``[L, head_dim/2]``.
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a complex table ``freqs`` ``[L, head_dim/2]``
+    (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex number
+    x[2i] + j x[2i+1] times freqs[i], in float32; the result has the dtype of ``x``.
 
-    Channel pairs (2i, 2i+1) are rotated as the complex number x[2i] + j x[2i+1] times
-    exp(j angle_i), in float32; the result has the dtype of ``x``."""
+    Eager: one complex multiply (bit-identical to :func:`apply_rope`'s real formula on the CPU,
+    and a single pass over ``x`` instead of several). Under ``torch.compile`` the real formula is
+    used (the compiler fuses it into one kernel and does not generate code for complex types)."""
+    if torch.compiler.is_compiling():
+        return _rotate_real(x, freqs.real, freqs.imag)
+    xf = x.float()
+    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()
+    out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * freqs[None, :, None, :])
+    return out.flatten(-2).to(x.dtype)
+
+
+def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``[B, L, heads, head_dim]`` by per-token tables ``[L, head_dim/2]``.
+
+    Channel pairs (2i, 2i+1) are rotated as the complex number x[2i] + j x[2i+1] times
+    exp(j angle_i), in float32; the result has the dtype of ``x``. (The same as
+    :func:`rotate` with ``torch.complex(cos, sin)``.)"""
+    if torch.compiler.is_compiling():
+        return _rotate_real(x, cos, sin)
+    return rotate(x, torch.complex(cos, sin))

@@ -88,6 +88,7 @@ class WanVAE(torch.nn.Module):
         # Python floats, not buffers: module.to(dtype) must not round them.
         self._mean = [float(v) for v in cfg.latents_mean]
         self._std = [float(v) for v in cfg.latents_std]
+        self._stats_on: dict = {}  # device → (mean, std) tensors, see _stats
         self._spatial, self._temporal = compression_factors(cfg)
         for key, derived in (("scale_factor_spatial", self._spatial), ("scale_factor_temporal", self._temporal)):
             stated = getattr(cfg, key, None)
@@ -163,10 +164,15 @@ class WanVAE(torch.nn.Module):
 
     # ------------------------------------------------------------------ normalisation
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, 1, self.z_dim, 1, 1)  # project layout [B, F, C, h, w]
-        mean = torch.tensor(self._mean, dtype=torch.float32, device=like.device).view(shape)
-        std = torch.tensor(self._std, dtype=torch.float32, device=like.device).view(shape)
-        return mean, std
+        # Made once per device: a tensor built from a Python list is a host-to-device copy, and
+        # the streaming decoder asks for these at every block.
+        stats = self._stats_on
+        key = str(like.device)
+        if key not in stats:
+            shape = (1, 1, self.z_dim, 1, 1)  # project layout [B, F, C, h, w]
+            stats[key] = (torch.tensor(self._mean, dtype=torch.float32, device=like.device).view(shape),
+                          torch.tensor(self._std, dtype=torch.float32, device=like.device).view(shape))
+        return stats[key]
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents ``[B, F, C, h, w]`` → normalised: (z − mean) / std (float32 math)."""

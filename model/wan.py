@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.kv_cache import KVCache
-from model.rope import Rope, apply_rope
+from model.rope import Rope, rotate
 
 WAN_1_3B = dict(dim=1536, ffn_dim=8960, freq_dim=256, in_dim=16, out_dim=16, num_heads=12,
                 num_layers=30, text_len=512, text_dim=4096, eps=1e-6)
@@ -109,9 +109,9 @@ class WanBlock(nn.Module):
         # self-attention (rotated by explicit positions; over the cache when there is one)
         h = (self.norm1(x) * (1 + scale) + shift).to(dtype).flatten(1, 2)
         attn = self.self_attn
-        q = apply_rope(attn.project_q(h), *rope_cur)
+        q = rotate(attn.project_q(h), rope_cur)
         k, v = attn.project_kv(h)
-        k_rot = apply_rope(k, *rope_cur)
+        k_rot = rotate(k, rope_cur)
         if cache is not None:
             k_rot, v = cache.attend_kv(layer, k, k_rot, v)
         y = attn.out(q, k_rot, v, mask)
@@ -120,8 +120,9 @@ class WanBlock(nn.Module):
         # cross-attention to the text (keys/values cached per prompt during a rollout)
         h = self.norm3(x).to(dtype).flatten(1, 2)
         q = self.cross_attn.project_q(h)
-        ck, cv = (cache.cross_kv(layer, context, lambda: self.cross_attn.project_kv(context())) if cache is not None
-                  else self.cross_attn.project_kv(context()))
+        # keyed on the prompt's embedding tensor (the _LazyText wrapper is new at every forward)
+        ck, cv = (cache.cross_kv(layer, getattr(context, "raw", context), lambda: self.cross_attn.project_kv(context()))
+                  if cache is not None else self.cross_attn.project_kv(context()))
         x = x + self.cross_attn.out(q, ck, cv).float().view(b, f, s, d)
 
         # feed-forward
@@ -255,13 +256,18 @@ class WanDiT(nn.Module):
                 raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
             rope_cur = kv_cache.current_table(f)
         else:
-            rope_cur = self.rope.table_for_runs([(0, f)], gh, gw, x.device)
+            rope_cur = self.rope.freqs_for_runs([(0, f)], gh, gw, x.device)
             if num_frame_per_block is not None:
                 mask = self.block_causal_mask(f, s, num_frame_per_block, local_attn_size, sink_size, x.device)
 
+        # A checkpointed block is recomputed in backward, after later blocks changed the cache:
+        # it must see the cache as it is now (PinnedKV).
+        pinned = kv_cache.pinned() if kv_cache is not None and torch.is_grad_enabled() else None
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            text()  # embed the text outside the checkpointed blocks (a recompute finds it computed)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, e0, text, rope_cur, i, mask, kv_cache, use_reentrant=False)
+                h = checkpoint(block, h, e0, text, rope_cur, i, mask, pinned or kv_cache, use_reentrant=False)
             else:
                 h = block(h, e0, text, rope_cur, i, mask, kv_cache)
         if kv_cache is not None and commit:

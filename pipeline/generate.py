@@ -30,6 +30,10 @@ from utils.video import SubtitleRenderer, VideoWriter, frames_to_uint8
 
 log = logging.getLogger(__name__)
 
+# Wan and Self-Forcing precompute RoPE angles for this many temporal positions; plain (absolute)
+# Self-Forcing cannot go past it. Only used for a warning: our positions are computed.
+ABSOLUTE_TABLE_POSITIONS = 1024
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -147,6 +151,12 @@ class VideoGenerator:
         """Render ``prompt`` into ``path`` (mp4) and a sidecar ``path.json``; returns the record.
         ``image``: start from this picture (encoded as the first latent frame) instead of noise."""
         plan = self.plan(prompt, image_start=image is not None)
+        latent_frames = plan.total_blocks * plan.frames_per_block + plan.lead_frames
+        if self.settings.policy == "absolute" and latent_frames > ABSOLUTE_TABLE_POSITIONS:
+            log.warning("position_policy=absolute: %d latent frames reach temporal positions past %d, where the "
+                        "reference implementation's RoPE table ends (the model was trained on far fewer); "
+                        "expect the video to degrade; position_policy=relativistic has no such limit",
+                        latent_frames, ABSOLUTE_TABLE_POSITIONS)
         contexts = self.encode_texts(plan)
         device = self.m.device
         generator = torch.Generator(device=device).manual_seed(int(seed))

@@ -1,0 +1,490 @@
+"""Self-Forcing DMD training: models, optimizers, the iteration, EMA, data, logging, checkpoints.
+
+One iteration (as the reference trains):
+
+* every ``dfake_gen_update_ratio``-th iteration, a **generator step**: self-rollout with gradient
+  truncation (``pipeline/self_forcing.py``), DMD loss (``model/dmd.py``), backward, clip, AdamW,
+  EMA update;
+* every iteration, a **critic step**: a rollout without grad, the critic's flow-matching loss,
+  backward, clip, AdamW.
+
+Each step accumulates gradients over ``total_batch_size / (batch_size × world size)``
+micro-batches. The generator and the critic are FSDP2-sharded (fp32 master weights, compute in
+``dtype``); the real score and the text encoder are frozen and replicated.
+
+Randomness is derived, not carried: every draw comes from a generator seeded with
+``(seed, purpose, rank, step, micro-step)``, and the exit step uses a seed without the rank, so
+every rank takes the same exit step without a broadcast. A resumed run therefore reproduces the
+uninterrupted one exactly (the checkpoint still stores the RNG states).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from model.dmd import DMD
+from model.text_encoder import TextEncoder
+from model.wan import WanDiT
+from pipeline.rollout import RolloutSettings
+from pipeline.self_forcing import draw_exit_steps, self_forcing_rollout
+from utils.checkpoint import load_dit_state_dict, load_dit_weights
+from utils.distributed import (DistInfo, all_reduce_mean, derive_seed, mixed_precision, seeded_generator,
+                               shard_dit)
+from utils.errors import CheckpointError, ConfigError
+from utils.train_checkpoint import (ModelAndOptimizer, complete_checkpoints, full_state_dict, latest_checkpoint,
+                                    load_checkpoint, read_trainer_state, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+PROMPTS_HINT = ("the reference prompts download with `python -m utils.hub --optional train_prompts`; or point "
+                "train.data_path at a UTF-8 text file with one prompt per line")
+
+
+# ------------------------------------------------------------------------------ config
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of the prompt file (``train.data_path``); ConfigError if unusable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"train.data_path {path} does not exist; {PROMPTS_HINT}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"cannot read train.data_path {path} ({reason}); {PROMPTS_HINT}") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"train.data_path {path} holds no prompts; {PROMPTS_HINT}")
+    return prompts
+
+
+def grad_accumulation(cfg: DictConfig, world_size: int) -> int:
+    tc = cfg.train
+    per_step = tc.batch_size * world_size
+    if tc.total_batch_size < 1 or tc.total_batch_size % per_step:
+        raise ConfigError(f"train.total_batch_size ({tc.total_batch_size}) must be a multiple of train.batch_size "
+                          f"({tc.batch_size}) x world size ({world_size}) = {per_step}")
+    return tc.total_batch_size // per_step
+
+
+def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
+    """Invariants of the ``train`` section; each failure names the key."""
+    tc = cfg.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    block = cfg.num_frame_per_block
+    need(tc.num_training_frames >= block and tc.num_training_frames % block == 0,
+         f"train.num_training_frames ({tc.num_training_frames}) must be a positive multiple of "
+         f"num_frame_per_block ({block})")
+    need(tc.local_attn_size == -1 or tc.local_attn_size >= tc.sink_size + block,
+         f"train.local_attn_size ({tc.local_attn_size}) must be -1 (the whole clip) or hold train.sink_size "
+         f"({tc.sink_size}) + one block ({block})")
+    window = tc.local_attn_size if tc.local_attn_size > 0 else tc.num_training_frames
+    need(not (tc.gradient_checkpointing and window < tc.num_training_frames),
+         f"train.gradient_checkpointing needs a training window that holds the clip: train.local_attn_size "
+         f"({tc.local_attn_size}) < train.num_training_frames ({tc.num_training_frames}); raise it or set -1")
+    need(tc.sink_size >= 0, "train.sink_size must be >= 0")
+    need(tc.position_policy in ("absolute", "relativistic"),
+         f"train.position_policy must be absolute or relativistic, not '{tc.position_policy}'")
+    need(tc.batch_size >= 1, "train.batch_size must be >= 1")
+    grad_accumulation(cfg, world_size)
+    need(tc.max_iters >= 0, "train.max_iters must be >= 0")
+    need(tc.dfake_gen_update_ratio >= 1, "train.dfake_gen_update_ratio must be >= 1")
+    need(0.0 <= tc.ema_weight < 1.0, "train.ema_weight must lie in [0, 1) (0: no EMA)")
+    need(tc.ema_start_step >= 0, "train.ema_start_step must be >= 0")
+    need(0 <= tc.min_score_timestep < cfg.num_train_timestep,
+         f"train.min_score_timestep must lie in [0, num_train_timestep={cfg.num_train_timestep})")
+    need(tc.grad_clip > 0, "train.grad_clip must be > 0")
+    need(tc.lr > 0 and tc.lr_critic > 0, "train.lr and train.lr_critic must be > 0")
+    need(tc.save_every >= 1 and tc.keep_checkpoints >= 1 and tc.log_every >= 1,
+         "train.save_every, train.keep_checkpoints and train.log_every must be >= 1")
+    need(not (tc.mixed_precision and cfg.dtype == "float16"),
+         "training computes in bfloat16 or float32 (float16 would need loss scaling); set dtype=bfloat16 "
+         "or train.mixed_precision=false")
+    need(tc.export_dtype in DTYPES, f"train.export_dtype must be one of {', '.join(DTYPES)}, not '{tc.export_dtype}'")
+    need(cfg.random_init or cfg.tiny_text_encoder is not None or cfg.wan_model_path,
+         "set wan_model_path (the text encoder and the base DiT are read from it)")
+
+
+def latent_shape(cfg: DictConfig) -> tuple[int, int, int]:
+    """(C, h, w) of one latent frame of the training clips, from height/width and the VAE factor."""
+    from model.vae import compression_factors, config_of
+
+    factor = compression_factors(config_of(cfg.tiny_vae, cfg.wan_model_path))[0]
+    _, ph, pw = cfg.model.patch_size
+    if cfg.height % (factor * ph) or cfg.width % (factor * pw):
+        raise ConfigError(f"height ({cfg.height}) and width ({cfg.width}) must be multiples of the VAE factor "
+                          f"({factor}) x the patch size ({ph}, {pw})")
+    return cfg.model.in_dim, cfg.height // factor, cfg.width // factor
+
+
+# ------------------------------------------------------------------------------- data
+class PromptStream:
+    """This rank's endless stream of prompts: each epoch a seeded permutation of the whole file,
+    padded by wrapping to a multiple of the world size and dealt out ``rank::world`` (as
+    ``DistributedSampler``). ``position`` (batches consumed) is all that a checkpoint needs."""
+
+    def __init__(self, prompts: list[str], rank: int, world_size: int, seed: int):
+        self.prompts, self.rank, self.world, self.seed = prompts, rank, world_size, seed
+        self.per_rank = math.ceil(len(prompts) / world_size)
+        self.position = 0
+        self._epoch, self._order = -1, []
+
+    def _indices(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "data", epoch))
+            perm = torch.randperm(len(self.prompts), generator=g).tolist()
+            perm = (perm * math.ceil(self.per_rank * self.world / len(perm)))[:self.per_rank * self.world]
+            self._epoch, self._order = epoch, perm[self.rank::self.world]
+        return self._order
+
+    def next_batch(self, batch_size: int) -> list[str]:
+        out = []
+        for j in range(batch_size):
+            k = self.position * batch_size + j
+            out.append(self.prompts[self._indices(k // self.per_rank)[k % self.per_rank]])
+        self.position += 1
+        return out
+
+
+# -------------------------------------------------------------------------------- EMA
+class ShardedEMA:
+    """EMA of a (sharded) model's parameters, kept as fp32 tensors of the same placement."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+
+    def full_state_dict(self, dtype: torch.dtype, is_main: bool) -> dict[str, torch.Tensor]:
+        """Gathered on rank 0's CPU (``{}`` elsewhere); a collective."""
+        out = {}
+        for name, t in self.shadow.items():
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            if is_main:
+                out[name] = full.to("cpu", dtype)
+        return out
+
+
+# ---------------------------------------------------------------------------- logging
+class MetricsLog:
+    """Rank 0: console line, ``<logdir>/metrics.jsonl`` and (when enabled) wandb."""
+
+    def __init__(self, logdir: Path, wandb_run=None):
+        self.path, self.wandb_run = logdir / METRICS_FILE, wandb_run
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        log.info("step %d | %s", step, shown)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+
+def start_wandb(cfg: DictConfig, logdir: Path, run_id: str | None):
+    """A wandb run (rank 0 only); honours WANDB_MODE (e.g. offline)."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ConfigError("wandb is not installed; `pip install wandb` or pass --disable-wandb") from exc
+    tc = cfg.train
+    run_id = run_id or uuid.uuid4().hex[:8]  # kept in the checkpoints: a resumed run continues this one
+    try:
+        return wandb.init(project=tc.wandb_project, entity=tc.wandb_entity, name=tc.wandb_run_name,
+                          dir=str(logdir), id=run_id, resume="allow",
+                          config=OmegaConf.to_container(cfg, resolve=True))
+    except Exception as exc:  # not logged in, no network, bad entity: all fixable by the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"wandb could not start ({first}); run `wandb login`, set WANDB_MODE=offline, "
+                          f"or pass --disable-wandb") from exc
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux → GiB
+
+
+def param_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of a (replicated) model's weights."""
+    with torch.no_grad():
+        return float(sum((p.double().sum() + p.double().square().sum()).item() for p in model.parameters()))
+
+
+def _scalar(x) -> float:
+    if isinstance(x, DTensor):
+        x = x.full_tensor()
+    return float(x)
+
+
+# ---------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: DictConfig, logdir: str | Path, dist: DistInfo, prompts: list[str], *,
+                 use_wandb: bool = False, resume: bool = False):
+        validate_train_config(cfg, dist.world_size)
+        self.cfg, self.tc, self.dist = cfg, cfg.train, dist
+        self.logdir = Path(logdir)
+        self.ckpt_root = self.logdir / CHECKPOINT_DIR
+        self.device = dist.device
+        self.seed = int(cfg.seed)
+        self.accum = grad_accumulation(cfg, dist.world_size)
+        self.num_frames = int(self.tc.num_training_frames)
+        self.latent_shape = latent_shape(cfg)
+        self.compute_dtype = DTYPES[cfg.dtype] if self.tc.mixed_precision else torch.float32
+        base = RolloutSettings.from_config(cfg)
+        window = self.tc.local_attn_size if self.tc.local_attn_size > 0 else self.num_frames
+        self.settings = dataclasses.replace(base, local_attn_size=int(window), sink_size=int(self.tc.sink_size),
+                                            policy=str(self.tc.position_policy))
+        self.num_blocks = self.num_frames // self.settings.block_frames
+
+        resume_from = self._checkpoint_to_resume(resume)
+        trainer_state = read_trainer_state(resume_from) if resume_from else {}
+        if dist.is_main:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.logdir / "config.yaml")
+        self.wandb_run = start_wandb(cfg, self.logdir, trainer_state.get("wandb_run_id")) \
+            if use_wandb and dist.is_main else None
+        self.metrics = MetricsLog(self.logdir, self.wandb_run) if dist.is_main else None
+
+        torch.manual_seed(derive_seed(self.seed, "global", dist.rank))
+        self.text_encoder = self._build_text_encoder()
+        self.uncond = self.encode([cfg.negative_prompt])
+        self.generator, self.critic, self.real_score = self._build_dits()
+        betas_g, betas_c = (self.tc.beta1, self.tc.beta2), (self.tc.beta1_critic, self.tc.beta2_critic)
+        self.gen_opt = torch.optim.AdamW(self.generator.parameters(), lr=self.tc.lr, betas=betas_g,
+                                         weight_decay=self.tc.weight_decay)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.tc.lr_critic, betas=betas_c,
+                                            weight_decay=self.tc.weight_decay)
+        self.dmd = DMD(self.real_score, self.critic, self.settings.scheduler(),
+                       guidance_scale=self.tc.guidance_scale, min_score_timestep=self.tc.min_score_timestep)
+        self.cache = self.settings.new_cache(self.generator, self.tc.batch_size, self.latent_shape[1:],
+                                             dtype=self.compute_dtype, device=self.device)
+        self.data = PromptStream(prompts, dist.rank, dist.world_size, self.seed)
+        self.ema: ShardedEMA | None = None
+        self.step = 0
+        self.real_checksum = param_checksum(self.real_score)
+        if resume_from:
+            self._resume(resume_from, trainer_state)
+        log.info("training: world %d, %d micro-batch(es) of %d per rank per step (total %d), clip %d frames "
+                 "(%d blocks) of %s, window %d, compute %s, generator %.4gM params", dist.world_size, self.accum,
+                 self.tc.batch_size, self.tc.total_batch_size, self.num_frames, self.num_blocks,
+                 "x".join(map(str, self.latent_shape)), window, self.compute_dtype,
+                 sum(p.numel() for p in self.generator.parameters()) / 1e6)
+
+    # ------------------------------------------------------------------ building
+    def _build_text_encoder(self) -> TextEncoder:
+        cfg = self.cfg
+        device = torch.device("cpu") if cfg.offload_text_encoder else self.device
+        if cfg.tiny_text_encoder is not None:
+            if cfg.tokenizer_path is None:
+                raise ConfigError("tiny_text_encoder needs tokenizer_path (tests/assets/tokenizer has a tiny one)")
+            torch.manual_seed(derive_seed(self.seed, "text_encoder_init"))
+            enc = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
+            enc = enc.to(device, DTYPES[cfg.text_encoder_dtype])
+        else:
+            enc = TextEncoder.from_pretrained(cfg.wan_model_path, cfg.model.text_len,
+                                              DTYPES[cfg.text_encoder_dtype], device)
+        if enc.dim != cfg.model.text_dim:
+            raise ConfigError(f"the text encoder's width ({enc.dim}) differs from model.text_dim ({cfg.model.text_dim})")
+        return enc.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(prompts).to(self.device)
+
+    def _new_dit(self, meta: bool) -> WanDiT:
+        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
+        if meta:
+            with torch.device("meta"):
+                return WanDiT(**kwargs)
+        return WanDiT(**kwargs)
+
+    def _build_dits(self) -> tuple[WanDiT, WanDiT, WanDiT]:
+        cfg, tc = self.cfg, self.tc
+        if cfg.random_init:
+            torch.manual_seed(derive_seed(self.seed, "score_init"))
+            real = self._new_dit(meta=False)
+            critic = self._new_dit(meta=False)
+            critic.load_state_dict(real.state_dict())
+            torch.manual_seed(derive_seed(self.seed, "generator_init"))
+            generator = self._new_dit(meta=False)
+            log.info("random_init: generator, critic and real score have random weights")
+        else:
+            score_path = tc.score_ckpt or str(Path(cfg.wan_model_path) / "transformer")
+            base = load_dit_state_dict(score_path)
+            # Loading into a meta model assigns the tensors: each model gets its own copy, or the
+            # critic's updates would write into the frozen real score.
+            copy = lambda sd: {k: v.clone() for k, v in sd.items()}  # noqa: E731
+            real = load_dit_weights(self._new_dit(meta=True), copy(base), source=score_path)
+            critic = load_dit_weights(self._new_dit(meta=True), copy(base), source=score_path)
+            gen_source = tc.generator_ckpt or score_path
+            gen_sd = load_dit_state_dict(tc.generator_ckpt) if tc.generator_ckpt else copy(base)
+            generator = load_dit_weights(self._new_dit(meta=True), gen_sd, source=gen_source)
+            del base, gen_sd
+            log.info("generator from %s; critic and real score from %s", gen_source, score_path)
+        policy = mixed_precision(self.compute_dtype if tc.mixed_precision else None, torch.float32)
+        for model in (generator, critic):
+            model.float().to(self.device).train()
+            model.gradient_checkpointing = bool(tc.gradient_checkpointing)
+            shard_dit(model, self.dist.mesh, policy, reshard_after_forward=bool(tc.reshard_after_forward))
+        real = real.to(self.device, self.compute_dtype).eval().requires_grad_(False)
+        return generator, critic, real
+
+    # ------------------------------------------------------------------ one iteration
+    def _rng(self, phase: str, micro: int) -> tuple[torch.Generator, list[int]]:
+        noise = seeded_generator(self.device, self.seed, "noise", self.dist.rank, self.step, phase, micro)
+        shared = seeded_generator("cpu", self.seed, "exit", self.step, phase, micro)  # same on every rank
+        exits = draw_exit_steps(self.num_blocks, len(self.settings.denoising_steps),
+                                bool(self.tc.same_step_across_blocks), shared)
+        return noise, exits
+
+    def _rollout(self, cond: torch.Tensor, noise: torch.Generator, exits: list[int], grad: bool) -> torch.Tensor:
+        return self_forcing_rollout(self.generator, self.cache, self.settings, cond, num_frames=self.num_frames,
+                                    latent_shape=self.latent_shape, exit_steps=exits, generator=noise, grad=grad,
+                                    dtype=self.compute_dtype)
+
+    def generator_step(self) -> dict[str, float]:
+        self.gen_opt.zero_grad(set_to_none=True)
+        logs = []
+        for micro in range(self.accum):
+            prompts = self.data.next_batch(self.tc.batch_size)
+            cond = self.encode(prompts)
+            uncond = self.uncond.expand(len(prompts), -1, -1)
+            noise, exits = self._rng("generator", micro)
+            clip = self._rollout(cond, noise, exits, grad=True)
+            loss, info = self.dmd.generator_loss(clip, cond, uncond, noise)
+            (loss / self.accum).backward()
+            logs.append({"generator_loss": loss.item(), **info, "exit_step": float(exits[0])})
+        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.tc.grad_clip)
+        self.gen_opt.step()
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        out["generator_grad_norm"] = _scalar(norm)
+        return out
+
+    def critic_step(self) -> dict[str, float]:
+        self.critic_opt.zero_grad(set_to_none=True)
+        logs = []
+        for micro in range(self.accum):
+            prompts = self.data.next_batch(self.tc.batch_size)
+            cond = self.encode(prompts)
+            noise, exits = self._rng("critic", micro)
+            with torch.no_grad():
+                clip = self._rollout(cond, noise, exits, grad=False)
+            loss, info = self.dmd.critic_loss(clip, cond, noise)
+            (loss / self.accum).backward()
+            logs.append({"critic_loss": loss.item(), **info})
+        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.tc.grad_clip)
+        self.critic_opt.step()
+        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        out["critic_grad_norm"] = _scalar(norm)
+        return out
+
+    def train_iteration(self) -> dict[str, float]:
+        """One iteration: maybe a generator step, then a critic step; returns rank-0 metrics."""
+        start = time.perf_counter()
+        train_gen = self.step % self.tc.dfake_gen_update_ratio == 0
+        metrics = self.generator_step() if train_gen else {}
+        metrics.update(self.critic_step())
+        self.step += 1
+        if self.ema is None and self.tc.ema_weight > 0 and self.step >= self.tc.ema_start_step:
+            self.ema = ShardedEMA(self.generator, self.tc.ema_weight)
+            log.info("EMA (%.4g) of the generator starts at step %d", self.tc.ema_weight, self.step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        metrics = all_reduce_mean(metrics, self.device)
+        clips = self.tc.total_batch_size * (2 if train_gen else 1)
+        metrics.update(lr=self.gen_opt.param_groups[0]["lr"], lr_critic=self.critic_opt.param_groups[0]["lr"],
+                       step_time=elapsed, samples_per_s=clips / elapsed, peak_mem_gb=peak_memory_gb(self.device))
+        return metrics
+
+    def train(self) -> None:
+        max_iters = int(self.tc.max_iters)
+        bar = tqdm(total=max_iters, initial=self.step, desc="training", unit="it", disable=not self.dist.is_main,
+                   dynamic_ncols=True)
+        while self.step < max_iters:
+            metrics = self.train_iteration()
+            if self.metrics is not None and (self.step % self.tc.log_every == 0 or self.step == max_iters):
+                self.metrics.log(self.step, metrics)
+            if self.step % self.tc.save_every == 0 or self.step == max_iters:
+                self.save()
+            bar.update(1)
+        bar.close()
+        end = param_checksum(self.real_score)
+        log.info("real score checksum: start %.17g end %.17g (%s)", self.real_checksum, end,
+                 "unchanged" if end == self.real_checksum else "CHANGED")
+        if self.metrics is not None:
+            with open(self.metrics.path, "a") as f:
+                f.write(json.dumps({"step": self.step, "real_score_checksum_start": self.real_checksum,
+                                    "real_score_checksum_end": end}) + "\n")
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        state = {"generator": ModelAndOptimizer(self.generator, self.gen_opt),
+                 "critic": ModelAndOptimizer(self.critic, self.critic_opt)}
+        if self.ema is not None:
+            state["generator_ema"] = self.ema.shadow
+        return state
+
+    def save(self) -> Path:
+        dtype = DTYPES[self.tc.export_dtype]
+        export = {"generator": full_state_dict(self.generator, dtype)}
+        if self.ema is not None:
+            export["generator_ema"] = self.ema.full_state_dict(dtype, self.dist.is_main)
+        trainer_state = {"step": self.step, "data_position": self.data.position, "has_ema": self.ema is not None,
+                         "world_size": self.dist.world_size, "seed": self.seed,
+                         "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None}
+        return save_checkpoint(self.ckpt_root, self.step, self._state(), trainer_state, rank=self.dist.rank,
+                               export=export if self.dist.is_main else None, keep=int(self.tc.keep_checkpoints))
+
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        latest = latest_checkpoint(self.ckpt_root)
+        if not resume:
+            if complete_checkpoints(self.ckpt_root):
+                raise CheckpointError(f"{self.ckpt_root} already holds checkpoints (latest {latest.name}); pass "
+                                      f"--resume to continue that run, or choose another --logdir")
+            return None
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", self.ckpt_root)
+        return latest
+
+    def _resume(self, path: Path, trainer_state: dict) -> None:
+        if trainer_state.get("has_ema"):
+            self.ema = ShardedEMA(self.generator, self.tc.ema_weight)
+        saved_world = trainer_state.get("world_size")
+        if saved_world != self.dist.world_size:
+            log.warning("checkpoint was written by %s ranks, resuming on %d: weights and optimizer states are "
+                        "resharded; the data order and noise streams continue differently", saved_world,
+                        self.dist.world_size)
+        load_checkpoint(path, self._state(), rank=self.dist.rank)
+        self.step = int(trainer_state["step"])
+        self.data.position = int(trainer_state["data_position"])
+        log.info("resumed from %s at step %d", path, self.step)

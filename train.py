@@ -1,0 +1,64 @@
+"""Self-Forcing DMD training of the causal Wan2.1 generator (docs/TRAINING.md).
+
+    torchrun --nproc_per_node=8 train.py --config_path configs/self_forcing_dmd.yaml --logdir logs/x
+    python train.py --config_path configs/tiny_dmd.yaml --logdir logs/tiny --disable-wandb   # 1 process
+
+``--resume`` continues from the newest checkpoint in ``<logdir>/checkpoints``; trailing
+``key=value`` arguments override the config (e.g. ``train.max_iters=10``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from utils.config import load_config
+from utils.errors import user_errors_exit
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Self-Forcing DMD training (torchrun or a single process)")
+    parser.add_argument("--config_path", required=True, help="training config, e.g. configs/self_forcing_dmd.yaml")
+    parser.add_argument("--logdir", required=True, help="checkpoints, metrics.jsonl and config.yaml go here")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --logdir")
+    parser.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true",
+                        help="log to the console and <logdir>/metrics.jsonl only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", force=True)
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    cfg = load_config(args.config_path, args.overrides)
+
+    # Cheap checks first: a user mistake ends the run before any process group or model exists.
+    from pipeline.trainer import Trainer, read_prompts, validate_train_config
+    from utils.distributed import cleanup, init_distributed
+
+    validate_train_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    prompts = read_prompts(cfg.train.data_path)
+    dist_info = init_distributed(cfg.device)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, args.logdir, dist_info, prompts, resume=args.resume,
+                          use_wandb=bool(cfg.train.use_wandb) and not args.disable_wandb)
+        trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Resumable training checkpoints: sharded with ``torch.distributed.checkpoint``, written atomically.
+
+Layout under ``<logdir>/checkpoints/``::
+
+    step_000050/                one complete checkpoint (a directory is complete once it has
+        .metadata, *.distcp     this name: it is renamed into place as the last act of a save)
+        trainer_state.json      step, data position, whether the EMA exists, wandb run id, ...
+        rng_rank<r>.pt          each rank's torch / CUDA / Python RNG states
+        model.pt                {"generator": ..., "generator_ema": ...} full state dicts with Wan
+                                names: ``inference.py --checkpoint_path`` / ``load_dit_state_dict``
+    .tmp_step_000100/           a save in progress (or one that crashed): ignored, removed later
+
+A save writes everything into ``.tmp_step_N`` and then renames it to ``step_N`` (one atomic
+``rename`` on a POSIX file system), so a crash at any point leaves the previous checkpoints
+untouched. Only the newest ``keep`` complete checkpoints are kept; older ones are renamed away
+before they are deleted, so a crash while pruning never leaves a half-deleted ``step_N``.
+The sharded state is resharded on load by DCP, so it can be read by a different world size
+(the data position and the per-rank RNG streams then continue only approximately).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from utils.distributed import barrier
+from utils.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"step_(\d+)\Z")
+STATE_FILE = "trainer_state.json"
+EXPORT_FILE = "model.pt"
+
+
+class ModelAndOptimizer(Stateful):
+    """A model and its optimizer as one DCP entry (sharded DTensor state, resharded on load)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optimizer"])
+
+
+def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on rank 0's CPU, Wan names; ``{}`` on other ranks.
+    A collective: every rank must call it."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            m = STEP_DIR.match(path.name)
+            if m and path.is_dir() and (path / STATE_FILE).is_file() and (path / ".metadata").is_file():
+                found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} ({exc}); the checkpoint is damaged: delete "
+                              f"{path.parent} to resume from the one before it") from exc
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Crashed saves (``.tmp_step_*``) and interrupted prunes (``.old_step_*``)."""
+    for path in root.iterdir():
+        if path.name.startswith((".tmp_step_", ".old_step_")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    found = complete_checkpoints(root)
+    for step, path in found[:max(0, len(found) - keep)]:
+        trash = root / f".old_{path.name}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("removed old checkpoint %s", path)
+
+
+def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], trainer_state: dict[str, Any], *,
+                    rank: int, export: dict[str, dict[str, torch.Tensor]] | None = None,
+                    keep: int = 3) -> Path:
+    """Write checkpoint ``step`` atomically; a collective (every rank calls it).
+
+    ``state``: what DCP saves (Stateful objects, DTensor dicts). ``trainer_state``: JSON-able
+    bookkeeping (rank 0's is written). ``export``: rank 0's full state dicts for ``model.pt``."""
+    root = Path(root)
+    tmp, final = root / f".tmp_step_{step:06d}", root / f"step_{step:06d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        tmp.mkdir()
+    barrier()
+    dcp.save(state, checkpoint_id=str(tmp))
+    _save_file(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        if export:
+            _save_file(export, tmp / EXPORT_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    barrier()
+    if rank == 0:
+        if final.exists():  # the same step saved again: replace it
+            os.replace(final, root / f".old_{final.name}")
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _remove_leftovers(root)
+        _prune(root, keep)
+        log.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, state: dict[str, Any], *, rank: int) -> dict[str, Any]:
+    """Load ``state`` (the same structure as saved) in place from checkpoint ``path``, restore this
+    rank's RNG states; returns the trainer state."""
+    path = Path(path)
+    trainer_state = read_trainer_state(path)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load the training checkpoint {path} ({first}); it was written by a "
+                              f"different model/config, or it is damaged: delete it to resume from the "
+                              f"one before it") from exc
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:
+        log.warning("%s has no RNG state for rank %d (different world size?); keeping the current one", path, rank)
+    return trainer_state
