@@ -86,11 +86,17 @@ def denoise_block(model: WanDiT, cache: KVCache, noise: torch.Tensor, context: t
 
 @torch.no_grad()
 def commit_block(model: WanDiT, cache: KVCache, clean: torch.Tensor, context: torch.Tensor,
-                 context_noise: float) -> None:
+                 context_noise: float, generator: torch.Generator | None = None,
+                 scheduler: FlowMatchScheduler | None = None) -> None:
     """The clean pass: run the finished block at timestep ``context_noise`` and append its keys
-    and values to the cache."""
+    and values to the cache. With ``context_noise > 0`` the block is first re-noised to that
+    timestep (as Self-Forcing does); at 0 (the default) it goes in clean."""
     t = torch.full(clean.shape[:2], float(context_noise), device=clean.device)
-    model(clean.detach(), t, context, kv_cache=cache, commit=True)
+    x = clean.detach()
+    if context_noise > 0:
+        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+        x = (scheduler or FlowMatchScheduler()).add_noise(x, fresh, t)
+    model(x, t, context, kv_cache=cache, commit=True)
 
 
 def apply_event(cache: KVCache, event: str | None, flush_keep: int) -> None:
@@ -119,12 +125,13 @@ def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, *, block_e
     scheduler = settings.scheduler()
     cache.reset()
     if image_latent is not None:
-        commit_block(model, cache, image_latent.to(device, dtype), contexts[block_contexts[0]], settings.context_noise)
+        commit_block(model, cache, image_latent.to(device, dtype), contexts[block_contexts[0]], settings.context_noise,
+                     generator, scheduler)
     for i, event in enumerate(block_events):
         apply_event(cache, event, settings.flush_keep)
         context = contexts[block_contexts[i]]
         noise = torch.randn((batch, settings.block_frames, *latent_shape), generator=generator, device=device,
                             dtype=torch.float32).to(dtype)
         clean = denoise_block(model, cache, noise, context, timesteps, scheduler, generator=generator)
-        commit_block(model, cache, clean, context, settings.context_noise)
+        commit_block(model, cache, clean, context, settings.context_noise, generator, scheduler)
         yield clean

@@ -69,6 +69,6 @@ def self_forcing_rollout(model: WanDiT, cache: KVCache, settings: RolloutSetting
         clean = denoise_block(model, cache, noise, context, timesteps, scheduler, generator=generator,
                               exit_step=int(exit_steps[i]), grad=grad and i * block >= grad_from_frame)
         if i + 1 < num_blocks:
-            commit_block(model, cache, clean, context, settings.context_noise)
+            commit_block(model, cache, clean, context, settings.context_noise, generator, scheduler)
         outputs.append(clean)
     return torch.cat(outputs, dim=1)

@@ -100,3 +100,18 @@ def test_same_seed_same_latents(tiny):
         out[key] = torch.cat(blocks, dim=1)
     assert torch.equal(out["a"], out["b"])
     assert not torch.allclose(out["a"], out["c"])
+
+
+def test_context_noise_renoises_the_cache_write(tiny):
+    """context_noise > 0 writes a re-noised block into the cache: the first block (no context
+    yet) is unchanged, later blocks see a different context; the same seed still repeats."""
+    cfg, models = tiny
+    runs = {}
+    for key, noise in (("clean", 0), ("noisy", 200), ("noisy2", 200)):
+        c = load_config("configs/tiny.yaml", [f"context_noise={noise}"])
+        blocks = []
+        run(c, models, "a fox runs[2s]", seed=1, on_block=lambda i, b, cache: blocks.append(b.clone()))
+        runs[key] = blocks
+    assert torch.equal(runs["clean"][0], runs["noisy"][0])
+    assert not torch.allclose(runs["clean"][1], runs["noisy"][1])
+    assert all(torch.equal(a, b) for a, b in zip(runs["noisy"], runs["noisy2"]))
