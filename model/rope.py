@@ -107,7 +107,7 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
     Eager: one complex multiply (bit-identical to :func:`apply_rope`'s real formula on the CPU,
     and a single pass over ``x`` instead of several). Under ``torch.compile`` the real formula is
-    used (the compiler fuses it into one kernel and does not generate code for complex types)."""
+    used instead: the compiler fuses it into one kernel, and complex tensors are not its strong side."""
     if torch.compiler.is_compiling():
         return _rotate_real(x, freqs.real, freqs.imag)
     xf = x.float()

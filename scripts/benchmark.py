@@ -1,0 +1,1033 @@
+#!/usr/bin/env python
+"""Speed and memory of the Infinity-RoPE rollout, per video length, on whatever device the config names.
+
+    # CPU, tiny random-weight models (every stage of the real pipeline), four lengths:
+    python scripts/benchmark.py --config_path configs/tiny.yaml --seconds 10 60 240 600 --out benchmarks/out
+
+    # GPU, the full 1.3B DiT and the full Wan VAE with random weights at 480x832 (a tiny random
+    # text encoder of the right width stands in for umt5-xxl: it runs once per prompt):
+    python scripts/benchmark.py --config_path configs/infinity_rope.yaml --seconds 10 60 240 \\
+        --out benchmarks/out random_init=true
+
+    # before/after of a fast path (rows per variant; DiT only):
+    python scripts/benchmark.py --config_path configs/tiny.yaml --seconds 60 --variants fast naive_rope \\
+        --skip_pipeline --tag rope
+
+For each (variant, length) it measures
+
+* **first block**: seconds from the start of a rollout to the first latent block (DiT only);
+* **DiT only**: steady-state latent blocks/s and video frames/s of the rollout (median over
+  ``--repeats`` rollouts of the whole video); steady state = the blocks after the attention
+  window has filled (the first block attends to fewer frames);
+* **pipeline**: the real inference path (rollout → streaming VAE decode → uint8 → subtitles →
+  mp4), video frames/s over the same steady-state blocks, and its time split per block: DiT
+  forward, RoPE + KV-cache bookkeeping (inside the DiT), VAE decode, writing (uint8 conversion,
+  subtitles, ffmpeg pipe). Stage boundaries synchronise the device (the stages depend on each
+  other anyway); the RoPE/cache share is timed with CUDA events on a GPU (no extra
+  synchronisation) and with ``perf_counter`` on a CPU;
+* **peak memory** of the measured passes, after a warm-up: ``torch.cuda.max_memory_allocated``
+  (peak stats reset after the warm-up) on a GPU; on a CPU the peak resident set size (VmHWM,
+  reset after the warm-up through ``/proc/self/clear_refs``), each length in a fresh
+  subprocess so peaks never carry over from one length to the next;
+* the **arithmetic floor**: DiT FLOPs per block (:func:`dit_forward_flops`, cross-checked against
+  ``torch.utils.flop_counter`` on the first forward) divided by a measured matmul rate of the
+  device in the model's dtype (and by the nominal peak on known GPUs), and the achieved fraction
+  of that floor.
+
+Writes ``<out>/<tag>.json`` (every number, per-block times included) and ``<out>/<tag>.md``
+(the table, also printed). Random weights: speed does not depend on their values. Trailing
+``key=value`` arguments override the config as in ``inference.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python scripts/benchmark.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+# Named variants: config overrides and runtime switches. Combine with "+", e.g.
+# naive_rope+rope_f64 (the reference's re-rotation of the whole window in float64 at every forward).
+VARIANTS = {
+    "fast": {},
+    # the "before" of each fast path (runtime switches that restore the plain code path):
+    "naive_rope": {"naive_rope": True},       # re-rotate every cached key at every forward (the oracle)
+    "rope_f64": {"legacy": ["rope_f64"]},     # rotate in float64 (the reference implementation)
+    "real_rope": {"legacy": ["real_rope"]},   # real-valued rotation formula instead of one complex multiply
+    "text_kv_per_forward": {"legacy": ["text_kv_per_forward"]},  # text keys/values projected at every forward
+    "compile": {"overrides": ["compile=true"]},
+    "fp32": {"overrides": ["dtype=float32"]},
+    "bf16": {"overrides": ["dtype=bfloat16"]},
+    "sdpa_flash": {"sdpa": "flash"},
+    "sdpa_cudnn": {"sdpa": "cudnn"},
+    "sdpa_efficient": {"sdpa": "efficient"},
+    "sdpa_math": {"sdpa": "math"},
+}
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
+NOMINAL_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0,
+                       "L40S": 362.0, "RTX 4090": 165.0}
+
+TEXTS = ("a red fox trots through a snowy forest", "the fox pounces into deep snow",
+         "a quiet harbour at sunrise", "fishing boats rock gently on the water")
+
+
+# ----------------------------------------------------------------------------------- arithmetic
+def dit_forward_flops(*, dim: int, ffn_dim: int, num_layers: int, text_len: int, in_dim: int, out_dim: int,
+                      patch: tuple[int, int, int], q_tokens: int, kv_tokens: int) -> int:
+    """FLOPs (multiply-add = 2) of one cached DiT forward: ``q_tokens`` query tokens (the block)
+    attending to ``kv_tokens`` keys (held frames + the block) and to ``text_len`` text tokens.
+
+    Per layer and query token:
+      self-attention q, k, v, o projections   8·dim²
+      cross-attention q, o projections        4·dim²   (text keys/values: once per prompt, cached)
+      feed-forward                            4·dim·ffn_dim
+      self-attention scores and values        4·kv_tokens·dim
+      cross-attention scores and values       4·text_len·dim
+    plus the patch embedding and the head (2·in·prod(patch)·dim and 2·dim·out·prod(patch) per
+    token). Norms, modulation, RoPE and softmax are elementwise and left out (they are memory
+    bound, not FLOP bound); so is the time embedding (a handful of rows)."""
+    p = math.prod(patch)
+    per_token_layer = 12 * dim * dim + 4 * dim * ffn_dim + 4 * kv_tokens * dim + 4 * text_len * dim
+    embed = 2 * in_dim * p * dim + 2 * dim * out_dim * p
+    return q_tokens * (num_layers * per_token_layer + embed)
+
+
+def vae_block_flops(cfg, latent_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """FLOPs of the streaming VAE decode of (the first, a later) block, counted by
+    ``torch.utils.flop_counter`` on a copy of the VAE on the meta device (shapes only, no compute,
+    no memory): convolutions dominate and are counted exactly."""
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.vae import WanVAE, config_of
+
+    config = config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path)
+    with torch.device("meta"):
+        decoder = WanVAE(AutoencoderKLWan.from_config(config)).streaming_decoder()
+    counts = []
+    for _ in range(2):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            decoder.decode_block(torch.zeros(1, int(cfg.num_frame_per_block), *latent_shape, device="meta"))
+        counts.append(int(counter.get_total_flops()))
+    return counts[0], counts[1]
+
+
+def block_geometry(cfg, latent_hw: tuple[int, int], patch) -> dict:
+    """Tokens of a block and of the attention window, steady state and first block."""
+    tokens_per_frame = (latent_hw[0] // patch[1]) * (latent_hw[1] // patch[2])
+    fpb, window = int(cfg.num_frame_per_block), int(cfg.local_attn_size)
+    return {"tokens_per_frame": tokens_per_frame, "q_tokens": fpb * tokens_per_frame,
+            "kv_tokens_steady": window * tokens_per_frame, "kv_tokens_first": fpb * tokens_per_frame,
+            "forwards_per_block": len(cfg.denoising_step_list) + 1}
+
+
+def block_flops(cfg, latent_hw, first: bool = False) -> int:
+    """DiT FLOPs of one block: every denoising step plus the clean pass that writes the cache."""
+    m = cfg.model
+    geo = block_geometry(cfg, latent_hw, m.patch_size)
+    kv = geo["kv_tokens_first"] if first else geo["kv_tokens_steady"]
+    one = dit_forward_flops(dim=m.dim, ffn_dim=m.ffn_dim, num_layers=m.num_layers, text_len=m.text_len,
+                            in_dim=m.in_dim, out_dim=m.out_dim, patch=tuple(m.patch_size),
+                            q_tokens=geo["q_tokens"], kv_tokens=kv)
+    return one * geo["forwards_per_block"]
+
+
+# ----------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> dict:
+    """Measured dense matmul rate (FLOP/s) of the device in ``dtype``: square products, warm-up,
+    the best of five timed batches (and their median)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    per, reps = 0.0, 1
+    while per < seconds / 5:  # batches of ~1/5 of the budget
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        per = time.perf_counter() - start
+        if per < seconds / 5:
+            reps *= 2
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        rates.append(2 * n ** 3 * reps / (time.perf_counter() - start))
+    # the best batch: a shared or throttled machine only ever makes a batch slower
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": max(rates),
+            "median_flops_per_s": statistics.median(rates)}
+
+
+def nominal_peak(device: torch.device) -> tuple[str, float] | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(NOMINAL_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key.lower() in name.lower():
+            return name, NOMINAL_BF16_TFLOPS[key] * 1e12
+    return None
+
+
+class RegionTimer:
+    """Time spent inside some functions (outermost calls only): CUDA events on a GPU (recorded
+    on the stream, read after the caller's synchronisation), ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.depth = 0
+        self.spans: list = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            start = self._mark()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spans.append((start, self._mark()))
+                self.depth -= 1
+        return timed
+
+    def take(self) -> float:
+        """Seconds in the wrapped functions since the last call (the device must be synchronised)."""
+        if self.cuda:
+            total = sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+        else:
+            total = sum(b - a for a, b in self.spans)
+        self.spans = []
+        return total
+
+    @contextlib.contextmanager
+    def patched(self, targets):
+        saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
+        try:
+            for owner, name, fn in saved:
+                setattr(owner, name, self.wrap(fn))
+            yield self
+        finally:
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
+
+
+def rope_cache_targets():
+    """What counts as "RoPE + cache bookkeeping": every KVCache method the model and the rollout
+    call (staging, re-rotation, commit, flush, cut, position tables, cross-attention cache) and
+    the rotation of the current block's queries and keys inside the DiT."""
+    import model.wan as wan
+    from model.kv_cache import KVCache
+
+    targets = [(KVCache, name) for name in ("attend_kv", "commit", "flush", "cut", "current_table",
+                                            "context_table", "check_block", "reset")]
+    targets += [(wan, name) for name in ("apply_rope", "rotate") if hasattr(wan, name)]
+    return targets
+
+
+# ----------------------------------------------------------------------------------- memory
+def _proc_status(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the measured passes: CUDA peak allocated on a GPU, peak RSS on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated (reset after warm-up)"
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return
+        self.baseline = _proc_status("VmRSS")
+        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "VmHWM (peak RSS, reset after warm-up; fresh process per length)"
+        except OSError:
+            self.method = "ru_maxrss (peak RSS of the whole process; fresh process per length)"
+
+    def read(self) -> dict:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return {"method": self.method, "peak_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                    "baseline_bytes": self.baseline}
+        peak = _proc_status("VmHWM") if self.method.startswith("VmHWM") else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"method": self.method, "peak_bytes": peak, "baseline_bytes": self.baseline,
+                "rss_end_bytes": _proc_status("VmRSS")}
+
+
+# ----------------------------------------------------------------------------------- one run
+def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
+    """A prompt of ``seconds`` seconds in segments of about ``segment_seconds``: a KV Flush at every
+    segment, a RoPE Cut at every fourth, a subtitle on each (every event kind is exercised)."""
+    n = max(1, round(seconds / segment_seconds))
+    seg = seconds / n
+    parts = [f"{TEXTS[k % len(TEXTS)]}[{seg:.6g}s{'#' if k % 4 == 3 else ''}]" for k in range(n)]
+    return " | ".join(parts) + " ; " + " | ".join(f"part {k + 1}" for k in range(n))
+
+
+def parse_variant(name: str) -> dict:
+    spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": []}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
+        v = VARIANTS[part]
+        spec["overrides"] += v.get("overrides", [])
+        spec["naive_rope"] |= v.get("naive_rope", False)
+        spec["sdpa"] = v.get("sdpa", spec["sdpa"])
+        spec["legacy"] += v.get("legacy", [])
+    return spec
+
+
+def _rotate_real(x, freqs):
+    from model.rope import _rotate_real as real
+
+    return real(x, freqs.real, freqs.imag)
+
+
+def _rotate_f64(x, freqs):
+    xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * freqs.to(torch.complex128)[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+def _text_kv_per_forward(self, layer, context, make):
+    return make()
+
+
+@contextlib.contextmanager
+def legacy_paths(names: list[str]):
+    """Swap a fast path back for the plain code it replaced, for before/after numbers."""
+    import model.kv_cache as kv_cache
+    import model.wan as wan
+
+    saved = []
+
+    def swap(owner, attr, value):
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    try:
+        for name in names:
+            if name in ("real_rope", "rope_f64"):
+                fn = _rotate_real if name == "real_rope" else _rotate_f64
+                swap(wan, "rotate", fn)
+                swap(kv_cache, "rotate", fn)
+            elif name == "text_kv_per_forward":
+                swap(kv_cache.KVCache, "cross_kv", _text_kv_per_forward)
+        yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
+
+
+def sdpa_context(backend: str | None):
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([names[backend]])
+
+
+def load_bench_config(config_path: str | None, overrides: list[str]):
+    """The config with the benchmark's defaults for ``random_init``: a tiny random UMT5 of the
+    DiT's text width (it runs once per prompt, outside the measured loop) and the test tokenizer;
+    the DiT and the VAE keep the sizes the config gives (full size unless it says otherwise)."""
+    from utils.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    if cfg.random_init and cfg.tiny_text_encoder is None:
+        extra = [f"tiny_text_encoder={{d_model: {cfg.model.text_dim}, d_ff: 64, num_layers: 1, num_heads: 2, "
+                 f"d_kv: 16}}"]
+        if cfg.tokenizer_path is None:
+            extra.append(f"tokenizer_path={REPO / 'tests' / 'assets' / 'tokenizer'}")
+        cfg = load_config(config_path, list(overrides) + extra)
+    return cfg
+
+
+class Bench:
+    """Models and pipeline pieces for one config and variant, reused across lengths in-process."""
+
+    def __init__(self, cfg, variant: dict):
+        from pipeline.generate import VideoGenerator, build_models
+
+        self.cfg, self.variant = cfg, variant
+        t0 = time.perf_counter()
+        self.models = build_models(cfg)
+        self.build_s = time.perf_counter() - t0
+        self.device = self.models.device
+        self.gen = VideoGenerator(cfg, self.models)
+        self.settings = self.gen.settings
+        if variant["naive_rope"]:
+            self.gen.cache = self.settings.new_cache(self.models.dit, 1, self.gen.latent_shape[1:], naive_rope=True)
+        self.cache = self.gen.cache
+        self.seed = int(cfg.seed)
+
+    # -- the rollout of a plan -------------------------------------------------------------
+    def blocks(self, plan, contexts):
+        from pipeline.rollout import rollout
+
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        return rollout(self.models.dit, self.cache, self.settings, block_events=list(plan.block_events),
+                       block_contexts=list(plan.block_segment), contexts=contexts,
+                       latent_shape=self.gen.latent_shape, generator=generator)
+
+    def dit_pass(self, plan, contexts, max_blocks: int | None = None, desc: str = "DiT") -> list[float]:
+        """Seconds per block of a rollout (device synchronised at each block boundary)."""
+        times = []
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        total = plan.total_blocks if max_blocks is None else min(max_blocks, plan.total_blocks)
+        for i, _ in enumerate(tqdm(self.blocks(plan, contexts), total=total, desc=desc, unit="block",
+                                   leave=False, disable=None)):
+            synchronize(self.device)
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
+            if i + 1 >= total:
+                break
+        return times
+
+    def pipeline_pass(self, plan, contexts, path: Path, max_blocks: int | None = None,
+                      split: bool = True, desc: str = "pipeline") -> dict:
+        """The inference path of ``VideoGenerator.generate`` with stage timers: per block, seconds
+        in the DiT (of which RoPE + cache bookkeeping), the VAE decode, and writing."""
+        from utils.video import VideoWriter, frames_to_uint8
+
+        gen, cfg = self.gen, self.cfg
+        timer = RegionTimer(self.device)
+        per_block = {"dit": [], "rope_cache": [], "vae": [], "write": []}
+        total = plan.total_blocks if max_blocks is None else min(max_blocks, plan.total_blocks)
+        written = 0
+        patch = timer.patched(rope_cache_targets()) if split else contextlib.nullcontext()
+        gen.decoder.reset()
+        synchronize(self.device)
+        start = time.perf_counter()
+        with patch, VideoWriter(path, fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height)) as writer:
+            blocks = self.blocks(plan, contexts)
+            for _ in tqdm(range(total), desc=desc, unit="block", leave=False, disable=None):
+                t0 = time.perf_counter()
+                latents = next(blocks)
+                synchronize(self.device)
+                t1 = time.perf_counter()
+                frames = gen.decoder.decode_block(latents)[0]
+                synchronize(self.device)
+                t2 = time.perf_counter()
+                frames = frames_to_uint8(frames)[: plan.total_frames - written]
+                for seg_index, lo, hi in gen._subtitle_runs(plan, written, len(frames)):
+                    frames[lo:hi] = gen.subtitles.render(frames[lo:hi], plan.segments[seg_index].subtitle)
+                writer.write(frames)
+                written += len(frames)
+                t3 = time.perf_counter()
+                per_block["dit"].append(t1 - t0)
+                per_block["rope_cache"].append(timer.take() if split else float("nan"))
+                per_block["vae"].append(t2 - t1)
+                per_block["write"].append(t3 - t2)
+            blocks.close()
+            t_close = time.perf_counter()
+        close_s = time.perf_counter() - t_close  # ffmpeg flushing the last frames and the index
+        return {"per_block": per_block, "close_s": close_s, "wall_s": time.perf_counter() - start,
+                "frames_written": written}
+
+    # -- diagnostics on one forward ----------------------------------------------------------
+    def one_forward(self, contexts):
+        """One cached forward of a block at the first denoising step (fresh cache)."""
+        dit, s = self.models.dit, self.settings
+        self.cache.reset()
+        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
+        t = s.timesteps(self.device)[0].expand(1, s.block_frames)
+        with torch.no_grad():
+            dit(x, t, contexts[0], kv_cache=self.cache)
+
+    def sdpa_backend_used(self, contexts) -> list[str]:
+        """The SDPA kernels one forward dispatched to (ATen op names, from the profiler)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.one_forward(contexts)
+        return sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
+                       and e.key != "aten::scaled_dot_product_attention"})
+
+    def counted_flops(self, contexts) -> int | None:
+        """FLOPs of one first-block forward counted by ``torch.utils.flop_counter`` (a cross-check of
+        :func:`dit_forward_flops`): the second forward over a fresh cache, so the text keys/values
+        (once per prompt) are already cached, with SDPA's math backend, whose matmuls the counter
+        sees on every device."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if self.cfg.compile:
+            return None
+        dit, s = self.models.dit, self.settings
+        self.cache.reset()
+        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
+        t = s.timesteps(self.device)[0].expand(1, s.block_frames)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            dit(x, t, contexts[0], kv_cache=self.cache)
+            with counter:
+                dit(x, t, contexts[0], kv_cache=self.cache)
+        self.cache.reset()
+        return int(counter.get_total_flops())
+
+
+def steady_start(cfg) -> int:
+    """Index of the first block that attends to a full window (sink + context + block)."""
+    fpb, window = int(cfg.num_frame_per_block), int(cfg.local_attn_size)
+    return max(1, math.ceil((window - fpb) / fpb))
+
+
+def steady_blocks(plan, cfg) -> tuple[range, int]:
+    """The steady-state blocks of a plan and the video frames they hold."""
+    first_steady = min(steady_start(cfg), plan.total_blocks - 1)
+    steady = range(first_steady, plan.total_blocks)
+    return steady, sum(plan.block_frames(i)[1] - plan.block_frames(i)[0] for i in steady)
+
+
+def dit_summary(dit_runs: list[list[float]], plan, cfg, seconds: float, opts: dict) -> dict:
+    """First-block latency and steady-state rates of DiT-only rollouts: medians over the runs
+    (and the best run, the least disturbed on a shared machine)."""
+    steady, steady_frames = steady_blocks(plan, cfg)
+    dit_steady = [sum(run[i] for i in steady) for run in dit_runs]
+    dit_s = statistics.median(dit_steady)
+    return {
+        "seconds": seconds, "blocks": plan.total_blocks, "frames": plan.total_frames,
+        "segments": len(plan.segments), "steady_blocks": len(steady), "steady_frames": steady_frames,
+        "repeats": len(dit_runs),
+        "first_block_s": statistics.median(run[0] for run in dit_runs),
+        "first_block_best_s": min(run[0] for run in dit_runs),
+        "dit_steady_s": dit_s, "dit_blocks_per_s": len(steady) / dit_s,
+        "dit_video_fps": steady_frames / dit_s,
+        "dit_video_fps_best": steady_frames / min(dit_steady),
+        "dit_block_ms_median": 1e3 * statistics.median(t for run in dit_runs for t in (run[i] for i in steady)),
+        "dit_runs_block_s": [[round(t, 6) for t in run] for run in dit_runs] if opts["per_block"] else None,
+    }
+
+
+def measure(bench: Bench, seconds: float, opts: dict, workdir: Path) -> dict:
+    """Every number for one (variant, length) on a warmed-up ``bench``."""
+    cfg, device = bench.cfg, bench.device
+    plan = bench.gen.plan(bench_prompt(seconds))
+    t0 = time.perf_counter()
+    contexts = bench.gen.encode_texts(plan)
+    synchronize(device)
+    text_s = time.perf_counter() - t0
+    steady, steady_frames = steady_blocks(plan, cfg)
+
+    # warm-up: kernels, allocator, compilation, the VAE cache, ffmpeg
+    warm = bench.pipeline_pass(plan, contexts, workdir / "warmup.mp4", max_blocks=opts["warmup_blocks"],
+                               split=False, desc="warm-up")
+    memory = PeakMemory(device)
+    memory.reset()
+
+    dit_runs = [bench.dit_pass(plan, contexts, desc=f"DiT {seconds:g}s #{r + 1}") for r in range(opts["repeats"])]
+    memory_dit = memory.read()
+    result = dit_summary(dit_runs, plan, cfg, seconds, opts)
+    result.update({"text_encode_s": text_s, "warmup_blocks": opts["warmup_blocks"], "warmup_wall_s": warm["wall_s"]})
+
+    memory_pipeline = None
+    if not opts["skip_pipeline"]:
+        memory.reset()
+        runs = [bench.pipeline_pass(plan, contexts, workdir / f"run{r}.mp4", split=not cfg.compile,
+                                    desc=f"pipeline {seconds:g}s #{r + 1}")
+                for r in range(opts["pipeline_repeats"])]
+        totals = [sum(run["per_block"][k][i] for k in ("dit", "vae", "write") for i in steady) for run in runs]
+        run = runs[sorted(range(len(runs)), key=totals.__getitem__)[len(runs) // 2]]  # the median run
+        pb = run["per_block"]
+        stage = {k: sum(pb[k][i] for i in steady) / len(steady) for k in pb}
+        total_s = sum(pb[k][i] for k in ("dit", "vae", "write") for i in steady)
+        result.update({
+            "pipeline_video_fps": steady_frames / total_s,
+            "dit_vae_video_fps": steady_frames / sum(pb[k][i] for k in ("dit", "vae") for i in steady),
+            "pipeline_first_frames_s": statistics.median(r["per_block"]["dit"][0] + r["per_block"]["vae"][0]
+                                                         + r["per_block"]["write"][0] for r in runs),
+            "split_ms_per_block": {"dit_forward": 1e3 * (stage["dit"] - stage["rope_cache"]),
+                                   "rope_cache": 1e3 * stage["rope_cache"], "vae_decode": 1e3 * stage["vae"],
+                                   "write_mp4_subtitles": 1e3 * stage["write"]},
+            "mp4_close_s": run["close_s"], "pipeline_wall_s": [r["wall_s"] for r in runs],
+            "frames_written": run["frames_written"],
+            "pipeline_runs_block_s": [r["per_block"] for r in runs] if opts["per_block"] else None,
+        })
+        memory_pipeline = memory.read()
+    # peak of the measured passes: the DiT-only rollouts and the full pipeline, each phase's
+    # peak counter reset at its start
+    phases = [m for m in (memory_dit, memory_pipeline) if m is not None]
+    result["memory"] = dict(max(phases, key=lambda m: m["peak_bytes"]), dit_only=memory_dit, pipeline=memory_pipeline)
+    result["cache_bytes"] = bench.cache.memory_bytes()
+    return result
+
+
+def describe_device(device: torch.device) -> dict:
+    info = {"type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    flash_sdp=torch.backends.cuda.flash_sdp_enabled(),
+                    cudnn_sdp=torch.backends.cuda.cudnn_sdp_enabled(),
+                    mem_efficient_sdp=torch.backends.cuda.mem_efficient_sdp_enabled())
+    else:
+        try:
+            model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("model name"))
+            info["name"] = model
+        except (OSError, StopIteration):
+            info["name"] = info["cpu"]
+    return info
+
+
+def describe_bench(bench: Bench, spec: dict, matmul: dict | None = None) -> dict:
+    """Everything about a variant that does not depend on the video length."""
+    cfg, device = bench.cfg, bench.device
+    latent_hw = tuple(bench.gen.latent_shape[1:])
+    dtype = next(bench.models.dit.parameters()).dtype
+    out = {"variant": spec["name"], "device": describe_device(device), "dtype": str(dtype).replace("torch.", ""),
+           "build_s": bench.build_s, "config": {k: v for k, v in _plain(cfg).items() if k != "negative_prompt"},
+           "geometry": block_geometry(cfg, latent_hw, cfg.model.patch_size),
+           "dit_parameters": sum(p.numel() for p in bench.models.dit.parameters())}
+    probe_ctx = bench.gen.encode_texts(bench.gen.plan(bench_prompt(1.0)))
+    out["sdpa_ops"] = bench.sdpa_backend_used(probe_ctx)
+    counted = bench.counted_flops(probe_ctx)
+    formula_first = block_flops(cfg, latent_hw, first=True) // out["geometry"]["forwards_per_block"]
+    out["flops"] = {"per_block_steady": block_flops(cfg, latent_hw), "per_block_first": block_flops(cfg, latent_hw, True),
+                    "per_forward_first_formula": formula_first, "per_forward_first_counted": counted}
+    try:
+        out["flops"]["vae_per_block_first"], out["flops"]["vae_per_block_steady"] = \
+            vae_block_flops(cfg, tuple(bench.gen.latent_shape))
+    except Exception as exc:  # noqa: BLE001 - a diagnostic; the timings do not depend on it
+        log.warning("could not count the VAE's FLOPs on the meta device: %s", exc)
+    out["matmul"] = matmul or matmul_rate(device, dtype)
+    peak = nominal_peak(device)
+    out["nominal_peak"] = {"device": peak[0], "flops_per_s": peak[1]} if peak else None
+    return out
+
+
+def add_floor(out: dict) -> dict:
+    """Floor time per block (FLOPs ÷ the best measured matmul rate) and the achieved fraction."""
+    for run in out["runs"]:
+        floor = out["flops"]["per_block_steady"] / out["matmul"]["flops_per_s"]
+        run["floor_s_per_block"] = floor
+        run["floor_fraction"] = floor / (run["dit_steady_s"] / run["steady_blocks"])
+        if out["nominal_peak"]:
+            nominal = out["flops"]["per_block_steady"] / out["nominal_peak"]["flops_per_s"]
+            run["nominal_floor_s_per_block"] = nominal
+            run["nominal_floor_fraction"] = nominal / (run["dit_steady_s"] / run["steady_blocks"])
+        vae = out["flops"].get("vae_per_block_steady")
+        split = run.get("split_ms_per_block")
+        if vae and split:  # DiT + VAE: floor against the pipeline's measured DiT + decode time
+            both = (out["flops"]["per_block_steady"] + vae) / out["matmul"]["flops_per_s"]
+            measured = (split["dit_forward"] + split["rope_cache"] + split["vae_decode"]) / 1e3
+            run["dit_vae_floor_s_per_block"] = both
+            run["dit_vae_floor_fraction"] = both / measured
+    return out
+
+
+def _best_matmul(a: dict, b: dict) -> dict:
+    return a if a["flops_per_s"] >= b["flops_per_s"] else b
+
+
+def run_variant(spec: dict, seconds_list: list[float], opts: dict) -> dict:
+    """Build the models once for a variant and measure every length in this process."""
+    cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+        bench = Bench(cfg, spec)
+        out = describe_bench(bench, spec)
+        workdir = Path(tempfile.mkdtemp(prefix="bench_", dir=opts["out"]))
+        try:
+            out["runs"] = []
+            for seconds in seconds_list:
+                log.info("%s: %g s of video", spec["name"], seconds)
+                out["runs"].append(measure(bench, seconds, opts, workdir))
+        finally:
+            if not opts["keep_videos"]:
+                shutil.rmtree(workdir, ignore_errors=True)
+        # the matmul rate once more at the end: the better of the two (a busy moment only slows it)
+        out["matmul"] = _best_matmul(out["matmul"], matmul_rate(bench.device, next(bench.models.dit.parameters()).dtype))
+    device = bench.device
+    del bench  # free the models before the next variant builds its own (in-process on a GPU)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return add_floor(out)
+
+
+def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) -> list[dict]:
+    """DiT-only before/after numbers for variants that share one model (runtime switches):
+    one process, the variants' rollouts alternating round after round, so that a busy spell on
+    a shared machine hits every variant alike. No memory numbers (one process for all)."""
+    if len({tuple(s["overrides"]) for s in specs}) > 1:
+        raise SystemExit("--interleave needs variants that share the config (naive_rope, rope_f64, real_rope, "
+                         "text_kv_per_forward, sdpa_*); run config variants (compile, fp32, bf16) without it")
+    cfg = load_bench_config(opts["config_path"], opts["overrides"] + specs[0]["overrides"])
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    bench = Bench(cfg, dict(specs[0], naive_rope=False))
+    caches = {False: bench.cache}
+
+    @contextlib.contextmanager
+    def switched(spec):
+        naive = spec["naive_rope"]
+        if naive not in caches:
+            caches[naive] = bench.settings.new_cache(bench.models.dit, 1, bench.gen.latent_shape[1:], naive_rope=naive)
+        bench.cache = caches[naive]
+        with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+            yield
+
+    outs, matmul = [], None
+    for spec in specs:
+        with switched(spec):
+            outs.append(dict(describe_bench(bench, spec, matmul), runs=[]))
+            matmul = outs[-1]["matmul"]
+    for seconds in seconds_list:
+        plan = bench.gen.plan(bench_prompt(seconds))
+        contexts = bench.gen.encode_texts(plan)
+        runs: dict[str, list] = {spec["name"]: [] for spec in specs}
+        for spec in specs:
+            with switched(spec):
+                bench.dit_pass(plan, contexts, max_blocks=opts["warmup_blocks"], desc=f"warm-up {spec['name']}")
+        for r in range(opts["repeats"]):
+            for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotate the order each round
+                with switched(spec):
+                    runs[spec["name"]].append(bench.dit_pass(plan, contexts, desc=f"{spec['name']} {seconds:g}s #{r + 1}"))
+        for out, spec in zip(outs, specs):
+            run = dit_summary(runs[spec["name"]], plan, cfg, seconds, opts)
+            run.update(memory=None, cache_bytes=caches[spec["naive_rope"]].memory_bytes())
+            out["runs"].append(run)
+    rate = matmul_rate(bench.device, next(bench.models.dit.parameters()).dtype)
+    for out in outs:
+        out["matmul"] = _best_matmul(out["matmul"], rate)
+        out["interleaved"] = True
+        add_floor(out)
+    return outs
+
+
+def _plain(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ----------------------------------------------------------------------------------- report
+def merge_runs(results: list[dict]) -> list[dict]:
+    """One entry per variant (subprocess results of the same variant merged, lengths in order)."""
+    merged: dict[str, dict] = {}
+    for r in results:
+        if r["variant"] in merged:
+            merged[r["variant"]]["runs"] += r["runs"]
+        else:
+            merged[r["variant"]] = r
+    return list(merged.values())
+
+
+def _fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def markdown(report: dict) -> str:
+    variants = report["variants"]
+    first = variants[0]
+    dev = first["device"]
+    cuda = dev["type"] == "cuda"
+    mem_label = "peak alloc MiB" if cuda else "peak RSS MiB"
+    lines = [f"Device: {dev.get('name', dev['type'])} ({dev['type']}, torch {dev['torch']}, "
+             f"{dev['threads']} threads) · config `{report['config_path']}` · dtype {first['dtype']} · "
+             f"DiT {_count(first['dit_parameters'])} parameters · {report['video']}",
+             "",
+             "| variant | video | blocks | first block s | DiT blocks/s | DiT fps (best) | DiT+VAE fps | pipeline fps "
+             "| DiT ms/blk | RoPE+cache ms/blk | VAE ms/blk | write ms/blk "
+             f"| {mem_label} | DiT floor % | DiT+VAE floor % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in variants:
+        for r in v["runs"]:
+            split = r.get("split_ms_per_block") or {}
+            lines.append("| " + " | ".join([
+                v["variant"], f"{r['seconds']:g} s", str(r["blocks"]), _fmt(r["first_block_s"]),
+                _fmt(r["dit_blocks_per_s"]), f"{_fmt(r['dit_video_fps'])} ({_fmt(r['dit_video_fps_best'])})",
+                _fmt(r.get("dit_vae_video_fps")),
+                _fmt(r.get("pipeline_video_fps")), _fmt(split.get("dit_forward")), _fmt(split.get("rope_cache")),
+                _fmt(split.get("vae_decode")), _fmt(split.get("write_mp4_subtitles")),
+                f"{r['memory']['peak_bytes'] / 2 ** 20:,.1f}" if r["memory"] else "—",
+                f"{100 * r['floor_fraction']:.3g}",
+                f"{100 * r['dit_vae_floor_fraction']:.3g}" if r.get("dit_vae_floor_fraction") else "—"]) + " |")
+    lines.append("")
+    groups: dict = {}
+    for v in variants:  # one floor line per distinct (FLOPs, matmul rate)
+        groups.setdefault((v["flops"]["per_block_steady"], v["matmul"]["flops_per_s"]), []).append(v)
+    for group in groups.values():
+        v = group[0]
+        fl, rate = v["flops"], v["matmul"]["flops_per_s"]
+        steady_floor = fl["per_block_steady"] / rate
+        frames = int(v["config"]["num_frame_per_block"]) * 4  # video frames per steady block (Wan: 4 per latent)
+        counted = fl["per_forward_first_counted"]
+        check = (f"; torch.utils.flop_counter on a first-block forward: {counted / 1e9:,.4g} GFLOP vs formula "
+                 f"{fl['per_forward_first_formula'] / 1e9:,.4g}") if counted else ""
+        names = ", ".join(f"`{x['variant']}`" for x in group)
+        lines.append(f"- {names}: DiT {fl['per_block_steady'] / 1e12:.4g} TFLOP per steady block "
+                     f"({v['geometry']['forwards_per_block']} forwards of {v['geometry']['q_tokens']} query tokens "
+                     f"over {v['geometry']['kv_tokens_steady']} keys){check}; measured matmul "
+                     f"{rate / 1e12:.4g} TFLOP/s ({v['matmul']['dtype']}, {v['matmul']['n']}³) → floor "
+                     f"{1e3 * steady_floor:.4g} ms/block = {frames / steady_floor:,.1f} video fps ceiling"
+                     + (f"; nominal {v['nominal_peak']['flops_per_s'] / 1e12:.0f} TFLOP/s "
+                        f"({v['nominal_peak']['device']}) → {1e3 * fl['per_block_steady'] / v['nominal_peak']['flops_per_s']:.4g} ms/block"
+                        if v["nominal_peak"] else ""))
+        if fl.get("vae_per_block_steady"):
+            both = (fl["per_block_steady"] + fl["vae_per_block_steady"]) / rate
+            lines.append(f"  VAE decode {fl['vae_per_block_steady'] / 1e12:.4g} TFLOP per steady block "
+                         f"(torch.utils.flop_counter, meta device) → DiT + VAE floor {1e3 * both:.4g} ms/block = "
+                         f"{frames / both:,.1f} video fps ceiling at the measured rate")
+    ops = {v["variant"]: ", ".join(v["sdpa_ops"]) or "—" for v in variants}
+    if len(set(ops.values())) == 1:
+        lines.append(f"- SDPA kernel: {next(iter(ops.values()))}")
+    else:
+        lines.append("- SDPA kernels: " + "; ".join(f"`{k}` {o}" for k, o in ops.items()))
+    for v in variants:
+        peaks = [r["memory"]["peak_bytes"] for r in v["runs"] if r["memory"]]
+        if len(peaks) > 1:
+            spread = max(peaks) / min(peaks) - 1
+            lines.append(f"- `{v['variant']}` peak memory across lengths: {min(peaks) / 2 ** 20:,.1f}–"
+                         f"{max(peaks) / 2 ** 20:,.1f} MiB, spread {100 * spread:.2f}% "
+                         f"({'within' if spread <= 0.05 else 'NOT within'} 5%); {v['runs'][0]['memory']['method']}; "
+                         f"KV cache {v['runs'][0]['cache_bytes'] / 2 ** 20:,.2f} MiB")
+            default = [r["memory_default_allocator"]["peak_bytes"] for r in v["runs"] if r.get("memory_default_allocator")]
+            if default:
+                lines.append("  (the timing processes, glibc's default allocator: "
+                             + ", ".join(f"{b / 2 ** 20:,.0f}" for b in default) + " MiB)")
+    lines.append("")
+    lines.append("Steady state = blocks after the attention window fills (all but the first). fps = video frames "
+                 "per second (median of the repeats; best repeat in brackets); DiT = the rollout alone, DiT+VAE and "
+                 "pipeline = with streaming decode, and with uint8 + subtitles + mp4 writing; ms/blk = the "
+                 "pipeline's time split per steady block; floor % = FLOP floor at the measured matmul rate ÷ "
+                 "measured time per block (DiT: the DiT-only rollout; DiT+VAE: the pipeline's DiT + decode time)."
+                 + (" Variants measured interleaved in one process (no memory numbers)."
+                    if any(v.get("interleaved") for v in variants) else ""))
+    lines.append(f"Command: `{report['command']}`")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_path", default="configs/tiny.yaml")
+    p.add_argument("--seconds", type=float, nargs="+", default=[10, 60, 240])
+    p.add_argument("--variants", nargs="+", default=["fast"],
+                   help=f"named variants ({', '.join(VARIANTS)}), combined with '+'")
+    p.add_argument("--repeats", type=int, default=3, help="DiT-only rollouts per length (median)")
+    p.add_argument("--pipeline_repeats", type=int, default=1, help="full-pipeline rollouts per length (median)")
+    p.add_argument("--warmup_blocks", type=int, default=4)
+    p.add_argument("--skip_pipeline", action="store_true", help="DiT only: no VAE decode, no mp4")
+    p.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
+                   help="a fresh subprocess per (variant, length) (auto: on CPU, where peak RSS cannot be "
+                        "reset otherwise; a GPU resets its peak stats in-process)")
+    p.add_argument("--interleave", action="store_true",
+                   help="one process, variants alternating round by round (DiT only; runtime-switch variants)")
+    p.add_argument("--no_memory_pass", action="store_true",
+                   help="CPU: skip the separate memory process per length (peak RSS then comes from the timing "
+                        "process, with glibc's default allocator)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--tag", default=None, help="output file stem (default: <config>_<device>)")
+    p.add_argument("--per_block", action="store_true", help="store every per-block time in the JSON")
+    p.add_argument("--keep_videos", action="store_true")
+    p.add_argument("--render", default=None, metavar="JSON", help="print the table of a stored JSON report and exit")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def _opts(args) -> dict:
+    return {"config_path": args.config_path, "overrides": list(args.overrides), "repeats": args.repeats,
+            "pipeline_repeats": args.pipeline_repeats, "warmup_blocks": args.warmup_blocks,
+            "skip_pipeline": args.skip_pipeline, "threads": args.threads, "out": str(args.out),
+            "per_block": args.per_block, "keep_videos": args.keep_videos}
+
+
+def measure_memory(spec: dict, seconds: float, opts: dict) -> dict:
+    """Peak RSS of one DiT-only rollout and one full-pipeline rollout after a warm-up (CPU; run
+    in a fresh process started with :data:`MEMORY_ENV`)."""
+    cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+        bench = Bench(cfg, spec)
+        plan = bench.gen.plan(bench_prompt(seconds))
+        contexts = bench.gen.encode_texts(plan)
+        workdir = Path(tempfile.mkdtemp(prefix="bench_mem_", dir=opts["out"]))
+        try:
+            bench.pipeline_pass(plan, contexts, workdir / "warmup.mp4", max_blocks=opts["warmup_blocks"], split=False,
+                                desc="warm-up")
+            memory = PeakMemory(bench.device)
+            memory.reset()
+            bench.dit_pass(plan, contexts, desc=f"memory DiT {seconds:g}s")
+            dit = memory.read()
+            memory.reset()
+            if not opts["skip_pipeline"]:
+                bench.pipeline_pass(plan, contexts, workdir / "run.mp4", split=False, desc=f"memory pipeline {seconds:g}s")
+            pipe = memory.read() if not opts["skip_pipeline"] else None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    method = (f"VmHWM (peak RSS) with {' '.join(f'{k}={v}' for k, v in MEMORY_ENV.items())}: glibc gives freed "
+              f"tensors back at once, so the peak is live memory, not heap retention; fresh process per length, "
+              f"peak reset after warm-up")
+    peak = max((m for m in (dit, pipe) if m), key=lambda m: m["peak_bytes"])
+    return dict(peak, method=method, dit_only=dit, pipeline=pipe, cache_bytes=bench.cache.memory_bytes())
+
+
+# Environment of the CPU memory measurement: with glibc's default dynamic mmap threshold, freed
+# activation buffers stay in the heap by chance of allocation order, and the peak RSS of two
+# identical runs can differ by 100+ MB; a fixed threshold returns them at once. It slows large
+# allocations (page faults), which is why the timing runs do not use it.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def worker(spec_path: str) -> int:
+    job = json.loads(Path(spec_path).read_text())
+    spec = parse_variant(job["variant"])
+    if job.get("memory_only"):
+        result = measure_memory(spec, job["seconds"][0], job["opts"])
+    else:
+        result = run_variant(spec, job["seconds"], job["opts"])
+    Path(job["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def run_worker(job: dict, env: dict | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = dict(job, result=str(Path(tmp) / "result.json"))
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(Path(tmp) / "job.json")],
+                       check=True, cwd=os.getcwd(), env=dict(os.environ, **(env or {})))
+        return json.loads((Path(tmp) / "result.json").read_text())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline.plan").setLevel(logging.ERROR)  # segments snapping to blocks: expected here
+    if args.worker:
+        return worker(args.worker)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return 0
+    from utils.errors import UserError
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = _opts(args)
+    specs = [parse_variant(v) for v in args.variants]
+    try:
+        cfg = load_bench_config(args.config_path, opts["overrides"])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    isolate = args.isolate == "process" or (args.isolate == "auto" and cfg.device == "cpu")
+    results = []
+    if args.interleave:
+        opts["skip_pipeline"] = True
+        results = run_interleaved(specs, list(args.seconds), opts)
+        specs = []
+    for spec in specs:
+        if not isolate:
+            results.append(run_variant(spec, list(args.seconds), opts))
+            continue
+        for seconds in args.seconds:
+            job = {"variant": spec["name"], "seconds": [seconds], "opts": opts}
+            log.info("subprocess: variant %s, %g s (timing)", spec["name"], seconds)
+            result = run_worker(job)
+            if cfg.device == "cpu" and not args.no_memory_pass:
+                log.info("subprocess: variant %s, %g s (memory)", spec["name"], seconds)
+                mem = run_worker(dict(job, memory_only=True), env=MEMORY_ENV)
+                run = result["runs"][0]
+                run["memory_default_allocator"] = run["memory"]
+                run["memory"] = mem
+            results.append(result)
+    variants = merge_runs(results)
+    device = variants[0]["device"]["type"]
+    tag = args.tag or f"{Path(args.config_path).stem}_{device}"
+    command = "python scripts/benchmark.py " + " ".join(
+        [f"--config_path {args.config_path}", "--seconds " + " ".join(f"{s:g}" for s in args.seconds)]
+        + (["--variants " + " ".join(args.variants)] if args.variants != ["fast"] else [])
+        + [f"--repeats {args.repeats}", f"--pipeline_repeats {args.pipeline_repeats}",
+           f"--warmup_blocks {args.warmup_blocks}"]
+        + (["--skip_pipeline"] if args.skip_pipeline else []) + (["--interleave"] if args.interleave else [])
+        + (["--no_memory_pass"] if args.no_memory_pass else []) + ([f"--threads {args.threads}"] if args.threads else [])
+        + [f"--out {args.out}"] + ([f"--tag {args.tag}"] if args.tag else []) + list(args.overrides))
+    report = {"config_path": args.config_path, "overrides": opts["overrides"], "command": command,
+              "video": f"{cfg.width}x{cfg.height} @ {cfg.fps:g} fps, {len(cfg.denoising_step_list)} steps, "
+                       f"sink {cfg.sink_size} + window {cfg.local_attn_size}, blocks of {cfg.num_frame_per_block}",
+              "isolated_processes": isolate, "variants": variants}
+    table = markdown(report)
+    (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{tag}.md").write_text(table + "\n")
+    print(table)
+    log.info("wrote %s and %s", out / f"{tag}.json", out / f"{tag}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

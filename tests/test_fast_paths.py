@@ -1,0 +1,268 @@
+"""The fast rollout path equals the plain one (within dtype tolerance), and stays fast.
+
+* RoPE: the complex-multiply rotation == the real-valued formula; a whole rollout with keys
+  rotated once per block == the naive re-rotation at every forward (through flush and cut);
+  the position tables are memoised, so a steady rollout builds none;
+* no float64 beyond the (tiny, Wan-exact) sinusoidal time embedding, and no host
+  synchronisation op (``.item()``, ``nonzero``, ...) in steady-state blocks; on a GPU the
+  rollout runs under ``torch.cuda.set_sync_debug_mode("error")``;
+* ``torch.compile`` of the DiT blocks == eager, without recompiling in steady state;
+* bf16 rollout ≈ fp32 rollout;
+* the benchmark's FLOP formula == ``torch.utils.flop_counter``, and the benchmark runs.
+
+The KV-cache oracles at the model level (cached == block-causal full sequence, fast == naive
+RoPE bookkeeping through events) are in tests/test_kv_cache.py; constant memory over a long
+rollout is in tests/test_rollout.py.
+"""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.rope import Rope, _rotate_real, apply_rope, rotate
+from pipeline.generate import build_models, plan_prompt
+from pipeline.rollout import RolloutSettings, rollout
+from utils.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "a walk[3s] | a run[3s#] | a jump[3s] | a rest[3s#]"   # flush, cut, flush, cut
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    return cfg, build_models(cfg)
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("benchmark", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def blocks_of(cfg, models, prompt=PROMPT, *, naive=False, dit=None, dtype=None, seed=0):
+    """A generator of the rollout's latent blocks on a fresh cache."""
+    dit = dit or models.dit
+    plan = plan_prompt(prompt, cfg, models.vae.temporal_factor)
+    settings = RolloutSettings.from_config(cfg)
+    latent = models.vae.latent_shape(cfg.height, cfg.width)
+    cache = settings.new_cache(dit, 1, latent[1:], naive_rope=naive)
+    texts = [models.text_encoder([s.text]).to(dtype or torch.float32) for s in plan.segments]
+    gen = torch.Generator().manual_seed(seed)
+    return rollout(dit, cache, settings, block_events=list(plan.block_events),
+                   block_contexts=list(plan.block_segment), contexts=texts, latent_shape=latent, generator=gen)
+
+
+# ------------------------------------------------------------------------------------- RoPE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_rotation_equals_real_formula(dtype):
+    rope = Rope(128)
+    freqs = rope.freqs_for_runs([(0, 1), (4, 2)], 3, 5, "cpu")
+    cos, sin = rope.table_for_runs([(0, 1), (4, 2)], 3, 5, "cpu")
+    x = torch.randn(2, 3 * 15, 4, 128).to(dtype)
+    plain = _rotate_real(x, cos, sin)        # the formulation the fast path replaced
+    fast = rotate(x, freqs)
+    assert fast.dtype == dtype
+    assert torch.allclose(fast.float(), plain.float(), atol=1e-6, rtol=0)
+    assert torch.equal(apply_rope(x, cos, sin), fast)
+    # a strided view (a cache slice) is rotated like its contiguous copy
+    view = torch.randn(3, 2, 45, 4, 128).to(dtype)[1]
+    assert torch.equal(rotate(view, freqs), rotate(view.contiguous(), freqs))
+
+
+def test_rollout_rotating_once_per_block_equals_naive(tiny):
+    cfg, models = tiny
+    fast = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    naive = torch.cat(list(blocks_of(cfg, models, naive=True)), dim=1)
+    assert fast.shape[1] > cfg.local_attn_size  # eviction, flush and cut all happened
+    assert torch.allclose(fast, naive, atol=1e-5, rtol=0), (fast - naive).abs().max()
+
+
+def test_position_tables_are_memoised_in_steady_state(tiny):
+    """Relativistic positions take a handful of layouts: once each has been seen, a rollout of
+    any length with any number of flushes and cuts builds no new table."""
+    cfg, models = tiny
+    rope = models.dit.rope
+    for _ in blocks_of(cfg, models):
+        pass
+    seen = rope.tables_built
+    longer = " | ".join(f"part {k}[2s{'#' if k % 3 == 2 else ''}]" for k in range(12))
+    for _ in blocks_of(cfg, models, longer):
+        pass
+    assert rope.tables_built == seen
+
+
+def test_text_keys_values_computed_once_per_segment(tiny):
+    """Cross-attention keys/values of a prompt are projected once per segment (a flush drops
+    them), not at every forward."""
+    cfg, models = tiny
+    calls = []
+    for i, block in enumerate(models.dit.blocks):
+        block.cross_attn.project_kv = (lambda f, i: lambda x: (calls.append(i), f(x))[1])(block.cross_attn.project_kv, i)
+    try:
+        n_blocks = sum(1 for _ in blocks_of(cfg, models))
+    finally:
+        for block in models.dit.blocks:
+            del block.cross_attn.project_kv
+    segments = len(plan_prompt(PROMPT, cfg, models.vae.temporal_factor).segments)
+    assert n_blocks > segments and len(calls) == segments * cfg.model.num_layers
+
+
+# -------------------------------------------------------------------- float64 and host syncs
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
+            "equal", "allclose", "tolist"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every ATen op, and the largest float64 tensor any op touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.float64 = set(), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ops.add(name)
+        flat = list(args) + list((kwargs or {}).values()) + (list(out) if isinstance(out, (tuple, list)) else [out])
+        for t in flat:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.float64[name] = max(self.float64.get(name, 0), t.numel())
+        return out
+
+
+def test_no_float64_and_no_host_sync_in_steady_state(tiny):
+    cfg, models = tiny
+    for _ in blocks_of(cfg, models):  # every position layout of this prompt is now memoised
+        pass
+    blocks = blocks_of(cfg, models)
+    next(blocks)  # the first block (the step list is made once per rollout)
+    recorder = OpRecorder()
+    with recorder:
+        for _ in blocks:
+            pass
+    assert not recorder.ops & SYNC_OPS, recorder.ops & SYNC_OPS
+    # the only float64 left is Wan's sinusoidal time embedding: one row of freq_dim/2 angles
+    # per latent frame, as Wan computes it (exactness over a few elements, no KV-sized tensor)
+    per_forward = cfg.num_frame_per_block * cfg.model.freq_dim
+    assert max(recorder.float64.values(), default=0) <= per_forward, recorder.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rollout_never_synchronises_the_gpu(tiny):
+    cfg, models = tiny
+    dit = models.dit.to("cuda")
+    try:
+        plan = plan_prompt(PROMPT, cfg, models.vae.temporal_factor)
+        settings = RolloutSettings.from_config(cfg)
+        latent = models.vae.latent_shape(cfg.height, cfg.width)
+        cache = settings.new_cache(dit, 1, latent[1:])
+        texts = [models.text_encoder([s.text]).cuda() for s in plan.segments]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        blocks = rollout(dit, cache, settings, block_events=list(plan.block_events),
+                         block_contexts=list(plan.block_segment), contexts=texts, latent_shape=latent, generator=gen)
+        next(blocks)  # the first block copies the step list to the GPU once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            n = sum(1 for _ in blocks)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert n == plan.total_blocks - 1
+    finally:
+        models.dit.to("cpu")
+
+
+# --------------------------------------------------------------------------- torch.compile
+def compiled_vs_eager(cfg, backend):
+    torch._dynamo.reset()
+    models = build_models(cfg)  # a fresh model: compilation is in place
+    eager = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    for block in models.dit.blocks:
+        block.compile(backend=backend)
+    warm = blocks_of(cfg, models)
+    outs = [next(warm) for _ in range(3)]  # compiles the first-block and full-window shapes
+    with torch._dynamo.config.patch(error_on_recompile=True):  # steady state: no recompilation
+        outs += list(warm)
+    torch._dynamo.reset()
+    return eager, torch.cat(outs, dim=1)
+
+
+def test_compiled_blocks_equal_eager_and_do_not_recompile(tiny):
+    """Dynamo's tracing of the blocks around the cache (graph breaks at the cache, no guards on
+    its bookkeeping) with the quick "eager" backend; the inductor run is marked slow."""
+    eager, compiled = compiled_vs_eager(tiny[0], "eager")
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0), (compiled - eager).abs().max()
+
+
+@pytest.mark.slow
+def test_inductor_compiled_blocks_equal_eager(tiny):
+    eager, compiled = compiled_vs_eager(tiny[0], "inductor")
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=0), (compiled - eager).abs().max()
+
+
+# ----------------------------------------------------------------------------------- bf16
+def test_bf16_rollout_close_to_fp32(tiny):
+    cfg, models = tiny
+    blocks = 3  # the first block, the window filling, a full window (errors compound after)
+    ref = torch.cat([b for _, b in zip(range(blocks), blocks_of(cfg, models))], dim=1)
+    dit16 = build_models(cfg).dit.to(torch.bfloat16)  # same seed: same weights, rounded
+    low = torch.cat([b for _, b in zip(range(blocks), blocks_of(cfg, models, dit=dit16, dtype=torch.bfloat16))],
+                    dim=1)
+    assert low.dtype == torch.bfloat16
+    rel = ((low.float() - ref).norm() / ref.norm()).item()
+    assert rel < 0.015, rel
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_flop_formula_matches_flop_counter(tiny):
+    cfg, models = tiny
+    bench = benchmark_module()
+    b = bench.Bench(cfg, bench.parse_variant("fast"))
+    plan = b.gen.plan(bench.bench_prompt(1.0))
+    counted = b.counted_flops(b.gen.encode_texts(plan))
+    latent_hw = tuple(b.gen.latent_shape[1:])
+    formula = bench.block_flops(cfg, latent_hw, first=True) // (len(cfg.denoising_step_list) + 1)
+    # the counter also sees the time embedding (a few rows), which the formula leaves out
+    assert formula <= counted <= 1.02 * formula, (counted, formula)
+
+
+def test_full_size_floor_numbers():
+    """The numbers docs/PERFORMANCE.md quotes: Wan2.1-1.3B, 480x832, blocks of 3, window 6."""
+    bench = benchmark_module()
+    cfg = load_config(REPO / "configs" / "infinity_rope.yaml")
+    per_block = bench.block_flops(cfg, (60, 104))
+    per_forward = per_block // 5
+    assert round(per_forward / 1e12, 2) == 20.22
+    assert round(per_block / 1e12, 1) == 101.1
+    floor_ms = 1e3 * per_block / 989e12
+    assert math.isclose(floor_ms, 102.2, abs_tol=0.1)
+
+
+def test_benchmark_measures_a_short_video(tmp_path):
+    """One variant, one length, every number the table shows (in this process)."""
+    bench = benchmark_module()
+    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0, "out": str(tmp_path),
+            "warmup_blocks": 1, "repeats": 1, "pipeline_repeats": 1, "skip_pipeline": False, "per_block": False,
+            "keep_videos": False}
+    out = bench.run_variant(bench.parse_variant("fast"), [2.0], opts)
+    run, = out["runs"]
+    assert run["blocks"] == 3 and run["frames"] == 32 and run["frames_written"] == 32
+    assert run["first_block_s"] > 0 and run["dit_video_fps"] > run["pipeline_video_fps"] > 0
+    assert set(run["split_ms_per_block"]) == {"dit_forward", "rope_cache", "vae_decode", "write_mp4_subtitles"}
+    assert all(v >= 0 for v in run["split_ms_per_block"].values())
+    assert run["memory"]["peak_bytes"] > 0 and run["cache_bytes"] > 0
+    assert 0 < run["floor_fraction"] and 0 < run["dit_vae_floor_fraction"]
+    assert out["sdpa_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert out["flops"]["vae_per_block_steady"] > out["flops"]["vae_per_block_first"] > 0
+    assert not list(tmp_path.rglob("*.mp4"))  # the videos are written, measured and removed
+    report = {"config_path": "configs/tiny.yaml", "command": "python scripts/benchmark.py ...", "video": "96x64",
+              "variants": [out]}
+    table = bench.markdown(report)
+    assert "| fast | 2 s | 3 |" in table and "DiT + VAE floor" in table
