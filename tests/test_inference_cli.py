@@ -84,12 +84,19 @@ def test_user_mistakes_exit_2_with_one_line(args, fragment):
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
+def default_signals():
+    """The child reacts to SIGINT as a terminal program does, even when this runner was started
+    with SIGINT ignored (as a background job of a non-interactive shell is)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_leaves_a_playable_file(tmp_path, sig, code):
     proc = subprocess.Popen([sys.executable, "inference.py", "--prompt", "a very long walk[600s]", *TINY,
                              "--output_folder", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".*partial*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

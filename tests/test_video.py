@@ -118,7 +118,16 @@ def test_keyboard_interrupt_keeps_a_playable_file(tmp_path):
     assert probe_video(path)["frames"] == 12
 
 
-def test_ctrl_c_during_a_write_is_held_until_the_frames_are_piped(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here even when the runner was started with SIGINT ignored
+    (a background job of a non-interactive shell is)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_write_is_held_until_the_frames_are_piped(tmp_path, monkeypatch, sigint_raises):
     """imageio-ffmpeg kills ffmpeg (no mp4 index) if an interrupt lands inside its generator, so
     the writer holds SIGINT while piping: the interrupt surfaces after write() and the file keeps
     every frame."""
