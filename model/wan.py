@@ -260,14 +260,15 @@ class WanDiT(nn.Module):
             if num_frame_per_block is not None:
                 mask = self.block_causal_mask(f, s, num_frame_per_block, local_attn_size, sink_size, x.device)
 
-        # A checkpointed block is recomputed in backward, after later blocks changed the cache:
-        # it must see the cache as it is now (PinnedKV).
-        pinned = kv_cache.pinned() if kv_cache is not None and torch.is_grad_enabled() else None
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        if checkpointing:
             text()  # embed the text outside the checkpointed blocks (a recompute finds it computed)
+            # A checkpointed block is recomputed in backward, after later blocks changed the cache:
+            # it must see the cache as it was during this forward (PinnedKV).
+            pinned = kv_cache.pinned() if kv_cache is not None else None
         for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, e0, text, rope_cur, i, mask, pinned or kv_cache, use_reentrant=False)
+            if checkpointing:
+                h = checkpoint(block, h, e0, text, rope_cur, i, mask, pinned, use_reentrant=False)
             else:
                 h = block(h, e0, text, rope_cur, i, mask, kv_cache)
         if kv_cache is not None and commit:

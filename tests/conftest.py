@@ -20,3 +20,12 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.
 @pytest.fixture
 def tiny_dit():
     return randomize(WanDiT(**TINY_DIT)).eval()
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors gain nothing from threads; two OpenMP threads on a busy 2-core box can stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from tests.conftest import TINY_DIT, randomize
 SHAPE = (2, 3, 4, 4, 6)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads; two OpenMP threads on a busy 2-core box can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

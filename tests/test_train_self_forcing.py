@@ -16,13 +16,7 @@ LATENT = (4, 4, 6)  # C, h, w
 FRAMES = 9          # 3 blocks of 3
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads; two OpenMP threads on a busy 2-core box can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def settings(window=FRAMES, sink=0, policy="absolute"):
