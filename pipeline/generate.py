@@ -7,14 +7,16 @@ block of frames, whatever the length of the video.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
+import os
 import re
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -23,7 +25,7 @@ from model.text_encoder import TextEncoder
 from model.vae import WanVAE
 from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
-from pipeline.rollout import RolloutSettings, rollout
+from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
 from utils.errors import ConfigError
 from utils.video import SubtitleRenderer, VideoWriter, frames_to_uint8
@@ -43,6 +45,19 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device is 'cuda' but no CUDA GPU is available; pass device=cpu "
                           "(or use configs/tiny.yaml to try the pipeline on a CPU)")
     return device
+
+
+@dataclass
+class DecodedBlock:
+    """One block as written to the video: ``frames`` uint8 ``[n, H, W, 3]`` (subtitled, trimmed)
+    are video frames ``first_frame .. first_frame + n`` and were decoded from ``latents``
+    ``[1, f, C, h, w]``; ``spec`` says which event and segment the block had."""
+
+    index: int
+    spec: BlockSpec
+    latents: torch.Tensor
+    frames: np.ndarray
+    first_frame: int
 
 
 @dataclass
@@ -93,7 +108,6 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
 
 def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     """An image file → ``[1, 1, 3, height, width]`` in [-1, 1], resized to cover and centre-cropped."""
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -138,72 +152,90 @@ class VideoGenerator:
     def plan(self, prompt: str, image_start: bool = False) -> Plan:
         return plan_prompt(prompt, self.cfg, self.m.vae.temporal_factor, image_start)
 
+    def encode_text(self, text: str) -> torch.Tensor:
+        """One prompt's embedding ``[1, text_len, text_dim]`` on the DiT's device and dtype.
+        Batch and live inference both encode one text at a time, so a live session and the
+        replay of its transcript see the same embeddings, bit for bit."""
+        return self.m.text_encoder([text]).to(self.m.device, DTYPES[self.cfg.dtype])
+
     def encode_texts(self, plan: Plan) -> list[torch.Tensor]:
         """One embedding per segment, computed once per distinct text."""
-        texts = [s.text for s in plan.segments]
-        unique = list(dict.fromkeys(texts))
-        emb = self.m.text_encoder(unique).to(self.m.device, DTYPES[self.cfg.dtype])
-        by_text = {t: emb[i:i + 1] for i, t in enumerate(unique)}
-        return [by_text[t] for t in texts]
+        by_text = {t: self.encode_text(t) for t in dict.fromkeys(s.text for s in plan.segments)}
+        return [by_text[s.text] for s in plan.segments]
+
+    def image_latent(self, image: str | Path) -> torch.Tensor:
+        """The first latent frame ``[1, 1, C, h, w]`` of an image start."""
+        pixels = load_image(image, int(self.cfg.width), int(self.cfg.height))
+        return self.m.vae.encode(pixels).to(self.m.device, DTYPES[self.cfg.dtype])
+
+    def warn_absolute_positions(self, latent_frames: int) -> None:
+        if self.settings.policy == "absolute" and latent_frames > ABSOLUTE_TABLE_POSITIONS:
+            log.warning("position_policy=absolute: %d latent frames reach temporal positions past %d, where the "
+                        "reference implementation's RoPE table ends (the model was trained on far fewer); "
+                        "expect the video to degrade; position_policy=relativistic has no such limit",
+                        latent_frames, ABSOLUTE_TABLE_POSITIONS)
+
+    def render(self, blocks: Iterable[BlockSpec], writer: VideoWriter, *, seed: int,
+               subtitles: Sequence[str | None], image_latent: torch.Tensor | None = None,
+               total_frames: int | None = None) -> Iterator[DecodedBlock]:
+        """The one inference path, batch and live: roll out ``blocks`` (read lazily, see
+        :func:`~pipeline.rollout.rollout`), decode each latent block as it comes, burn in its
+        segment's subtitle (``subtitles[segment]``), append the frames to ``writer`` and yield
+        the block. ``total_frames`` trims the last block (a plan's exact length); an
+        ``image_latent``'s frame is written first, as part of block 0."""
+        generator = torch.Generator(device=self.m.device).manual_seed(int(seed))
+        self.decoder.reset()
+        lead = None if image_latent is None else frames_to_uint8(self.decoder.decode_block(image_latent)[0])
+        written = 0
+        for index, (spec, latents) in enumerate(rollout(self.m.dit, self.cache, self.settings, blocks,
+                                                        latent_shape=self.latent_shape, generator=generator,
+                                                        image_latent=image_latent)):
+            frames = frames_to_uint8(self.decoder.decode_block(latents)[0])
+            if lead is not None:
+                frames, lead = np.concatenate([lead, frames]), None
+            if total_frames is not None:
+                frames = frames[: total_frames - written]
+            frames = self.subtitles.render(frames, subtitles[spec.segment])
+            writer.write(frames)
+            yield DecodedBlock(index, spec, latents, frames, written)
+            written += len(frames)
 
     def generate(self, prompt: str, path: Path, seed: int, checkpoint: str | None = None,
                  image: str | Path | None = None) -> dict:
         """Render ``prompt`` into ``path`` (mp4) and a sidecar ``path.json``; returns the record.
         ``image``: start from this picture (encoded as the first latent frame) instead of noise."""
         plan = self.plan(prompt, image_start=image is not None)
-        latent_frames = plan.total_blocks * plan.frames_per_block + plan.lead_frames
-        if self.settings.policy == "absolute" and latent_frames > ABSOLUTE_TABLE_POSITIONS:
-            log.warning("position_policy=absolute: %d latent frames reach temporal positions past %d, where the "
-                        "reference implementation's RoPE table ends (the model was trained on far fewer); "
-                        "expect the video to degrade; position_policy=relativistic has no such limit",
-                        latent_frames, ABSOLUTE_TABLE_POSITIONS)
+        self.warn_absolute_positions(plan.total_blocks * plan.frames_per_block + plan.lead_frames)
         contexts = self.encode_texts(plan)
-        device = self.m.device
-        generator = torch.Generator(device=device).manual_seed(int(seed))
         record = {"prompt": prompt, "seed": int(seed), "checkpoint": None if self.cfg.random_init else checkpoint,
                   "image": None if image is None else str(image),
                   "plan": plan.to_json_dict(), "config": OmegaConf.to_container(self.cfg, resolve=True),
                   "video": path.name, "frames_written": 0, "complete": False}
-        image_latent = None
-        if image is not None:
-            pixels = load_image(image, int(self.cfg.width), int(self.cfg.height))
-            image_latent = self.m.vae.encode(pixels).to(device, DTYPES[self.cfg.dtype])
-        self.decoder.reset()
-        blocks = rollout(self.m.dit, self.cache, self.settings, block_events=list(plan.block_events),
-                         block_contexts=list(plan.block_segment), contexts=contexts,
-                         latent_shape=self.latent_shape, generator=generator, image_latent=image_latent)
-        if image_latent is not None:  # the image is the video's first frame
-            blocks = itertools.chain([image_latent], blocks)
+        image_latent = None if image is None else self.image_latent(image)
         start = time.perf_counter()
         written = 0
         try:
             with VideoWriter(path, fps=float(self.cfg.fps), width=int(self.cfg.width),
                              height=int(self.cfg.height)) as writer:
-                total = plan.total_blocks + (image_latent is not None)
-                for latents in tqdm(blocks, total=total, desc=path.stem[:24], unit="block"):
-                    frames = frames_to_uint8(self.decoder.decode_block(latents)[0])
-                    frames = frames[: plan.total_frames - written]
-                    for seg_index, lo, hi in self._subtitle_runs(plan, written, len(frames)):
-                        text = plan.segments[seg_index].subtitle
-                        frames[lo:hi] = self.subtitles.render(frames[lo:hi], text)
-                    writer.write(frames)
-                    written += len(frames)
+                blocks = self.render(plan_blocks(plan.block_events, plan.block_segment, contexts), writer,
+                                     seed=seed, subtitles=[s.subtitle for s in plan.segments],
+                                     image_latent=image_latent, total_frames=plan.total_frames)
+                for block in tqdm(blocks, total=plan.total_blocks, desc=path.stem[:24], unit="block"):
+                    written = block.first_frame + len(block.frames)
             record["complete"] = True
         finally:
             record["frames_written"] = written
             record["seconds_elapsed"] = round(time.perf_counter() - start, 3)
             if path.exists():
-                path.with_suffix(".json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+                write_sidecar(path, record)
         log.info("wrote %s: %d frames (%.2f s of video) in %.1f s", path, written, written / float(self.cfg.fps),
                  record["seconds_elapsed"])
         return record
 
-    @staticmethod
-    def _subtitle_runs(plan: Plan, first: int, count: int):
-        """(segment, lo, hi) runs of the frames [first, first+count), relative to ``first``."""
-        lo = 0
-        while lo < count:
-            seg = plan.segment_of_frame(first + lo)
-            hi = min(count, plan.segments[seg].frames[1] - first)
-            yield seg, lo, hi
-            lo = hi
+
+def write_sidecar(video: Path, record: dict) -> None:
+    """The record of a video as ``<video>.json``, replaced atomically (a reader never sees half)."""
+    target = video.with_suffix(".json")
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    os.replace(tmp, target)

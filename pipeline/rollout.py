@@ -1,9 +1,11 @@
 """The Infinity-RoPE self-rollout: latent blocks, one after another, over one KV cache.
 
-For each block of the plan: apply its event to the cache (``flush``: KV Flush; ``cut``: KV Flush
+For each block: apply its event to the cache (``flush``: KV Flush; ``cut``: KV Flush
 then RoPE Cut), denoise the block with the few-step list, run the clean block once more to write
 it into the cache, and yield it. Nothing is kept but the cache (preallocated) and the block in
-hand, so memory does not depend on the length of the video.
+hand, so memory does not depend on the length of the video. The blocks' events and prompts are
+read one at a time, as they are needed: a plan (batch inference) and a live session (actions
+steered while the video plays, ``pipeline/live.py``) drive this same loop.
 
 The same two functions, :func:`denoise_block` and :func:`commit_block`, drive the training-time
 self-rollout (``pipeline/self_forcing.py``): training and inference share one code path.
@@ -11,7 +13,7 @@ self-rollout (``pipeline/self_forcing.py``): training and inference share one co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -107,31 +109,51 @@ def apply_event(cache: KVCache, event: str | None, flush_keep: int) -> None:
         cache.cut()
 
 
-@torch.no_grad()
-def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, *, block_events: Sequence[str | None],
-            block_contexts: Sequence[int], contexts: Sequence[torch.Tensor], latent_shape: tuple[int, int, int],
-            generator: torch.Generator | None = None, image_latent: torch.Tensor | None = None,
-            ) -> Iterator[torch.Tensor]:
-    """Yield the clean latent blocks ``[B, f, C, h, w]`` of a whole video.
+@dataclass(frozen=True)
+class BlockSpec:
+    """What one block of a rollout is made of: the event before it (``start`` | ``flush`` |
+    ``cut`` | None), the text embedding it is generated with, and the index of the segment
+    (action) it belongs to. Batch inference derives them from a plan (:func:`plan_blocks`); a
+    live session decides each one when the rollout asks for it."""
 
-    ``block_events[i]`` and ``contexts[block_contexts[i]]`` give block i's event and text
-    embedding (the plan decides them; the rollout only executes). ``image_latent``
-    ``[B, 1, C, h, w]`` (image start) is written into the cache as the first latent frame, and
-    the first generated block continues from it."""
+    event: str | None
+    context: torch.Tensor
+    segment: int = 0
+
+
+def plan_blocks(block_events: Sequence[str | None], block_segment: Sequence[int],
+                contexts: Sequence[torch.Tensor]) -> Iterator[BlockSpec]:
+    """The blocks of a planned video: block i has event ``block_events[i]`` and the embedding of
+    its segment, ``contexts[block_segment[i]]``."""
+    for event, segment in zip(block_events, block_segment):
+        yield BlockSpec(event, contexts[segment], segment)
+
+
+@torch.no_grad()
+def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, blocks: Iterable[BlockSpec], *,
+            latent_shape: tuple[int, int, int], generator: torch.Generator | None = None,
+            image_latent: torch.Tensor | None = None) -> Iterator[tuple[BlockSpec, torch.Tensor]]:
+    """Yield ``(spec, clean latent block [B, f, C, h, w])`` for each spec of ``blocks``.
+
+    ``blocks`` is read lazily: spec i is taken only when block i is about to be generated (after
+    block i - 1 was yielded and the consumer asked for more), so a live session can decide the
+    next event and prompt at the last moment; the rollout ends when ``blocks`` does. The rollout
+    only executes events, it does not decide them. ``image_latent`` ``[B, 1, C, h, w]`` (image
+    start) is written into the cache as the first latent frame, with the first block's prompt,
+    and the first generated block continues from it."""
     model_param = next(model.parameters())
     device, dtype = model_param.device, model_param.dtype
     batch = cache.batch_size
     timesteps = settings.timesteps(device)
     scheduler = settings.scheduler()
     cache.reset()
-    if image_latent is not None:
-        commit_block(model, cache, image_latent.to(device, dtype), contexts[block_contexts[0]], settings.context_noise,
-                     generator, scheduler)
-    for i, event in enumerate(block_events):
-        apply_event(cache, event, settings.flush_keep)
-        context = contexts[block_contexts[i]]
+    for i, spec in enumerate(blocks):
+        if i == 0 and image_latent is not None:
+            commit_block(model, cache, image_latent.to(device, dtype), spec.context, settings.context_noise,
+                         generator, scheduler)
+        apply_event(cache, spec.event, settings.flush_keep)
         noise = torch.randn((batch, settings.block_frames, *latent_shape), generator=generator, device=device,
                             dtype=torch.float32).to(dtype)
-        clean = denoise_block(model, cache, noise, context, timesteps, scheduler, generator=generator)
-        commit_block(model, cache, clean, context, settings.context_noise, generator, scheduler)
-        yield clean
+        clean = denoise_block(model, cache, noise, spec.context, timesteps, scheduler, generator=generator)
+        commit_block(model, cache, clean, spec.context, settings.context_noise, generator, scheduler)
+        yield spec, clean

@@ -419,11 +419,11 @@ class Bench:
 
     # -- the rollout of a plan -------------------------------------------------------------
     def blocks(self, plan, contexts):
-        from pipeline.rollout import rollout
+        from pipeline.rollout import plan_blocks, rollout
 
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        return rollout(self.models.dit, self.cache, self.settings, block_events=list(plan.block_events),
-                       block_contexts=list(plan.block_segment), contexts=contexts,
+        return rollout(self.models.dit, self.cache, self.settings,
+                       plan_blocks(plan.block_events, plan.block_segment, contexts),
                        latent_shape=self.gen.latent_shape, generator=generator)
 
     def dit_pass(self, plan, contexts, max_blocks: int | None = None, desc: str = "DiT") -> list[float]:
@@ -461,15 +461,14 @@ class Bench:
             blocks = self.blocks(plan, contexts)
             for _ in tqdm(range(total), desc=desc, unit="block", leave=False, disable=None):
                 t0 = time.perf_counter()
-                latents = next(blocks)
+                spec, latents = next(blocks)
                 synchronize(self.device)
                 t1 = time.perf_counter()
                 frames = gen.decoder.decode_block(latents)[0]
                 synchronize(self.device)
                 t2 = time.perf_counter()
                 frames = frames_to_uint8(frames)[: plan.total_frames - written]
-                for seg_index, lo, hi in gen._subtitle_runs(plan, written, len(frames)):
-                    frames[lo:hi] = gen.subtitles.render(frames[lo:hi], plan.segments[seg_index].subtitle)
+                frames = gen.subtitles.render(frames, plan.segments[spec.segment].subtitle)
                 writer.write(frames)
                 written += len(frames)
                 t3 = time.perf_counter()

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.rope import Rope, _rotate_real, apply_rope, rotate
 from pipeline.generate import build_models, plan_prompt
-from pipeline.rollout import RolloutSettings, rollout
+from pipeline.rollout import RolloutSettings, plan_blocks, rollout
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,8 +55,9 @@ def blocks_of(cfg, models, prompt=PROMPT, *, naive=False, dit=None, dtype=None, 
     cache = settings.new_cache(dit, 1, latent[1:], naive_rope=naive)
     texts = [models.text_encoder([s.text]).to(dtype or torch.float32) for s in plan.segments]
     gen = torch.Generator().manual_seed(seed)
-    return rollout(dit, cache, settings, block_events=list(plan.block_events),
-                   block_contexts=list(plan.block_segment), contexts=texts, latent_shape=latent, generator=gen)
+    blocks = rollout(dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
+                     latent_shape=latent, generator=gen)
+    return (clean for _, clean in blocks)
 
 
 # ------------------------------------------------------------------------------------- RoPE
@@ -165,8 +166,8 @@ def test_rollout_never_synchronises_the_gpu(tiny):
         cache = settings.new_cache(dit, 1, latent[1:])
         texts = [models.text_encoder([s.text]).cuda() for s in plan.segments]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        blocks = rollout(dit, cache, settings, block_events=list(plan.block_events),
-                         block_contexts=list(plan.block_segment), contexts=texts, latent_shape=latent, generator=gen)
+        blocks = rollout(dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
+                         latent_shape=latent, generator=gen)
         next(blocks)  # the first block copies the step list to the GPU once
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

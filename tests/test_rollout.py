@@ -7,7 +7,7 @@ import torch
 
 from pipeline.generate import build_models
 from pipeline.plan import plan_prompt
-from pipeline.rollout import RolloutSettings, rollout
+from pipeline.rollout import RolloutSettings, plan_blocks, rollout
 from utils.config import load_config
 
 
@@ -24,9 +24,9 @@ def run(cfg, models, prompt, seed=0, cache=None, on_block=None):
     cache = cache or settings.new_cache(models.dit, 1, latent[1:])
     texts = [models.text_encoder([s.text]) for s in plan.segments]
     gen = torch.Generator().manual_seed(seed)
-    blocks = rollout(models.dit, cache, settings, block_events=list(plan.block_events),
-                     block_contexts=list(plan.block_segment), contexts=texts, latent_shape=latent, generator=gen)
-    for i, block in enumerate(blocks):
+    blocks = rollout(models.dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
+                     latent_shape=latent, generator=gen)
+    for i, (_, block) in enumerate(blocks):
         if on_block:
             on_block(i, block, cache)
     return plan, cache

@@ -7,7 +7,7 @@ import torch
 
 import pipeline.self_forcing as sf
 from model.wan import WanDiT
-from pipeline.rollout import RolloutSettings, rollout
+from pipeline.rollout import RolloutSettings, plan_blocks, rollout
 from pipeline.self_forcing import draw_exit_steps, self_forcing_rollout
 from tests.conftest import TINY_DIT, randomize
 from utils.config import load_config
@@ -40,9 +40,9 @@ def test_full_denoise_equals_the_inference_rollout(tiny_dit):
     with torch.no_grad():
         got, _ = run(tiny_dit, s, [3, 3, 3], grad=False)
     cache = s.new_cache(tiny_dit, 1, LATENT[1:])
-    want = torch.cat(list(rollout(tiny_dit, cache, s, block_events=[None] * 3, block_contexts=[0] * 3,
-                                  contexts=[context()], latent_shape=LATENT,
-                                  generator=torch.Generator().manual_seed(5))), dim=1)
+    blocks = rollout(tiny_dit, cache, s, plan_blocks([None] * 3, [0] * 3, [context()]), latent_shape=LATENT,
+                     generator=torch.Generator().manual_seed(5))
+    want = torch.cat([clean for _, clean in blocks], dim=1)
     assert torch.equal(got, want)
 
 
