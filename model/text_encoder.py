@@ -60,7 +60,14 @@ def load_sentencepiece_tokenizer(model_file: str | Path):
         except ImportError as exc:
             raise ConfigError(f"reading the sentencepiece tokenizer {model_file} needs the protobuf package "
                               f"with transformers 5; run `pip install protobuf`") from exc
-        tokenizer = cls(**cls.convert_to_native_format(vocab_file=model_file, extra_ids=0))
+        try:
+            tokenizer = cls(**cls.convert_to_native_format(vocab_file=model_file, extra_ids=0))
+        except Exception as exc:  # tokenizers raises a bare Exception (e.g. transformers 5.17 + tokenizers
+            # 0.23.2 with a model that has no NFKC map: "Cannot parse precompiled_charsmap")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"transformers {transformers.__version__} cannot convert the sentencepiece model "
+                              f"{model_file} ({reason}); point tokenizer_path at a folder with a tokenizer.json "
+                              f"instead (scripts/make_test_tokenizer.py shows how to write one)") from exc
     else:  # transformers 4: the sentencepiece-backed slow tokenizer reads the file itself
         tokenizer = cls(vocab_file=model_file, extra_ids=0)
     pieces = spm.SentencePieceProcessor(model_file=model_file).get_piece_size()
@@ -72,7 +79,12 @@ def load_sentencepiece_tokenizer(model_file: str | Path):
 
 def load_tokenizer(path: str | Path):
     """Tokenizer from a folder (``tokenizer.json``/``tokenizer_config.json`` or ``spiece.model``)
-    or from a sentencepiece ``.model`` file."""
+    or from a sentencepiece ``.model`` file.
+
+    A folder's ``tokenizer.json`` wins over its ``spiece.model``: the ``tokenizers`` library reads
+    it as is on every transformers version, while converting a ``.model`` depends on the version.
+    That is why ``tests/assets/tokenizer`` ships one (see scripts/make_test_tokenizer.py).
+    """
     path = Path(path)
     if path.is_file():
         return load_sentencepiece_tokenizer(path)

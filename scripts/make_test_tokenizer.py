@@ -1,26 +1,38 @@
-"""Train the tiny sentencepiece tokenizer shipped in ``tests/assets/tokenizer/spiece.model``.
+"""Train the tiny tokenizer shipped in ``tests/assets/tokenizer/`` (``spiece.model`` + ``tokenizer.json``).
 
 Tiny runs (``random_init: true`` with ``tiny_text_encoder``) need a tokenizer but must not download
-umt5-xxl's. This script trains a small unigram model on the English text below, with T5's special
-ids (pad 0, eos 1, unk 2, no bos), so ``transformers.T5Tokenizer(vocab_file=..., extra_ids=0)``
-loads it like the real one. Deterministic for a given sentencepiece version; the result is
-committed, so rerun only to change it::
+umt5-xxl's. This script trains a small unigram sentencepiece model on the English text below, with
+T5's special ids (pad 0, eos 1, unk 2, no bos), and writes it beside a ``tokenizer.json`` built from
+its pieces and scores with the ``tokenizers`` library.
 
-    python scripts/make_test_tokenizer.py [--out tests/assets/tokenizer/spiece.model] [--vocab_size 400]
+Why ``tokenizer.json``: it is what the real umt5-xxl folder ships, and ``AutoTokenizer`` reads it
+with the ``tokenizers`` library as is. Loading ``spiece.model`` instead goes through transformers'
+conversions, which differ by version: 5.x's ``T5Tokenizer(vocab_file=...)`` silently builds a
+4-token vocabulary, and its protobuf conversion fails on 5.17 / tokenizers 0.23.2 for a model
+without an NFKC map ("Cannot parse precompiled_charsmap"). ``tests/test_text_encoder.py`` pins the
+ids it gives. Training is deterministic for a given sentencepiece version; the result is
+committed, so rerun only to change it (``--json_only`` rewrites tokenizer.json from the committed
+``spiece.model``)::
+
+    python scripts/make_test_tokenizer.py [--out_dir tests/assets/tokenizer] [--vocab_size 400] [--json_only]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
 
 log = logging.getLogger("make_test_tokenizer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "tests" / "assets" / "tokenizer" / "spiece.model"
+DEFAULT_OUT = REPO_ROOT / "tests" / "assets" / "tokenizer"
+SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5
 
 # Short scene descriptions in the style of text-to-video prompts, plus connective words.
 CORPUS = """
@@ -129,15 +141,48 @@ def train(out: Path, vocab_size: int) -> Path:
     return out
 
 
+def write_tokenizer_json(model_file: Path, out_dir: Path) -> Path:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` for ``model_file`` into ``out_dir``.
+
+    The pipeline of umt5-xxl's tokenizer.json without its Precompiled (NFKC) normalizer, which the
+    model has none of (identity normalization): collapse runs of spaces, Metaspace with a "▁"
+    prefix, Unigram over the sentencepiece pieces and scores, ``</s>`` appended.
+    """
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    if [sp.id_to_piece(i) for i in range(3)] != list(SPECIALS) or sp.unk_id() != 2:
+        raise ValueError(f"{model_file} does not have T5's special pieces {SPECIALS} at ids 0-2")
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    out = out_dir / "tokenizer.json"
+    tok.save(str(out), pretty=True)
+    # PreTrainedTokenizerFast takes tokenizer.json as is on transformers 4 and 5 (T5TokenizerFast
+    # would rebuild the pipeline on 5.x and, without extra_ids=0, add 100 sentinel tokens).
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
+              "unk_token": "<unk>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--vocab_size", type=int, default=400)
+    parser.add_argument("--json_only", action="store_true", help="keep spiece.model, rewrite tokenizer.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = train(args.out, args.vocab_size)
+    path = args.out_dir / "spiece.model"
+    if not args.json_only:
+        train(path, args.vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(path))
-    log.info("wrote %s (%d bytes, %d pieces)", path, path.stat().st_size, sp.get_piece_size())
+    log.info("%s %s (%d bytes, %d pieces)", "kept" if args.json_only else "wrote", path,
+             path.stat().st_size, sp.get_piece_size())
+    log.info("wrote %s", write_tokenizer_json(path, args.out_dir))
 
 
 if __name__ == "__main__":

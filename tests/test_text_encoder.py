@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 from omegaconf import OmegaConf
 
-from model.text_encoder import TextEncoder, load_sentencepiece_tokenizer, load_tokenizer
+from model.text_encoder import TextEncoder, clean_prompt, load_sentencepiece_tokenizer, load_tokenizer
 from utils.errors import ConfigError, WeightsMissingError
 
 ASSET_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
@@ -85,16 +85,60 @@ def test_truncation_and_cleaning(spm_file):
     assert torch.equal(ids[0], ids[1])  # whitespace collapsed like Wan
 
 
+# Ids the shipped tokenizer (tests/assets/tokenizer/tokenizer.json) gives, computed once and checked
+# equal on transformers 4.51.3 / tokenizers 0.21.4, 5.17.0 / 0.23.2 and 5.24.0 / 0.23.3. If this
+# fails, the tokenizer loads differently on the installed version: tiny runs would not be comparable.
+PINNED = {
+    "a fox runs through the snowy forest at dawn": [4, 67, 105, 3, 45, 22, 42, 6, 66, 7, 163, 54, 316, 1],
+    "  a red   fox\n runs  ": [4, 5, 11, 126, 67, 105, 3, 1],  # cleaned like Wan first
+    "Zebras éat Ω": [5, 2, 9, 39, 11, 169, 5, 2, 50, 8, 5, 2, 1],  # unknown characters → <unk> (2)
+}
+TRUNCATED = ("The camera pans left to reveal a large castle, 4K!",  # 22 ids untruncated
+             [5, 2, 77, 9, 130, 380, 3, 5, 84, 114, 137, 264, 4, 29, 11, 1])
+
+
 def test_shipped_tokenizer_loads():
+    assert (ASSET_TOKENIZER / "tokenizer.json").is_file()
     model = ASSET_TOKENIZER / "spiece.model"
     assert model.is_file() and model.stat().st_size < 100_000
     tok = load_tokenizer(ASSET_TOKENIZER)
-    assert 300 <= len(tok) <= 500
-    ids = tok("a fox runs through the forest").input_ids
-    assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0 and tok.unk_token_id not in ids
+    assert len(tok) == 400 and not [t for t in tok.get_vocab() if t.startswith("<extra_id")]  # no sentinels
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for text in (*PINNED, TRUNCATED[0]):  # tokenizer.json encodes like the sentencepiece model it came from
+        assert tok(clean_prompt(text)).input_ids == sp.encode(clean_prompt(text)) + [1]
     torch.manual_seed(0)
     emb = TextEncoder.from_config(OmegaConf.create(TINY), ASSET_TOKENIZER, text_len=16)(["a fox runs"])
     assert emb.shape == (1, 16, TINY["d_model"])
+
+
+def test_shipped_tokenizer_pinned_ids():
+    torch.manual_seed(0)
+    enc = TextEncoder.from_config(TINY, ASSET_TOKENIZER, text_len=16)
+    assert enc.encoder.config.vocab_size == 400
+    ids, mask = enc.tokenize([*PINNED, TRUNCATED[0]])
+    assert ids.shape == mask.shape == (4, 16)
+    for row, row_mask, expected in zip(ids.tolist(), mask.tolist(), PINNED.values()):
+        n = len(expected)
+        assert row == expected + [0] * (16 - n)  # padded with <pad> to text_len
+        assert row_mask == [1] * n + [0] * (16 - n)
+    assert ids[3].tolist() == TRUNCATED[1] and mask[3].all()  # truncated to text_len, </s> kept last
+    assert len(enc.tokenizer(TRUNCATED[0]).input_ids) == 22
+
+
+def test_unconvertible_sentencepiece_model_is_a_config_error(spm_file, monkeypatch):
+    """transformers 5.17's protobuf conversion raises a bare Exception for some models: say what to do."""
+    import transformers
+    if not hasattr(transformers.T5Tokenizer, "convert_to_native_format"):
+        pytest.skip("transformers 4 reads .model files with sentencepiece itself")
+
+    def fail(*args, **kwargs):
+        raise Exception("Error while attempting to build Precompiled normalizer: Cannot parse precompiled_charsmap")
+
+    monkeypatch.setattr(transformers.T5Tokenizer, "convert_to_native_format", fail)
+    with pytest.raises(ConfigError, match="tokenizer.json") as err:
+        load_tokenizer(spm_file)
+    assert str(spm_file) in str(err.value) and "precompiled_charsmap" in str(err.value)
 
 
 def test_from_config_rejects_bad_keys(spm_file):
