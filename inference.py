@@ -4,6 +4,8 @@
     python inference.py --data_path prompts/infinity_rope_prompts.txt --num_samples 2
     python inference.py --prompt "..." --dry_run                 # print the plan, load nothing
     python inference.py --prompt "..." --config_path configs/tiny.yaml   # CPU, random weights
+    python inference.py --live                  # steer the video from a local web page while it plays
+    python inference.py --live --stdin           # the same from the terminal: one action per line
 
 Trailing ``key=value`` arguments override the config (e.g. ``sink_size=2 position_policy=absolute``).
 Under ``torchrun`` the prompts are split across ranks, one GPU each.
@@ -27,6 +29,12 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt in the Infinity-RoPE grammar")
     src.add_argument("--data_path", help="a text file with one prompt per line")
+    src.add_argument("--live", action="store_true",
+                     help="steer the video while it plays, from a local web page (or the terminal: --stdin)")
+    p.add_argument("--stdin", action="store_true",
+                   help="with --live: read actions from stdin, one per line (automatic when stdin is a pipe or a file)")
+    p.add_argument("--host", default=None, help="with --live: address of the page (default live.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="with --live: port of the page (default live.port; 0: any)")
     p.add_argument("--config_path", default="configs/infinity_rope.yaml")
     p.add_argument("--checkpoint_path", default=None, help="overrides checkpoint_path of the config")
     p.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
@@ -72,9 +80,15 @@ def main(argv=None) -> int:
     from utils.config import load_config
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    overrides += [f"live.host={args.host}"] if args.host is not None else []
+    overrides += [f"live.port={args.port}"] if args.port is not None else []
     cfg = load_config(args.config_path, overrides)
     if args.num_samples < 1:
         raise ConfigError("--num_samples must be >= 1")
+    if not args.live and (args.stdin or args.host is not None or args.port is not None):
+        raise ConfigError("--stdin, --host and --port go with --live")
+    if args.live:
+        return live(args, cfg, rank, world)
     prompts = read_prompts(args)
     temporal = compression_factors(config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path))[1]
     plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None)
@@ -111,6 +125,75 @@ def main(argv=None) -> int:
         log.warning("interrupted: the video being written was closed and stays playable")
         return 128 + getattr(exc, "signum", 2)
     return 0
+
+
+def stdin_is_piped() -> bool:
+    """stdin is a pipe or a file (actions to read), not a terminal or /dev/null."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # closed or replaced stdin
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def live(args, cfg, rank: int, world: int) -> int:
+    """``--live``: load the models once, then steer sessions from the page (or stdin)."""
+    if world > 1:
+        raise ConfigError("--live runs one session on one GPU; start it without torchrun")
+    if args.dry_run or args.num_samples != 1:
+        raise ConfigError("--dry_run and --num_samples do not apply to --live")
+    if args.image is not None and not Path(args.image).is_file():
+        raise ConfigError(f"--image {args.image} does not exist")
+    use_stdin = args.stdin or stdin_is_piped()
+    folder = Path(args.output_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not use_stdin:
+        check_can_listen(str(cfg.live.host), int(cfg.live.port))  # before minutes of model loading
+
+    import asyncio
+
+    from pipeline.generate import VideoGenerator, build_models
+
+    checkpoint = args.checkpoint_path or cfg.checkpoint_path
+    gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
+    if use_stdin:
+        from pipeline.live_terminal import run_terminal
+        from utils.video import sigterm_as_interrupt
+
+        try:
+            with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
+                run_terminal(gen, sys.stdin, ahead_blocks=int(cfg.live.ahead_blocks), seed=int(cfg.seed),
+                             output_folder=folder, checkpoint=checkpoint, image=args.image)
+        except KeyboardInterrupt as exc:
+            log.warning("interrupted: the video was closed and stays playable")
+            return 128 + getattr(exc, "signum", 2)
+        return 0
+    from pipeline.live_server import LiveServer
+
+    server = LiveServer(gen, output_folder=folder, seed=int(cfg.seed), checkpoint=checkpoint, image=args.image)
+    try:
+        asyncio.run(server.serve(str(cfg.live.host), int(cfg.live.port)))
+    except OSError as exc:  # taken in the meantime
+        raise ConfigError(listen_error(str(cfg.live.host), int(cfg.live.port), exc)) from exc
+    return 0
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    return (f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another port with --port "
+            f"(0: any free port) or another address with --host")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Fail now, in one line, if the page's address cannot be bound (port taken, foreign address)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        raise ConfigError(listen_error(host, port, exc)) from exc
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #   bash inference.sh "a fox runs[5s] | the fox jumps[5s] | a city at night[10s#] ; run | jump | city"
 #   bash inference.sh                       # every prompt of prompts/infinity_rope_prompts.txt
 #   bash inference.sh "<prompt>" --config_path configs/tiny.yaml     # CPU, random weights
+#   bash inference.sh --live                # steer the video from a local web page while it plays
 # Anything after the prompt goes to inference.py (flags and key=value config overrides).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +11,11 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     # shellcheck disable=SC1091
     . .venv/bin/activate
 fi
+for arg in "$@"; do  # --live: steer from a web page (or stdin); no prompt needed
+    if [ "$arg" = "--live" ]; then
+        exec python inference.py --config_path configs/infinity_rope.yaml "$@"
+    fi
+done
 if [ $# -ge 1 ] && [ "${1#--}" = "$1" ]; then
     prompt=$1
     shift

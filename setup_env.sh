@@ -2,7 +2,7 @@
 # Set up infinity-rope in ./.venv, then fetch the weights.
 #
 #   bash setup_env.sh             install the project, download the weights (python -m utils.hub)
-#   bash setup_env.sh --dev       install the project and the test tools; download nothing
+#   bash setup_env.sh --dev       install the project and the test tools (+ Debian chromium for the browser test); no weights
 #   bash setup_env.sh --all       also download the optional weights (see python -m utils.hub -h)
 #
 # Environment: PYTHON (interpreter for a new .venv, default python3), TORCH_VERSION (default 2.13.0).
@@ -49,6 +49,18 @@ fi
 if [ "$DEV" = 1 ]; then
     echo "==> installing infinity-rope with test tools (pip install -e .[dev])"
     python -m pip install --quiet -e ".[dev]"
+    # the live page's browser test drives a real headless Chromium (Debian's packages)
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        echo "==> chromium and chromedriver found"
+    elif command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+        echo "==> installing chromium and chromium-driver (apt-get) for the live page's browser test"
+        SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+        $SUDO apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "==> no chromium/chromedriver and no apt-get as root: tests/test_live_browser.py will be skipped" \
+             "(install your system's chromium and its chromedriver to run it)"
+    fi
     echo "==> done (no weights downloaded); run the tests with: .venv/bin/python -m pytest -q"
     exit 0
 fi

@@ -140,6 +140,11 @@ class TextEncoder(torch.nn.Module):
                                 return_attention_mask=True, return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
 
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of ``prompt`` before truncation (eos included): more than ``text_len`` means
+        the encoder reads only the first ``text_len``."""
+        return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True).input_ids)
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids, mask = self.tokenize(prompts)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class VideoGenerator:
         self.cache = self.settings.new_cache(models.dit, 1, self.latent_shape[1:])
         self.decoder = models.vae.streaming_decoder()
         self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height))
+        self.lock = threading.Lock()  # held by a live session: one rollout at a time on this cache
 
     def plan(self, prompt: str, image_start: bool = False) -> Plan:
         return plan_prompt(prompt, self.cfg, self.m.vae.temporal_factor, image_start)

@@ -1,0 +1,105 @@
+"""Live control from a terminal or a pipe (``inference.py --live --stdin``): one line per action.
+
+    a red fox trots through the snow        the first line starts the session
+    the fox pounces                         next action (KV Flush, same shot)
+    # a quiet harbour at sunrise            new scene (RoPE Cut)
+    the boats rock ; the harbour            '; subtitle' adds a subtitle (\\; is a literal ';')
+    (empty line or end of input)            stop
+
+Generation is paced like the page's: at most ``live.ahead_blocks`` blocks ahead of real-time
+playback, so an action typed now shows about a second of video later. Each event is one log line.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from pipeline.generate import VideoGenerator
+from pipeline.live import LiveError, LiveSession, PlaybackClock, paced
+from pipeline.plan import CUT, FLUSH
+
+log = logging.getLogger("live")
+
+_SUBTITLE_SPLIT = re.compile(r"(?<!\\);")
+
+
+def parse_line(line: str) -> tuple[str, str, str | None] | None:
+    """A terminal line → ``(kind, text, subtitle)``, kind ``flush`` or ``cut`` (a leading
+    ``#``); None for an empty line (stop)."""
+    line = line.strip()
+    if not line:
+        return None
+    kind = FLUSH
+    if line.startswith("#"):
+        kind, line = CUT, line[1:]
+    text, subtitle = (_SUBTITLE_SPLIT.split(line, maxsplit=1) + [""])[:2]
+    return kind, text.replace("\\;", ";").strip(), subtitle.replace("\\;", ";").strip() or None
+
+
+def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed: int, output_folder: Path,
+                 checkpoint: str | None = None, image: str | None = None) -> LiveSession | None:
+    """Run one live session steered by ``lines`` (stdin); returns it once stopped (None if no
+    action was given). Bad lines are reported and skipped; the session goes on."""
+    log.info("type the first action and press Enter; then one line per action ('text': next action, "
+             "'# text': new scene, 'text ; subtitle'); an empty line or end of input stops")
+    session = None
+    for line in iter(lines.readline, ""):
+        parsed = parse_line(line)
+        if parsed is None:
+            break
+        kind, text, subtitle = parsed
+        if kind == CUT:
+            log.warning("'#' on the first action: there is no scene to cut from yet; starting with it")
+        try:
+            session = LiveSession(gen, text, seed=seed, subtitle=subtitle, output_folder=output_folder,
+                                  checkpoint=checkpoint, image=image)
+            break
+        except LiveError as exc:
+            log.error("%s", exc)
+    if session is None:
+        log.info("no action given; nothing generated")
+        return None
+    clock = PlaybackClock(float(gen.cfg.fps))
+
+    def read_actions():
+        for line in iter(lines.readline, ""):
+            parsed = parse_line(line)
+            if parsed is None:
+                break
+            kind, text, subtitle = parsed
+            try:
+                steer = session.new_scene if kind == CUT else session.next_action
+                action = steer(text, subtitle)
+            except LiveError as exc:
+                log.error("%s", exc)
+                if session.stopping.is_set():
+                    return
+                continue
+            log.info("queued action %d (%s): %r", action.id, "new scene" if kind == CUT else "next action",
+                     action.text)
+        log.info("stopping after the block being generated")
+        session.stop()
+        clock.wake()
+
+    threading.Thread(target=read_actions, name="live-stdin", daemon=True).start()
+    fps = float(gen.cfg.fps)
+    with logging_redirect_tqdm(), tqdm(desc=session.path.stem[:24], unit="block") as bar:
+        for block in paced(session, clock, ahead_blocks):
+            if block.landed is not None:
+                a = block.landed
+                on_screen = (clock.buffered - len(block.frames)) / fps  # frames still to play before it
+                log.info("block %d: action %d %s %r landed %.2f s after it was entered, plays in %.2f s",
+                         block.index, a.id, a.kind, a.text, a.landed - a.submitted, max(0.0, on_screen))
+            bar.update(1)
+            bar.set_postfix(video=f"{session.frames_written / fps:.1f}s",
+                            gen_fps=f"{len(block.frames) / max(block.seconds, 1e-9):.1f}",
+                            ahead=f"{clock.buffered / fps:.2f}s")
+    log.info("%d blocks, %d frames (%.2f s) in %s; replay with: --prompt %r --seed %d", session.blocks_done,
+             session.frames_written, session.frames_written / fps, session.path, session.transcript, session.seed)
+    return session

@@ -1,0 +1,290 @@
+"""Live action control through the Python API and the terminal (configs/tiny.yaml, CPU): actions
+land on the next block boundary, the transcript replays bit for bit, memory stays flat, pacing
+holds generation to playback, and a piped terminal session is recorded and replayable."""
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.generate import VideoGenerator, build_models
+from pipeline.live import LiveError, LiveSession, PlaybackClock, paced, transcript
+from pipeline.live_terminal import parse_line
+from pipeline.plan import plan_prompt
+from tests.test_rollout import live_tensor_bytes
+from utils.config import load_config
+from utils.video import probe_video, read_video
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models(load_config("configs/tiny.yaml"))
+
+
+@pytest.fixture
+def gen(models):
+    return VideoGenerator(load_config("configs/tiny.yaml"), models)
+
+
+def steer_at(session, schedule):
+    """Iterate ``session``, calling ``schedule[block index](session)`` after that block; returns
+    the latents of every block."""
+    latents = []
+    for block in session:
+        latents.append(block.latents.clone())
+        if block.index in schedule:
+            schedule[block.index](session)
+    return latents
+
+
+def capture_render(gen, monkeypatch):
+    """Latents of every block the batch path (VideoGenerator.generate) renders."""
+    seen, render = [], gen.render
+
+    def spy(*args, **kw):
+        for block in render(*args, **kw):
+            seen.append(block.latents.clone())
+            yield block
+    monkeypatch.setattr(gen, "render", spy)
+    return seen
+
+
+def test_actions_land_on_the_next_block_and_the_transcript_replays_bit_for_bit(gen, tmp_path, monkeypatch):
+    session = LiveSession(gen, "a fox | runs [fast]", seed=7, subtitle="run", output_folder=tmp_path)
+    live = steer_at(session, {
+        1: lambda s: (s.next_action("the fox jumps"), s.next_action("the fox lands ; softly")),
+        4: lambda s: s.new_scene("a harbour at dawn", subtitle="the harbour"),
+        6: lambda s: s.stop(),
+    })
+    assert len(live) == 7 and session.complete and session.finished
+    # two actions sent together land on successive blocks, in order; a scene cut on the next one
+    assert [(a.kind, a.block) for a in session.segments] == [("start", 0), ("flush", 2), ("flush", 3), ("cut", 5)]
+    assert all(a.landed >= a.submitted for a in session.segments)
+    assert session.transcript == ("a fox \\| runs \\[fast\\][1.3125s] | the fox jumps[0.75s] | "
+                                  "the fox lands \\; softly[1.5s] | a harbour at dawn[1.5s#] ; run |  |  | the harbour")
+
+    record = json.loads(session.path.with_suffix(".json").read_text())
+    assert record["prompt"] == session.transcript and record["seed"] == 7 and record["complete"]
+    assert record["frames_written"] == session.frames_written == probe_video(session.path)["frames"]
+    assert [a["block"] for a in record["live"]["actions"]] == [0, 2, 3, 5]
+    plan = plan_prompt(session.transcript, gen.cfg, gen.m.vae.temporal_factor)
+    assert [(s.first_block, s.event) for s in plan.segments] == [(0, "start"), (2, "flush"), (3, "flush"), (5, "cut")]
+    assert plan.total_blocks == 7 and plan.total_frames == session.frames_written
+
+    batch = capture_render(gen, monkeypatch)
+    replay = tmp_path / "replay.mp4"
+    rec = gen.generate(record["prompt"], replay, seed=record["seed"])
+    assert rec["frames_written"] == session.frames_written
+    assert len(batch) == len(live) and all(torch.equal(a, b) for a, b in zip(live, batch))
+    assert np.array_equal(read_video(session.path), read_video(replay))
+
+
+def test_image_start_session_replays_with_the_image(gen, tmp_path, monkeypatch):
+    from PIL import Image
+    Image.fromarray(np.full((64, 96, 3), 200, np.uint8)).save(tmp_path / "start.png")
+    session = LiveSession(gen, "a door opens", seed=1, output_folder=tmp_path, image=tmp_path / "start.png")
+    live = steer_at(session, {0: lambda s: s.new_scene("a garden"), 2: lambda s: s.stop()})
+    assert session.transcript == "a door opens[0.8125s] | a garden[1.5s#]"  # 1 + 12 frames, then 2 blocks
+    batch = capture_render(gen, monkeypatch)
+    rec = gen.generate(session.transcript, tmp_path / "replay.mp4", seed=1, image=tmp_path / "start.png")
+    assert rec["frames_written"] == session.frames_written == 37
+    assert all(torch.equal(a, b) for a, b in zip(live, batch))
+
+
+@settings(max_examples=200, deadline=None)
+@given(fps=st.sampled_from([16, 24, 30, 12.5, 15, 8]), fpb=st.integers(1, 4), lead=st.integers(0, 1),
+       gaps=st.lists(st.integers(1, 40), min_size=1, max_size=8), cuts=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_transcript_plans_to_the_same_blocks(fps, fpb, lead, gaps, cuts):
+    firsts = [sum(gaps[:k]) for k in range(len(gaps))]
+    blocks = sum(gaps)
+    segments = [(f"action {k}", None, cuts[k], first) for k, first in enumerate(firsts)]
+    prompt = transcript(segments, blocks, fps=fps, frames_per_block=fpb, temporal_factor=4, lead_frames=lead)
+    cfg = load_config(None, [f"fps={fps}", f"num_frame_per_block={fpb}", f"local_attn_size={fpb + 3}",
+                             "flush_keep=0"])
+    plan = plan_prompt(prompt, cfg, 4, image_start=bool(lead))
+    assert [s.first_block for s in plan.segments] == firsts
+    assert [s.event for s in plan.segments][1:] == ["cut" if c else "flush" for c in cuts[1:len(gaps)]]
+    assert plan.total_blocks == blocks and plan.total_frames == plan.frames_after(blocks)
+
+
+def test_bad_actions_are_refused_and_the_session_goes_on(gen, tmp_path, caplog):
+    with pytest.raises(LiveError, match="empty"):
+        LiveSession(gen, "   ", seed=0, output_folder=tmp_path)
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    errors = []
+
+    def bad(s):
+        for call in (lambda: s.next_action(""), lambda: s.new_scene("\n\t")):
+            with pytest.raises(LiveError) as exc:
+                call()
+            errors.append(str(exc.value))
+        long = s.next_action("word " * 200)  # tiny text_len is 64 tokens: truncated, with a warning
+        assert long.warning and "64" in long.warning
+        s.stop()
+    steer_at(session, {0: bad})
+    assert len(errors) == 2 and all("empty" in e for e in errors)
+    assert [a.kind for a in session.segments] == ["start"]  # stopped before the long one landed
+    with pytest.raises(LiveError, match="stopped"):
+        session.next_action("after the end")
+    assert "was not generated" in caplog.text
+    with pytest.raises(RuntimeError, match="once"):
+        next(iter(session))
+
+
+def test_stop_before_the_first_block_leaves_nothing(gen, tmp_path):
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    session.stop()
+    assert list(session) == [] and session.transcript == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_session_per_generator(gen, tmp_path):
+    first = LiveSession(gen, "a", seed=0, output_folder=tmp_path)
+    blocks = iter(first)
+    next(blocks)
+    with pytest.raises(LiveError, match="another session"):
+        next(iter(LiveSession(gen, "b", seed=0, output_folder=tmp_path)))
+    first.stop()
+    list(blocks)
+
+
+def test_memory_is_flat_over_a_long_session(gen, tmp_path):
+    session = LiveSession(gen, "a long walk", seed=0, output_folder=tmp_path)
+    marks = {}
+
+    def each(block):
+        if block.index % 10 == 5:  # a new action every 10 blocks (its embedding replaces the last)
+            (session.new_scene if block.index % 20 == 5 else session.next_action)(f"walk {block.index}")
+        if block.index in (12, 75):
+            marks[block.index] = live_tensor_bytes()
+        if block.index == 80:
+            session.stop()
+    for block in session:
+        each(block)
+    assert len(session.segments) == 9
+    assert marks[75] <= marks[12] * 1.01, marks
+    assert sum(a.context is not None for a in session.segments) == 0  # all freed at the end
+
+
+def test_playback_clock_advances_in_real_time_and_stalls_when_starved():
+    now = [0.0]
+    clock = PlaybackClock(16, now=lambda: now[0])
+    clock.add(12)
+    now[0] = 0.5
+    assert clock.played == 8 and clock.buffered == 4
+    now[0] = 2.0
+    assert clock.played == 12  # starved: playback waits for frames
+    clock.add(12)
+    now[0] = 2.25
+    assert clock.played == 16
+    clock.pause()
+    now[0] = 10
+    assert clock.played == 16 and clock.buffered == 8
+    clock.resume()
+    now[0] = 10.25
+    assert clock.played == 20
+
+
+def test_paced_generation_stays_within_the_lead(gen, tmp_path):
+    """With ahead_blocks 1, a block starts only once less than one block waits to be played:
+    generation follows real time (0.75 s per block of the tiny config), not the CPU's speed."""
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    clock = PlaybackClock(float(gen.cfg.fps))
+    per_block = 12 / 16
+    start, leads = time.monotonic(), []
+    for block in paced(session, clock, ahead_blocks=1):
+        leads.append(clock.buffered)
+        if block.index == 5:
+            session.stop()
+    elapsed = time.monotonic() - start
+    assert max(leads) <= 2 * 12 + 1e-6  # at most the block in hand and one waiting
+    assert elapsed >= 4 * per_block  # five waits of at least (lead - one block) each, minus slack
+
+
+def test_stop_wakes_a_paused_session(gen, tmp_path):
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    clock = PlaybackClock(float(gen.cfg.fps))
+    clock.pause()
+    done = threading.Event()
+
+    def run():
+        for _ in paced(session, clock, ahead_blocks=1):
+            pass
+        done.set()
+    threading.Thread(target=run, daemon=True).start()
+    time.sleep(1.0)
+    assert not done.is_set() and session.blocks_done == 1  # paused: one block made, then waiting
+    session.stop()
+    clock.wake()
+    assert done.wait(30) and session.finished and session.complete
+
+
+@pytest.mark.parametrize("line, parsed", [
+    ("the fox jumps", ("flush", "the fox jumps", None)),
+    ("  # a harbour at dawn ; the harbour ", ("cut", "a harbour at dawn", "the harbour")),
+    ("a \\; b ; c", ("flush", "a ; b", "c")),
+    ("", None), ("   \n", None),
+])
+def test_terminal_lines(line, parsed):
+    assert parse_line(line) == parsed
+
+
+@pytest.mark.slow
+def test_terminal_session_through_a_pipe_is_recorded_and_replays(tmp_path):
+    """inference.py --live with a pipe for stdin: actions land on the logged blocks, the sidecar
+    transcript re-renders with inference.py --prompt into the same frames."""
+    proc = subprocess.Popen([sys.executable, "inference.py", "--live", "--config_path", "configs/tiny.yaml",
+                             "--output_folder", str(tmp_path), "--seed", "11"], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+
+    def wait_for(fragment, timeout=60):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            found = [line for line in lines if fragment in line]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"{fragment!r} never logged:\n" + "".join(lines[-20:]))
+
+    proc.stdin.write("a fox runs ; run\n")
+    proc.stdin.flush()
+    wait_for("action 1 start")
+    proc.stdin.write("# \nthe fox jumps\n")  # a bare '#' (no text) is refused; the next line is an action
+    proc.stdin.flush()
+    wait_for("action 2 flush")
+    proc.stdin.write("# a harbour at dawn ; harbour\n")
+    proc.stdin.flush()
+    wait_for("action 3 cut")
+    proc.stdin.write("\n")  # stop
+    proc.stdin.flush()
+    assert proc.wait(60) == 0, "".join(lines)
+    reader.join(5)
+    log = "".join(lines)
+    assert "empty" in log and "Traceback" not in log
+    landed = {int(line.split("action ")[1].split()[0]): int(line.split("block ")[1].split(":")[0])
+              for line in lines if " landed " in line}
+    video = next(tmp_path.glob("*.mp4"))
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["complete"] and record["seed"] == 11
+    assert {a["id"]: a["block"] for a in record["live"]["actions"]} == landed
+    assert [a["kind"] for a in record["live"]["actions"]] == ["start", "flush", "cut"]
+    assert probe_video(video)["frames"] == record["frames_written"] == record["plan"]["total_frames"]
+
+    replay_dir = tmp_path / "replay"
+    r = subprocess.run([sys.executable, "inference.py", "--prompt", record["prompt"], "--seed", "11",
+                        "--config_path", "configs/tiny.yaml", "--output_folder", str(replay_dir)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(read_video(video), read_video(next(replay_dir.glob("*.mp4"))))

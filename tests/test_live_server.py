@@ -1,0 +1,208 @@
+"""The live page's server in-process (aiohttp test client, configs/tiny.yaml, CPU): it serves
+only its own files, answers every bad request with one clear message and keeps going, lets one
+page steer while others watch, survives pages that leave mid-stream, and closes the video on
+shutdown."""
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+
+from pipeline.generate import VideoGenerator, build_models
+from pipeline.live_server import WS_MAX_MESSAGE, LiveServer
+from utils.config import load_config
+from utils.video import probe_video
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models(load_config("configs/tiny.yaml"))
+
+
+def make_server(models, tmp_path, ahead_blocks=1) -> LiveServer:
+    cfg = load_config("configs/tiny.yaml", [f"live.ahead_blocks={ahead_blocks}"])
+    return LiveServer(VideoGenerator(cfg, models), output_folder=tmp_path, seed=5)
+
+
+def run(coro_fn, server):
+    async def main():
+        async with TestClient(TestServer(server.app)) as client:
+            await coro_fn(client)
+    asyncio.run(asyncio.wait_for(main(), 180))
+
+
+async def recv(ws, want=None, timeout=TIMEOUT):
+    """The next JSON message (of type ``want``, skipping others and frames)."""
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+        if msg.type == WSMsgType.TEXT:
+            data = json.loads(msg.data)
+            if want is None or data["type"] == want:
+                return data
+        elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING, WSMsgType.ERROR):
+            raise ConnectionError(f"socket closed ({ws.close_code}) while waiting for {want}")
+
+
+async def error_for(ws, payload) -> str:
+    await (ws.send_bytes(payload) if isinstance(payload, bytes) else
+           ws.send_str(payload if isinstance(payload, str) else json.dumps(payload)))
+    return (await recv(ws, "error"))["message"]
+
+
+def test_serves_its_page_and_nothing_else(models, tmp_path):
+    async def body(client):
+        for path, kind in (("/", "text/html"), ("/live.js", "text/javascript"), ("/live.css", "text/css")):
+            r = await client.get(path)
+            assert r.status == 200 and r.content_type == kind
+        page = await (await client.get("/")).text()
+        assert 'id="screen"' in page and "/live.js" in page
+        for path in ("/../pyproject.toml", "/pipeline/live.py", "/outputs", "/index.html", "/live_page/live.js"):
+            assert (await client.get(path)).status == 404, path
+    run(body, make_server(models, tmp_path))
+
+
+def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_path):
+    server = make_server(models, tmp_path, ahead_blocks=1000)  # no pacing: blocks as fast as the CPU makes them
+
+    async def body(client):
+        ws = await client.ws_connect("/ws")
+        hello = await recv(ws, "hello")
+        assert hello["role"] == "controller" and not hello["state"]["running"]
+        cases = [
+            ("not json", "malformed"), ("[1, 2]", "malformed"), ({"no": "type"}, "malformed"),
+            ({"type": "fly"}, "unknown message type"), (b"\x00\x01", "binary"),
+            ({"type": "start", "text": "x" * 20000}, "refused"),     # past live.max_message_bytes
+            ({"type": "start", "text": "x" * 5000}, "characters"),   # past live.max_text_chars
+            ({"type": "action", "kind": "next", "text": "too early"}, "no session is running"),
+            ({"type": "pause"}, "no session is running"), ({"type": "stop"}, "no session is running"),
+            ({"type": "start", "text": "   "}, "empty"), ({"type": "start"}, "missing"),
+            ({"type": "start", "text": 5}, "must be text"), ({"type": "start", "text": "a", "seed": "x"}, "seed"),
+            ({"type": "start", "text": "a", "seed": -1}, "seed"),
+        ]
+        for payload, fragment in cases:
+            message = await error_for(ws, payload)
+            assert fragment in message and "\n" not in message, (payload, message)
+
+        await ws.send_str(json.dumps({"type": "start", "text": "a fox runs", "subtitle": "run", "ref": 1}))
+        started = await recv(ws, "started")
+        assert started["ref"] == 1 and started["video"].endswith(".mp4")
+        assert "already running" in await error_for(ws, {"type": "start", "text": "again"})
+        assert "kind" in await error_for(ws, {"type": "action", "kind": "jump", "text": "x"})
+        assert "empty" in await error_for(ws, {"type": "action", "kind": "next", "text": ""})
+        await ws.send_str(json.dumps({"type": "action", "kind": "next", "text": "word " * 100, "ref": 7}))
+        queued = await recv(ws, "queued")   # tiny text_len 64: accepted, truncated, with a warning
+        assert queued["ref"] == 7 and "64" in queued["action"]["warning"]
+        block = await recv(ws, "block")
+        assert block["frames"] > 0 and block["gen_fps"] > 0
+        await ws.send_str(json.dumps({"type": "stop"}))
+        stopped = await recv(ws, "stopped")
+        assert stopped["complete"] and stopped["frames"] > 0 and stopped["transcript"].startswith("a fox runs[")
+        assert "no session is running" in await error_for(ws, {"type": "action", "kind": "scene", "text": "late"})
+        # the server is still whole: a new session starts, runs and stops
+        await ws.send_str(json.dumps({"type": "start", "text": "a second video"}))
+        second = await recv(ws, "started")
+        assert second["video"] != started["video"]
+        await recv(ws, "block")
+        await ws.send_str(json.dumps({"type": "stop"}))
+        await recv(ws, "stopped")
+        await ws.close()
+    run(body, server)
+    videos = sorted(tmp_path.glob("*.mp4"))
+    assert len(videos) == 2
+    for video in videos:
+        record = json.loads(video.with_suffix(".json").read_text())
+        assert record["complete"] and probe_video(video)["frames"] == record["frames_written"]
+
+
+def test_a_message_past_the_socket_limit_closes_only_that_page(models, tmp_path):
+    async def body(client):
+        ws = await client.ws_connect("/ws", max_msg_size=0)
+        await recv(ws, "hello")
+        await ws.send_str("x" * (WS_MAX_MESSAGE + 1))
+        msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
+        while msg.type == WSMsgType.TEXT:
+            msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and ws.close_code == 1009
+        again = await client.ws_connect("/ws")
+        assert (await recv(again, "hello"))["role"] == "controller"   # the server lives; control is free again
+        await again.close()
+    run(body, make_server(models, tmp_path))
+
+
+def test_one_page_steers_others_watch_and_take_over_when_it_leaves(models, tmp_path):
+    server = make_server(models, tmp_path, ahead_blocks=1)
+
+    async def body(client):
+        a = await client.ws_connect("/ws")
+        assert (await recv(a, "hello"))["role"] == "controller"
+        b = await client.ws_connect("/ws")
+        assert (await recv(b, "hello"))["role"] == "viewer"
+        await a.send_str(json.dumps({"type": "start", "text": "a fox runs"}))
+        await recv(a, "started")
+        block = await recv(b, "block")               # the viewer sees the stream: metadata, then frames
+        frames = [await asyncio.wait_for(b.receive(), TIMEOUT) for _ in range(block["frames"])]
+        assert all(f.type == WSMsgType.BINARY and f.data[:2] == b"\xff\xd8" for f in frames)  # JPEGs
+        assert "another page is steering" in await error_for(b, {"type": "action", "kind": "next", "text": "x"})
+        assert "another page is steering" in await error_for(b, {"type": "stop"})
+
+        await a.close()                               # the steering page leaves mid-stream
+        state = await recv(b, "state")
+        while state["state"]["controlled"]:
+            state = await recv(b, "state")
+        assert state["state"]["running"] and state["state"]["paused"]
+        await b.send_str(json.dumps({"type": "resume"}))   # the watcher takes over
+        state = await recv(b, "state")
+        while not (state["role"] == "controller" and not state["state"]["paused"]):
+            state = await recv(b, "state")
+        await b.send_str(json.dumps({"type": "action", "kind": "scene", "text": "a harbour", "ref": "h"}))
+        queued = await recv(b, "queued")
+        block = await recv(b, "block")
+        while not block["landed"]:
+            block = await recv(b, "block")
+        assert block["landed"]["id"] == queued["action"]["id"] and block["landed"]["kind"] == "cut"
+        await b.send_str(json.dumps({"type": "stop"}))
+        stopped = await recv(b, "stopped")
+        assert "a harbour[" in stopped["transcript"] and "#]" in stopped["transcript"]
+        await b.close()
+    run(body, server)
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [a["kind"] for a in record["live"]["actions"]] == ["start", "cut"] and record["complete"]
+
+
+def test_shutdown_closes_the_running_video(models, tmp_path):
+    server = make_server(models, tmp_path, ahead_blocks=1)
+
+    async def body(client):
+        ws = await client.ws_connect("/ws")
+        await ws.send_str(json.dumps({"type": "start", "text": "a fox runs"}))
+        await recv(ws, "block")
+        await recv(ws, "block")
+    run(body, server)  # leaving the client shuts the server down while the session runs
+    video = next(tmp_path.glob("*.mp4"))
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["complete"] and record["live"]["blocks"] >= 2
+    assert probe_video(video)["frames"] == record["frames_written"] == record["plan"]["total_frames"]
+
+
+def test_cli_live_flags_and_a_taken_port_are_one_line_errors(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, fragment in ((["--prompt", "a[1s]", "--stdin"], "go with --live"),
+                               (["--live", f"--port={port}"], "cannot listen"),
+                               (["--live", "live.ahead_blocks=0"], "live.ahead_blocks")):
+            r = subprocess.run([sys.executable, "inference.py", *args, "--config_path", "configs/tiny.yaml",
+                                "--output_folder", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                               timeout=120, stdin=subprocess.DEVNULL)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and lines[-1].startswith("error:") and fragment in lines[-1], r.stderr
+            assert "Traceback" not in r.stderr
