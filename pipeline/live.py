@@ -206,7 +206,8 @@ class LiveSession:
             raise LiveError("another session is using this generator; stop it first")
         width, height = int(self.cfg.width), int(self.cfg.height)
         try:
-            with VideoWriter(self.path, fps=self.fps, width=width, height=height) as writer:
+            # a recording: under its final name from the first frame, kept however the session ends
+            with VideoWriter(self.path, fps=self.fps, width=width, height=height, recording=True) as writer:
                 t = time.perf_counter()
                 for block in self.gen.render(self._blocks(), writer, seed=self.seed, subtitles=self.subtitles,
                                              image_latent=self._image_latent):
@@ -218,8 +219,7 @@ class LiveSession:
                     self.blocks_done = block.index + 1
                     self.frames_written = block.first_frame + len(block.frames)
                     self._check_positions()
-                    if landed is not None or block.index == 0:
-                        self._write_record()
+                    self._write_record()  # every block: a killed process leaves a sidecar that is at most a block behind
                     yield LiveBlock(block.index, block.frames, block.latents, block.first_frame, action, landed,
                                     now - t)
                     t = time.perf_counter()

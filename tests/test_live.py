@@ -288,3 +288,48 @@ def test_terminal_session_through_a_pipe_is_recorded_and_replays(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.array_equal(read_video(video), read_video(next(replay_dir.glob("*.mp4"))))
+
+
+def wait_until(predicate, timeout=60, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_killed_session_leaves_a_playable_video_and_its_transcript(tmp_path):
+    """SIGKILL in the middle of a live session: the mp4 under its final name plays (ffmpeg
+    finishes it when its input closes), holding what the sidecar records (at most one block more),
+    and the sidecar's transcript plans to exactly the frames it records."""
+    proc = subprocess.Popen([sys.executable, "inference.py", "--live", "--stdin", "--config_path", "configs/tiny.yaml",
+                             "--output_folder", str(tmp_path), "live.ahead_blocks=1000"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    proc.stdin.write("a fox runs\n")
+    proc.stdin.flush()
+    sidecar = wait_until(lambda: next(tmp_path.glob("*.json"), None), what="the sidecar")
+    wait_until(lambda: (read_json(sidecar) or {}).get("live", {}).get("blocks", 0) >= 4, what="4 blocks")
+    proc.kill()
+    proc.wait(30)
+    video = sidecar.with_suffix(".mp4")
+
+    def playable():
+        try:
+            return probe_video(video)
+        except Exception:  # noqa: BLE001 - ffmpeg may still be finishing the file
+            return None
+    info = wait_until(playable, 30, "a playable video")
+    record = read_json(sidecar)
+    assert not record["complete"] and not list(tmp_path.glob(".*"))
+    assert info["frames"] in (record["frames_written"], record["frames_written"] + 12)
+    assert plan_prompt(record["prompt"], load_config("configs/tiny.yaml"), 4).total_frames == record["frames_written"]

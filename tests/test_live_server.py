@@ -4,11 +4,13 @@ page steer while others watch, survives pages that leave mid-stream, and closes 
 shutdown."""
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
@@ -206,3 +208,33 @@ def test_cli_live_flags_and_a_taken_port_are_one_line_errors(tmp_path):
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 2 and lines[-1].startswith("error:") and fragment in lines[-1], r.stderr
             assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_and_closes_the_video(tmp_path):
+    proc = subprocess.Popen([sys.executable, "inference.py", "--live", "--config_path", "configs/tiny.yaml",
+                             "--port", "0", "--output_folder", str(tmp_path)], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = None
+    for line in iter(proc.stderr.readline, ""):
+        if "live: open " in line:
+            url = line.split("open ")[1].split()[0]
+            break
+    assert url, "the server never printed its URL"
+
+    async def steer():
+        async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws") as ws:
+            await ws.send_str(json.dumps({"type": "start", "text": "a fox runs"}))
+            await recv(ws, "block")
+            await recv(ws, "block")
+            proc.send_signal(signal.SIGTERM)
+            stopped = await recv(ws, "stopped")   # pages hear the session end before the server goes
+            assert stopped["complete"]
+    asyncio.run(asyncio.wait_for(steer(), 120))
+    assert proc.wait(60) == 0
+    rest = proc.stderr.read()
+    assert "Traceback" not in rest
+    video = next(tmp_path.glob("*.mp4"))
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["complete"] and record["live"]["blocks"] >= 2
+    assert probe_video(video)["frames"] == record["frames_written"]

@@ -11,10 +11,15 @@ What is left on disk:
   properly, so the file plays and holds every frame written so far, under the final name;
 - any other error: nothing (the partial file is deleted); zero frames written: nothing.
 
+A *recording* (``VideoWriter(..., recording=True)``, what a live session uses) is written under
+its final name from the first frame and kept however the writing ends, an error included: a
+live session cannot be rendered again, so nothing it generated is thrown away.
+
 A SIGINT/SIGTERM that arrives while a frame is being piped to ffmpeg is held until the frame is
 complete (imageio-ffmpeg kills ffmpeg when an interrupt lands inside its generator, which would
-leave an mp4 without its index). Only SIGKILL or a power cut can leave a stale hidden
-``.partial`` file, never a broken file under the final name.
+leave an mp4 without its index). A SIGKILL of the Python process closes ffmpeg's input, and ffmpeg
+then finishes the file with every frame it received: a playable file, under the hidden
+``.partial`` name (under the final name for a recording). Only a power cut can leave a broken file.
 """
 from __future__ import annotations
 
@@ -140,7 +145,7 @@ class VideoWriter:
     for what each way of ending leaves on disk."""
 
     def __init__(self, path, fps: float, width: int, height: int, crf: int = 18,
-                 preset: str = "medium"):
+                 preset: str = "medium", recording: bool = False):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise VideoSizeError(
                 f"video size {width}x{height} cannot be encoded: H.264 with yuv420p needs a "
@@ -148,7 +153,9 @@ class VideoWriter:
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
-        self.partial_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.recording = bool(recording)
+        self.partial_path = self.path if recording else \
+            self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.fps, self.width, self.height = float(fps), int(width), int(height)
         self.crf, self.preset = int(crf), preset
         self.frames_written = 0
@@ -223,7 +230,7 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             self.close()
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, KeyboardInterrupt) or self.recording:
             self._finish(keep=True, redeliver=False)
             if self.frames_written:
                 log.warning("interrupted: kept the %d frames written so far in %s",
