@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         return 0
     if args.image is not None and not Path(args.image).is_file():
         raise ConfigError(f"--image {args.image} does not exist")
+    folder = output_folder(args)
 
     import torch
     from pipeline.generate import Models, VideoGenerator, build_models, output_name, resolve_device
@@ -111,8 +112,6 @@ def main(argv=None) -> int:
     models: Models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
                                   device=device)
     gen = VideoGenerator(cfg, models)
-    folder = Path(args.output_folder)
-    folder.mkdir(parents=True, exist_ok=True)
     jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]
     mine = jobs[rank::world]
     log.info("%d video(s) to render on %s (rank %d of %d)", len(mine), device, rank, world)
@@ -125,6 +124,14 @@ def main(argv=None) -> int:
         log.warning("interrupted: the video being written was closed and stays playable")
         return 128 + getattr(exc, "signum", 2)
     return 0
+
+
+def output_folder(args) -> Path:
+    """The output folder, created and proven writable before any model loads."""
+    from utils.fs import ensure_writable_dir
+
+    return ensure_writable_dir(args.output_folder, "the output folder",
+                               "pass --output_folder with a folder you can write to")
 
 
 def stdin_is_piped() -> bool:
@@ -147,8 +154,7 @@ def live(args, cfg, rank: int, world: int) -> int:
     if args.image is not None and not Path(args.image).is_file():
         raise ConfigError(f"--image {args.image} does not exist")
     use_stdin = args.stdin or stdin_is_piped()
-    folder = Path(args.output_folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(args)
     if not use_stdin:
         check_can_listen(str(cfg.live.host), int(cfg.live.port))  # before minutes of model loading
 

@@ -15,6 +15,7 @@ import sys
 
 from utils.config import load_config
 from utils.errors import user_errors_exit
+from utils.fs import ensure_writable_dir
 
 log = logging.getLogger("train")
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     validate_train_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     prompts = read_prompts(cfg.train.data_path)
+    ensure_writable_dir(args.logdir, "the log folder", "pass --logdir with a folder you can write to")
     dist_info = init_distributed(cfg.device)
     trainer = None
     try:

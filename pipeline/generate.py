@@ -28,8 +28,9 @@ from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
-from utils.errors import ConfigError
-from utils.video import SubtitleRenderer, VideoWriter, frames_to_uint8
+from utils.errors import ConfigError, OutputError
+from utils.fs import reason
+from utils.video import SubtitleRenderer, VideoWriteError, VideoWriter, frames_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +226,19 @@ class VideoGenerator:
                 for block in tqdm(blocks, total=plan.total_blocks, desc=path.stem[:24], unit="block"):
                     written = block.first_frame + len(block.frames)
             record["complete"] = True
+        except VideoWriteError as exc:  # disk full & co: the frames ffmpeg finished are kept
+            written, record["error"] = exc.frames_kept, str(exc)
+            raise
         finally:
             record["frames_written"] = written
             record["seconds_elapsed"] = round(time.perf_counter() - start, 3)
             if path.exists():
-                write_sidecar(path, record)
+                try:
+                    write_sidecar(path, record)
+                except OutputError as exc:
+                    if record["complete"]:
+                        raise
+                    log.error("%s", exc)  # the video's own error is the one reported
         log.info("wrote %s: %d frames (%.2f s of video) in %.1f s", path, written, written / float(self.cfg.fps),
                  record["seconds_elapsed"])
         return record
@@ -239,5 +248,10 @@ def write_sidecar(video: Path, record: dict) -> None:
     """The record of a video as ``<video>.json``, replaced atomically (a reader never sees half)."""
     target = video.with_suffix(".json")
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {reason(exc)}; free some space or pass another "
+                          f"--output_folder") from exc

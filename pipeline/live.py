@@ -42,8 +42,8 @@ from pipeline.generate import ABSOLUTE_TABLE_POSITIONS, VideoGenerator, output_n
 from pipeline.grammar import Script, Segment, render
 from pipeline.plan import CUT, FLUSH, START, video_frames_after
 from pipeline.rollout import BlockSpec
-from utils.errors import UserError
-from utils.video import VideoWriter
+from utils.errors import OutputError, UserError
+from utils.video import VideoWriteError, VideoWriter
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class LiveSession:
         self.blocks_done = 0
         self.frames_written = 0
         self.complete = False
+        self.error: str | None = None
         self.started = time.monotonic()
         self._started_iterating = False
         self._finished = threading.Event()
@@ -224,6 +225,9 @@ class LiveSession:
                                     now - t)
                     t = time.perf_counter()
             self.complete = True
+        except VideoWriteError as exc:  # disk full & co: the frames ffmpeg finished are kept
+            self.frames_written, self.error = exc.frames_kept, str(exc)
+            raise
         finally:
             with self._lock:
                 dropped, self._pending = list(self._pending), deque()
@@ -233,7 +237,10 @@ class LiveSession:
             for action in self.segments:
                 action.context = None
             if self.path.exists():
-                self._write_record()
+                try:
+                    self._write_record()
+                except OutputError as exc:
+                    log.error("%s", exc)
             self._finished.set()
             self.gen.lock.release()
 
@@ -256,7 +263,7 @@ class LiveSession:
         plan = self.gen.plan(prompt, image_start=self._image_latent is not None).to_json_dict() if prompt else None
         return {"prompt": prompt, "seed": self.seed, "checkpoint": self.checkpoint, "image": self.image,
                 "plan": plan, "config": OmegaConf.to_container(self.cfg, resolve=True), "video": self.path.name,
-                "frames_written": self.frames_written, "complete": self.complete,
+                "frames_written": self.frames_written, "complete": self.complete, "error": self.error,
                 "live": {"blocks": self.blocks_done,
                          "actions": [a.to_json_dict(self.started) for a in self.segments]}}
 

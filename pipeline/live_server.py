@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline.generate import VideoGenerator
 from pipeline.live import LiveBlock, LiveError, LiveSession, PlaybackClock, paced
+from utils.errors import UserError
 
 log = logging.getLogger("live")
 
@@ -369,6 +370,9 @@ class LiveServer:
             for block in paced(session, clock, self.ahead_blocks):
                 stats = {"ahead_s": clock.buffered / self.fps, "video_seconds": session.frames_written / self.fps}
                 asyncio.run_coroutine_threadsafe(self.blocks.put((session, block, stats)), self.loop).result()
+        except UserError as exc:  # disk full & co: one line; the video so far is kept
+            log.error("%s", exc)
+            error = str(exc)
         except Exception as exc:  # noqa: BLE001
             log.exception("generation failed")
             error = f"generation failed: {type(exc).__name__}: {exc}; the video so far is kept"

@@ -41,9 +41,10 @@ from pipeline.self_forcing import draw_exit_steps, self_forcing_rollout
 from utils.checkpoint import load_dit_state_dict, load_dit_weights
 from utils.distributed import (DistInfo, all_reduce_mean, derive_seed, mixed_precision, seeded_generator,
                                shard_dit)
-from utils.errors import CheckpointError, ConfigError
-from utils.train_checkpoint import (ModelAndOptimizer, complete_checkpoints, full_state_dict, latest_checkpoint,
-                                    load_checkpoint, read_trainer_state, save_checkpoint)
+from utils.errors import CheckpointError, ConfigError, OutputError
+from utils.fs import reason
+from utils.train_checkpoint import (ModelAndOptimizer, full_state_dict, latest_checkpoint, load_checkpoint,
+                                    read_trainer_state, resumable_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,20 @@ class MetricsLog:
 
     def __init__(self, logdir: Path, wandb_run=None):
         self.path, self.wandb_run = logdir / METRICS_FILE, wandb_run
+        self.write_failed = False
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("step %d | %s", step, shown)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.write_failed = False
+        except OSError as exc:  # a full disk must not stop training here; the next checkpoint will say
+            if not self.write_failed:
+                log.warning("cannot append to %s (%s); the metrics still go to the console and wandb",
+                            self.path, reason(exc))
+            self.write_failed = True
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
@@ -258,11 +267,15 @@ class Trainer:
                                             policy=str(self.tc.position_policy))
         self.num_blocks = self.num_frames // self.settings.block_frames
 
-        resume_from = self._checkpoint_to_resume(resume)
-        trainer_state = read_trainer_state(resume_from) if resume_from else {}
+        candidates = self._checkpoints_to_resume(resume)
+        trainer_state = read_trainer_state(candidates[0]) if candidates else {}
         if dist.is_main:
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.logdir / "config.yaml")
+            try:
+                self.logdir.mkdir(parents=True, exist_ok=True)
+                OmegaConf.save(cfg, self.logdir / "config.yaml")
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.logdir / 'config.yaml'}: {reason(exc)}; free some space "
+                                  f"or pass another --logdir") from exc
         self.wandb_run = start_wandb(cfg, self.logdir, trainer_state.get("wandb_run_id")) \
             if use_wandb and dist.is_main else None
         self.metrics = MetricsLog(self.logdir, self.wandb_run) if dist.is_main else None
@@ -284,8 +297,8 @@ class Trainer:
         self.ema: ShardedEMA | None = None
         self.step = 0
         self.real_checksum = param_checksum(self.real_score)
-        if resume_from:
-            self._resume(resume_from, trainer_state)
+        if candidates:
+            self._resume(candidates)
         log.info("training: world %d, %d micro-batch(es) of %d per rank per step (total %d), clip %d frames "
                  "(%d blocks) of %s, window %d, compute %s, generator %.4gM params", dist.world_size, self.accum,
                  self.tc.batch_size, self.tc.total_batch_size, self.num_frames, self.num_blocks,
@@ -465,26 +478,46 @@ class Trainer:
         return save_checkpoint(self.ckpt_root, self.step, self._state(), trainer_state, rank=self.dist.rank,
                                export=export if self.dist.is_main else None, keep=int(self.tc.keep_checkpoints))
 
-    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
-        latest = latest_checkpoint(self.ckpt_root)
+    def _checkpoints_to_resume(self, resume: bool) -> list[Path]:
+        """The checkpoints to try for ``--resume``, newest first (damaged ones reported and left
+        out). Without ``--resume`` a folder that holds checkpoints is refused."""
         if not resume:
-            if complete_checkpoints(self.ckpt_root):
+            latest = latest_checkpoint(self.ckpt_root)
+            if latest is not None:
                 raise CheckpointError(f"{self.ckpt_root} already holds checkpoints (latest {latest.name}); pass "
                                       f"--resume to continue that run, or choose another --logdir")
-            return None
-        if latest is None:
+            return []
+        good, problems = resumable_checkpoints(self.ckpt_root)
+        for problem in problems:
+            log.warning("--resume: skipping %s", problem)
+        if not good and problems:
+            raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_root} can be resumed from "
+                                  f"({'; '.join(problems)}); delete them to start this run over, or choose "
+                                  f"another --logdir")
+        if not good:
             log.warning("--resume: no checkpoint in %s; starting from scratch", self.ckpt_root)
-        return latest
+        return good
 
-    def _resume(self, path: Path, trainer_state: dict) -> None:
-        if trainer_state.get("has_ema"):
-            self.ema = ShardedEMA(self.generator, self.tc.ema_weight)
-        saved_world = trainer_state.get("world_size")
-        if saved_world != self.dist.world_size:
-            log.warning("checkpoint was written by %s ranks, resuming on %d: weights and optimizer states are "
-                        "resharded; the data order and noise streams continue differently", saved_world,
-                        self.dist.world_size)
-        load_checkpoint(path, self._state(), rank=self.dist.rank)
-        self.step = int(trainer_state["step"])
-        self.data.position = int(trainer_state["data_position"])
-        log.info("resumed from %s at step %d", path, self.step)
+    def _resume(self, candidates: list[Path]) -> None:
+        """Load the newest of ``candidates`` that loads; a failure moves on to the one before."""
+        failures = []
+        for path in candidates:
+            trainer_state = read_trainer_state(path)
+            self.ema = ShardedEMA(self.generator, self.tc.ema_weight) if trainer_state.get("has_ema") else None
+            try:
+                load_checkpoint(path, self._state(), rank=self.dist.rank)
+            except CheckpointError as exc:
+                failures.append(f"{path.name}: {exc.__cause__ or exc}".splitlines()[0][:300])
+                log.warning("--resume: %s cannot be loaded; trying the checkpoint before it", path.name)
+                continue
+            saved_world = trainer_state.get("world_size")
+            if saved_world != self.dist.world_size:
+                log.warning("checkpoint was written by %s ranks, resuming on %d: weights and optimizer states are "
+                            "resharded; the data order and noise streams continue differently", saved_world,
+                            self.dist.world_size)
+            self.step = int(trainer_state["step"])
+            self.data.position = int(trainer_state["data_position"])
+            log.info("resumed from %s at step %d", path, self.step)
+            return
+        raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_root} loads ({'; '.join(failures)}); "
+                              f"delete them to start this run over, or choose another --logdir")

@@ -25,7 +25,7 @@ from pipeline.trainer import PromptStream, Trainer, read_prompts
 from utils.checkpoint import load_dit_state_dict, load_dit_weights, save_dit_state_dict
 from utils.config import load_config
 from utils.distributed import cleanup, init_distributed
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,11 @@ def test_crash_mid_save_keeps_the_last_checkpoint_and_resume(tmp_path, one_proce
 
     monkeypatch.setattr(train_ckpt.dcp, "save", crash)
     trainer.step = 2
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full") as failed:  # one line; the partial save is removed
         trainer.save()
+    assert "step_000001 is intact" in str(failed.value) and "\n" not in str(failed.value)
     assert train_ckpt.latest_checkpoint(root).name == "step_000001"
-    assert (root / ".tmp_step_000002").is_dir()
+    assert not (root / ".tmp_step_000002").exists()
 
     monkeypatch.setattr(train_ckpt.dcp, "save", real_save)
     trainer.save()

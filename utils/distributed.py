@@ -76,6 +76,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_ranks_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` is true on every rank (a collective), so that all ranks take
+    the same path after a step that can fail on some of them."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None = torch.float32
                     ) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)

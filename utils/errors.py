@@ -29,6 +29,10 @@ class WeightsMissingError(UserError):
     pass
 
 
+class OutputError(UserError):
+    """An output (video, sidecar, checkpoint) could not be written: disk full, quota, read-only."""
+
+
 class PromptError(UserError):
     """A malformed prompt. ``position`` is the 0-based character index into the prompt where the
     problem is (``len(prompt)`` means "at the end"); ``segment`` is the 1-based segment number,

@@ -12,7 +12,10 @@ Layout under ``<logdir>/checkpoints/``::
 
 A save writes everything into ``.tmp_step_N`` and then renames it to ``step_N`` (one atomic
 ``rename`` on a POSIX file system), so a crash at any point leaves the previous checkpoints
-untouched. Only the newest ``keep`` complete checkpoints are kept; older ones are renamed away
+untouched. A save that fails (disk full, quota) removes its ``.tmp_step_N`` and stops the run
+with one line: the previous checkpoint is what ``--resume`` picks. On resume, each checkpoint is
+checked before it is loaded (state file, DCP metadata, every shard as long as the metadata says);
+a damaged one is reported and the one before it is tried (:func:`resumable_checkpoints`). Only the newest ``keep`` complete checkpoints are kept; older ones are renamed away
 before they are deleted, so a crash while pruning never leaves a half-deleted ``step_N``.
 The sharded state is resharded on load by DCP, so it can be read by a different world size
 (the data position and the per-rank RNG streams then continue only approximately).
@@ -34,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
-from utils.distributed import barrier
-from utils.errors import CheckpointError
+from utils.distributed import all_ranks_ok, barrier
+from utils.errors import CheckpointError, OutputError
+from utils.fs import reason
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,55 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed from (None: it looks whole). Reads only
+    the small files: the trainer state, the DCP metadata, and the shards' sizes."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        int(state["step"])
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
+    if not (path / ".metadata").is_file():
+        return "its DCP .metadata is missing"
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a truncated pickle raises anything
+        return f"its DCP .metadata is unreadable ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size < size:
+            return f"shard {name} is truncated ({shard.stat().st_size} of {size} bytes)"
+    return None
+
+
+def resumable_checkpoints(root: str | Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints under ``root`` that look whole, newest first, and a line for each one that
+    does not (damaged step folders, unfinished saves left by a killed run)."""
+    root = Path(root)
+    good, problems = [], []
+    if not root.is_dir():
+        return good, problems
+    steps = sorted(((int(m.group(1)), p) for p in root.iterdir()
+                    if (m := STEP_DIR.match(p.name)) and p.is_dir()), reverse=True)
+    for _, path in steps:
+        why = checkpoint_problem(path)
+        if why is None:
+            good.append(path)
+        else:
+            problems.append(f"{path.name}: {why}")
+    for path in sorted(root.glob(".tmp_step_*")):
+        problems.append(f"{path.name}: an unfinished save (the run was stopped while saving)")
+    return good, problems
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
@@ -151,18 +204,36 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], trainer_
     bookkeeping (rank 0's is written). ``export``: rank 0's full state dicts for ``model.pt``."""
     root = Path(root)
     tmp, final = root / f".tmp_step_{step:06d}", root / f"step_{step:06d}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(root)
-        tmp.mkdir()
-    barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
-    _save_file(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        if export:
-            _save_file(export, tmp / EXPORT_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-    barrier()
+    error: BaseException | None = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            tmp.mkdir()
+    except OSError as exc:
+        error = exc
+    if all_ranks_ok(error is None):
+        try:
+            dcp.save(state, checkpoint_id=str(tmp))  # a collective: a failed write raises on every rank
+        except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - DCP wraps the ranks' errors
+            error = exc
+    if error is None:
+        try:
+            _save_file(_rng_state(), tmp / f"rng_rank{rank}.pt")
+            if rank == 0:
+                if export:
+                    _save_file(export, tmp / EXPORT_FILE)
+                (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        except OSError as exc:
+            error = exc
+    if not all_ranks_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"{previous.name} is intact and --resume continues from it" if previous else "no earlier checkpoint"
+        why = _failure_reason(error) if error is not None else "another rank could not write its part"
+        raise OutputError(f"saving checkpoint step {step} in {root} failed ({why}); {kept}; free some space "
+                          f"and resume") from error
     if rank == 0:
         if final.exists():  # the same step saved again: replace it
             os.replace(final, root / f".old_{final.name}")
@@ -175,6 +246,23 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], trainer_
     return final
 
 
+def _failure_reason(exc: BaseException) -> str:
+    """The first file-system error inside ``exc`` (DCP keeps each rank's under ``failures``)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return reason(e)
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+        todo += [e.__cause__, e.__context__]
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return first
+
+
 def load_checkpoint(path: str | Path, state: dict[str, Any], *, rank: int) -> dict[str, Any]:
     """Load ``state`` (the same structure as saved) in place from checkpoint ``path``, restore this
     rank's RNG states; returns the trainer state."""
@@ -182,7 +270,7 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], *, rank: int) -> di
     trainer_state = read_trainer_state(path)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:
+    except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - DCP's own is a BaseException
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load the training checkpoint {path} ({first}); it was written by a "
                               f"different model/config, or it is damaged: delete it to resume from the "

@@ -9,7 +9,10 @@ What is left on disk:
   same folder, then renamed atomically);
 - interruption (Ctrl-C, or SIGTERM inside :func:`sigterm_as_interrupt`): ffmpeg is closed
   properly, so the file plays and holds every frame written so far, under the final name;
-- any other error: nothing (the partial file is deleted); zero frames written: nothing.
+- any other error: nothing (the partial file is deleted); zero frames written: nothing;
+- ffmpeg failing to write (disk full, quota, file-size limit): :class:`VideoWriteError`, and the
+  frames it had finished stay under the final name. The file is a fragmented MP4 (a fragment
+  per second), so a file cut short still plays up to its last complete fragment.
 
 A *recording* (``VideoWriter(..., recording=True)``, what a live session uses) is written under
 its final name from the first frame and kept however the writing ends, an error included: a
@@ -27,6 +30,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import signal
 import threading
 from dataclasses import dataclass
@@ -37,7 +41,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.errors import UserError
+from utils.errors import OutputError, UserError
+from utils.fs import MIN_FREE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,15 @@ FONT_PATH = Path(__file__).resolve().parent / "fonts" / "DejaVuSans-Bold.ttf"
 
 class VideoSizeError(UserError, ValueError):
     """A frame size the encoder cannot take (yuv420p needs even width and height)."""
+
+
+class VideoWriteError(OutputError):
+    """Writing the video failed part-way (disk full, quota, file-size limit, ffmpeg gone). The
+    frames ffmpeg finished stay a playable file under the final name: ``frames_kept`` of them."""
+
+    def __init__(self, message: str, frames_kept: int):
+        super().__init__(message)
+        self.frames_kept = frames_kept
 
 
 class Terminated(KeyboardInterrupt):
@@ -170,7 +184,11 @@ class VideoWriter:
             quality=None,  # imageio's 0-10 scale would add its own -crf; ours is below
             macro_block_size=1,  # sizes are validated even; never let imageio rescale
             ffmpeg_log_level="error",
-            output_params=["-crf", str(self.crf), "-preset", self.preset])
+            # Fragmented MP4 (a fragment per second): a file cut short by a full disk, a quota or
+            # a killed ffmpeg still plays up to its last complete fragment.
+            output_params=["-crf", str(self.crf), "-preset", self.preset,
+                           "-movflags", "+frag_keyframe+empty_moov+default_base_moof",
+                           "-frag_duration", str(FRAGMENT_MICROSECONDS)])
         encoder.send(None)  # starts ffmpeg
         log.debug("ffmpeg (%s) encoding to %s", imageio_ffmpeg.get_ffmpeg_exe(), self.partial_path)
         return encoder
@@ -184,11 +202,36 @@ class VideoWriter:
             raise ValueError(f"frames are {arr.shape[2]}x{arr.shape[1]}, "
                              f"the video is {self.width}x{self.height}")
         with _signals_held():
-            if self._encoder is None:
-                self._encoder = self._start_encoder()
-            for frame in arr:
-                self._encoder.send(frame)
-                self.frames_written += 1
+            try:
+                if self._encoder is None:
+                    self._encoder = self._start_encoder()
+                for frame in arr:
+                    self._encoder.send(frame)
+                    self.frames_written += 1
+            except OSError as exc:  # ffmpeg stopped taking frames: it could not write the file
+                raise self._salvage(exc) from None
+
+    def _salvage(self, exc: OSError) -> VideoWriteError:
+        """After a failed write: keep what ffmpeg finished (a playable prefix) under the final
+        name and say what happened in one line."""
+        self._closed = True
+        encoder, self._encoder = self._encoder, None
+        if encoder is not None:
+            with contextlib.suppress(Exception):
+                encoder.close()
+        kept = 0
+        if self.partial_path.is_file() and self.partial_path.stat().st_size > 0:
+            with contextlib.suppress(Exception):
+                _trim_to_whole_fragments(self.partial_path)
+                kept = imageio_ffmpeg.count_frames_and_secs(str(self.partial_path))[0]
+        if kept:
+            os.replace(self.partial_path, self.path)
+        else:
+            self.partial_path.unlink(missing_ok=True)
+        why = _write_failure_reason(self.path.parent, exc)
+        kept_text = (f"its first {kept} frames are kept there and play" if kept else "nothing playable was written")
+        return VideoWriteError(f"writing {self.path} failed after {self.frames_written} frames were sent ({why}); "
+                               f"{kept_text}; free some space or pass another --output_folder", kept)
 
     def _finish(self, keep: bool, redeliver: bool) -> None:
         if self._closed:
@@ -228,6 +271,8 @@ class VideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and self._closed:  # already handled (a failed write was salvaged)
+            return False
         if exc_type is None:
             self.close()
         elif issubclass(exc_type, KeyboardInterrupt) or self.recording:
@@ -238,6 +283,38 @@ class VideoWriter:
         else:
             self.abort()
         return False
+
+
+FRAGMENT_MICROSECONDS = 1_000_000
+
+
+def _trim_to_whole_fragments(path: Path) -> None:
+    """Cut a fragmented MP4 that ffmpeg could not finish after its last complete fragment (a
+    ``moof`` box and the ``mdat`` after it): demuxers refuse a file whose last fragment is cut.
+    Truncating needs no free space."""
+    end, good, size = 0, 0, path.stat().st_size
+    with open(path, "rb") as f:
+        while end + 8 <= size:
+            f.seek(end)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if length == 1 and len(head) == 16:
+                length = int.from_bytes(head[8:16], "big")
+            if length < 8 or end + length > size:
+                break
+            end += length
+            if kind != b"moof":  # a fragment is whole once its mdat is; ftyp/moov are whole alone
+                good = end
+    if good < size:
+        os.truncate(path, good)
+
+
+def _write_failure_reason(folder: Path, exc: OSError) -> str:
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < MIN_FREE_BYTES:
+            return "no space left on the device"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"ffmpeg stopped writing: {first}; a full disk, a quota or a file-size limit?"
 
 
 # ---------------------------------------------------------------------------------- subtitles
