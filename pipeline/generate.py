@@ -218,8 +218,9 @@ class VideoGenerator:
         start = time.perf_counter()
         written = 0
         try:
+            # background: ffmpeg is fed by a thread while the next block is generated
             with VideoWriter(path, fps=float(self.cfg.fps), width=int(self.cfg.width),
-                             height=int(self.cfg.height)) as writer:
+                             height=int(self.cfg.height), background=True) as writer:
                 blocks = self.render(plan_blocks(plan.block_events, plan.block_segment, contexts), writer,
                                      seed=seed, subtitles=[s.subtitle for s in plan.segments],
                                      image_latent=image_latent, total_frames=plan.total_frames)

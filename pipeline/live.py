@@ -207,7 +207,8 @@ class LiveSession:
             raise LiveError("another session is using this generator; stop it first")
         width, height = int(self.cfg.width), int(self.cfg.height)
         try:
-            # a recording: under its final name from the first frame, kept however the session ends
+            # a recording: under its final name from the first frame, kept however the session ends;
+            # written in line (no writer thread), so the sidecar never counts a frame not yet piped
             with VideoWriter(self.path, fps=self.fps, width=width, height=height, recording=True) as writer:
                 t = time.perf_counter()
                 for block in self.gen.render(self._blocks(), writer, seed=self.seed, subtitles=self.subtitles,

@@ -22,7 +22,8 @@ For each (variant, length) it measures
 * **pipeline**: the real inference path (rollout → streaming VAE decode → uint8 → subtitles →
   mp4), video frames/s over the same steady-state blocks, and its time split per block: DiT
   forward, RoPE + KV-cache bookkeeping (inside the DiT), VAE decode, writing (uint8 conversion,
-  subtitles, ffmpeg pipe). Stage boundaries synchronise the device (the stages depend on each
+  subtitles, and handing the frames to the writer thread, which pipes them to ffmpeg while the
+  next block is generated; variant ``sync_write`` pipes them on the critical path instead). Stage boundaries synchronise the device (the stages depend on each
   other anyway); the RoPE/cache share is timed with CUDA events on a GPU (no extra
   synchronisation) and with ``perf_counter`` on a CPU;
 * **peak memory** of the measured passes, after a warm-up: ``torch.cuda.max_memory_allocated``
@@ -76,6 +77,7 @@ VARIANTS = {
     "rope_f64": {"legacy": ["rope_f64"]},     # rotate in float64 (the reference implementation)
     "real_rope": {"legacy": ["real_rope"]},   # real-valued rotation formula instead of one complex multiply
     "text_kv_per_forward": {"legacy": ["text_kv_per_forward"]},  # text keys/values projected at every forward
+    "sync_write": {"sync_write": True},       # frames piped to ffmpeg on the critical path (no writer thread)
     "compile": {"overrides": ["compile=true"]},
     "fp32": {"overrides": ["dtype=float32"]},
     "bf16": {"overrides": ["dtype=bfloat16"]},
@@ -320,7 +322,7 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 
 def parse_variant(name: str) -> dict:
-    spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": []}
+    spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -329,6 +331,7 @@ def parse_variant(name: str) -> dict:
         spec["naive_rope"] |= v.get("naive_rope", False)
         spec["sdpa"] = v.get("sdpa", spec["sdpa"])
         spec["legacy"] += v.get("legacy", [])
+        spec["sync_write"] |= v.get("sync_write", False)
     return spec
 
 
@@ -457,7 +460,8 @@ class Bench:
         gen.decoder.reset()
         synchronize(self.device)
         start = time.perf_counter()
-        with patch, VideoWriter(path, fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height)) as writer:
+        with patch, VideoWriter(path, fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height),
+                                background=not self.variant.get("sync_write", False)) as writer:
             blocks = self.blocks(plan, contexts)
             for _ in tqdm(range(total), desc=desc, unit="block", leave=False, disable=None):
                 t0 = time.perf_counter()

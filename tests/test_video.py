@@ -272,3 +272,91 @@ def test_subtitled_frames_survive_encoding(tmp_path):
     assert np.abs(back[:3] - 90).max() < 4
     assert np.abs(back[3:, bottom] - 90).max() > 100
     assert np.abs(back[3:, :20] - 90).max() < 4
+
+
+def test_background_writer_writes_the_same_video(tmp_path):
+    """The writer thread is a fast path: the file is identical to the one written in line."""
+    frames = gradient_frames(50)
+    for name, background in (("sync.mp4", False), ("thread.mp4", True)):
+        with VideoWriter(tmp_path / name, 16, 64, 48, background=background) as writer:
+            for block in np.array_split(frames, 7):
+                writer.write(block)
+        assert writer.frames_written == 50
+    assert np.array_equal(read_video(tmp_path / "sync.mp4"), read_video(tmp_path / "thread.mp4"))
+    assert folder_contents(tmp_path) == ["sync.mp4", "thread.mp4"]
+
+
+class HookedEncoder:
+    """imageio-ffmpeg's frame writer with ``hook(frame)`` called before each frame is sent."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def send(self, frame):
+        if frame is not None:
+            self.hook(frame)
+        return self.inner.send(frame)
+
+    def close(self):
+        self.inner.close()
+
+
+def hook_encoder(monkeypatch, hook):
+    real = imageio_ffmpeg.write_frames
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", lambda *a, **k: HookedEncoder(real(*a, **k), hook))
+
+
+def test_background_writer_keeps_interrupted_and_bounds_its_queue(tmp_path, monkeypatch):
+    """Ctrl-C: every frame handed over is piped before the file is closed. A slow ffmpeg makes
+    write() wait once `queue_writes` writes are pending (memory stays bounded)."""
+    import threading
+    import time
+
+    gate = threading.Event()
+    hook_encoder(monkeypatch, lambda frame: gate.wait())
+    path = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path, 16, 64, 48, background=True, queue_writes=2) as writer:
+            blocks = np.split(gradient_frames(24), 6)
+            for block in blocks[:3]:  # the sender holds one, two wait in the queue
+                writer.write(block)
+            waiting = threading.Thread(target=writer.write, args=(blocks[3],))
+            waiting.start()
+            time.sleep(0.3)
+            assert waiting.is_alive()  # the queue is full: the caller waits
+            gate.set()
+            waiting.join(10)
+            raise KeyboardInterrupt
+    assert probe_video(path)["frames"] == 16
+
+
+def test_background_writer_reports_a_failed_write_at_the_next_call(tmp_path, monkeypatch):
+    from utils.video import VideoWriteError
+
+    sent = []
+
+    def fail_after_20(frame):
+        if len(sent) == 20:
+            raise OSError(28, "No space left on device")
+        sent.append(1)
+    hook_encoder(monkeypatch, fail_after_20)
+    path = tmp_path / "v.mp4"
+    with pytest.raises(VideoWriteError) as exc:
+        with VideoWriter(path, 16, 64, 48, background=True) as writer:
+            for block in np.split(gradient_frames(48), 4):
+                writer.write(block)
+    assert "failed after 20 frames" in str(exc.value) and "\n" not in str(exc.value)
+    kept = exc.value.frames_kept
+    assert (probe_video(path)["frames"] == kept) if kept else not path.exists()
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_background_writer_raises_a_bug_in_the_callers_thread(tmp_path, monkeypatch):
+    def bug(frame):
+        raise ZeroDivisionError("a bug")
+    hook_encoder(monkeypatch, bug)
+    with pytest.raises(ZeroDivisionError):
+        with VideoWriter(tmp_path / "v.mp4", 16, 64, 48, background=True) as writer:
+            for block in np.split(gradient_frames(12), 3):
+                writer.write(block)
+    assert folder_contents(tmp_path) == []

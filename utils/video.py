@@ -30,6 +30,7 @@ import contextlib
 import functools
 import logging
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -155,11 +156,14 @@ class VideoWriter:
                 writer.write(frames)      # uint8 [T, H, W, 3] or float tensor [T, 3, H, W]
 
     ``crf`` is x264's constant-quality factor (0 lossless, 18 visually near-lossless, 51 worst).
+    ``background=True`` pipes the frames to ffmpeg from a thread, so the caller goes on at once
+    (at most ``queue_writes`` writes wait; an error shows up at a later write or at close).
     Use as a context manager (or call :meth:`close` / :meth:`abort`); see the module docstring
     for what each way of ending leaves on disk."""
 
     def __init__(self, path, fps: float, width: int, height: int, crf: int = 18,
-                 preset: str = "medium", recording: bool = False):
+                 preset: str = "medium", recording: bool = False, background: bool = False,
+                 queue_writes: int = 2):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise VideoSizeError(
                 f"video size {width}x{height} cannot be encoded: H.264 with yuv420p needs a "
@@ -172,9 +176,14 @@ class VideoWriter:
             self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.fps, self.width, self.height = float(fps), int(width), int(height)
         self.crf, self.preset = int(crf), preset
-        self.frames_written = 0
+        self.frames_written = 0  # frames handed to ffmpeg
         self._encoder = None  # imageio-ffmpeg's generator; started on the first frame
         self._closed = False
+        # background=True: a sender thread pipes frames to ffmpeg while the caller goes on (the
+        # next block is generated meanwhile); at most `queue_writes` writes wait, so memory is bounded.
+        self._queue: queue.Queue | None = queue.Queue(maxsize=queue_writes) if background else None
+        self._sender: threading.Thread | None = None
+        self._send_error: OSError | None = None
 
     def _start_encoder(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,15 +210,46 @@ class VideoWriter:
         if arr.shape[1:3] != (self.height, self.width):
             raise ValueError(f"frames are {arr.shape[2]}x{arr.shape[1]}, "
                              f"the video is {self.width}x{self.height}")
-        with _signals_held():
-            try:
-                if self._encoder is None:
-                    self._encoder = self._start_encoder()
-                for frame in arr:
-                    self._encoder.send(frame)
-                    self.frames_written += 1
-            except OSError as exc:  # ffmpeg stopped taking frames: it could not write the file
-                raise self._salvage(exc) from None
+        if self._queue is None:
+            with _signals_held():
+                try:
+                    self._send(arr)
+                except OSError as exc:  # ffmpeg stopped taking frames: it could not write the file
+                    raise self._salvage(exc) from None
+            return
+        if self._send_error is not None:
+            raise self._salvage(self._stop_sender()) from None
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="video-writer", daemon=True)
+            self._sender.start()
+        self._queue.put(arr)  # waits while the queue is full
+
+    def _send(self, arr: np.ndarray) -> None:
+        if self._encoder is None:
+            self._encoder = self._start_encoder()
+        for frame in arr:
+            self._encoder.send(frame)
+            self.frames_written += 1
+
+    def _send_loop(self) -> None:
+        while (arr := self._queue.get()) is not None:
+            if self._send_error is None:  # after a failure keep draining, so no put() waits forever
+                try:
+                    self._send(arr)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._send_error = exc
+
+    def _stop_sender(self) -> OSError | None:
+        """Let the sender pipe what is queued, stop it; its write error, if it had one (any other
+        error is raised here, in the caller's thread)."""
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender.join()
+            self._sender = None
+        if self._send_error is not None and not isinstance(self._send_error, OSError):
+            error, self._send_error = self._send_error, None
+            raise error
+        return self._send_error
 
     def _salvage(self, exc: OSError) -> VideoWriteError:
         """After a failed write: keep what ffmpeg finished (a playable prefix) under the final
@@ -236,8 +276,18 @@ class VideoWriter:
     def _finish(self, keep: bool, redeliver: bool) -> None:
         if self._closed:
             return
-        self._closed = True
         with _signals_held(redeliver):
+            try:
+                error = self._stop_sender()
+            except BaseException:  # a bug surfaced from the sender thread: stop ffmpeg, keep nothing
+                self._closed = True
+                with contextlib.suppress(Exception):
+                    self._encoder.close()
+                self.partial_path.unlink(missing_ok=True)
+                raise
+            if error is not None and keep:
+                raise self._salvage(error) from None
+            self._closed = True
             try:
                 if self._encoder is not None:
                     self._encoder.close()  # EOF on stdin: ffmpeg flushes and writes the index

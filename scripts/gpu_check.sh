@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The prepared GPU check: CUDA-only tests and the speed/memory rows of docs/PERFORMANCE.md, in one
+# command on a fresh GPU machine that has only torch and transformers (the device tool's image).
+#
+#   bash scripts/gpu_check.sh --fetch    here, with a package registry: download the wheels the GPU
+#                                        image lacks into .whl/ (git-ignored; carry it to the GPU)
+#   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the checks, write the tables
+#   bash scripts/gpu_check.sh --cpu      the same plumbing on a CPU with configs/tiny.yaml (a dry run
+#                                        of this script; numbers meaningless)
+#
+# Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md per
+# row group, and summary.md (all tables). Budget: about 6-8 minutes on one H100/H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# what the image lacks (its KINDS.md list): diffusers, omegaconf (+ antlr4 4.9, sdist only: built
+# here as a pure-Python wheel), imageio-ffmpeg (its ffmpeg binary inside); importlib-metadata for diffusers
+WHEELS=(diffusers==0.42.1 omegaconf==2.3.0 imageio-ffmpeg==0.6.0 importlib-metadata)
+SDIST_WHEELS=(antlr4-python3-runtime==4.9.3)
+MODE=gpu
+case "${1:-}" in
+    --fetch)
+        mkdir -p .whl
+        grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+        python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux1_x86_64 --platform any -d .whl "${WHEELS[@]}"
+        python3 -m pip wheel --quiet --no-deps -w .whl "${SDIST_WHEELS[@]}"
+        ls -1 .whl; du -sh .whl
+        exit 0 ;;
+    --cpu) MODE=cpu ;;
+    "") ;;
+    *) echo "usage: bash scripts/gpu_check.sh [--fetch | --cpu]" >&2; exit 2 ;;
+esac
+
+OUT=${OUT:-benchmarks/gpu_check}
+mkdir -p "$OUT"
+PY=python3
+if [ "$MODE" = cpu ]; then
+    PY=.venv/bin/python
+elif [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+    echo "==> installing the carried wheels into /tmp/site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+
+echo "==> environment" | tee "$OUT/env.txt"
+$PY - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
+import platform, torch, transformers, diffusers, tokenizers
+print("python", platform.python_version(), "| torch", torch.__version__, "| transformers", transformers.__version__,
+      "| tokenizers", tokenizers.__version__, "| diffusers", diffusers.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs", "| cuda", torch.version.cuda,
+          "| cudnn", torch.backends.cudnn.version())
+EOF
+
+echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
+# -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
+set +e
+timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+    tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
+tests_rc=${PIPESTATUS[0]}
+set -e
+
+if [ "$MODE" = cpu ]; then
+    CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1)
+else
+    # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
+    # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
+    CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 2 random_init=true)
+fi
+echo "==> benchmark: eager (the default) vs compile vs the writer on the critical path, ${SECONDS_[*]} s"
+timeout 420 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile sync_write \
+    --out "$OUT" --tag "rows_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
+
+{
+    echo "# GPU check ($(date -u +%Y-%m-%d), $MODE)"
+    echo
+    sed 's/^/    /' "$OUT/env.txt"
+    echo
+    echo "CUDA tests exit code: $tests_rc ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))"
+    echo
+    cat "$OUT/rows_$MODE.md" 2>/dev/null || echo "(benchmark produced no table: see benchmark.log)"
+} > "$OUT/summary.md"
+cat "$OUT/summary.md"
+[ "$tests_rc" = 0 ]
