@@ -221,7 +221,10 @@ def test_stop_wakes_a_paused_session(gen, tmp_path):
             pass
         done.set()
     threading.Thread(target=run, daemon=True).start()
-    time.sleep(1.0)
+    end = time.monotonic() + 60
+    while session.blocks_done < 1 and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert not done.is_set() and session.blocks_done == 1  # paused: one block made, then waiting
     session.stop()
     clock.wake()
