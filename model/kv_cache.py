@@ -67,6 +67,7 @@ class KVCache:
         self.cut_offset = cut_offset
         self.rope = rope
         self.naive_rope = naive_rope
+        self.pin_copies = False  # PinnedKV keeps copies of the held frames (training with eviction)
         self.batch_size = batch_size
         shape = (num_layers, batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
         self.k_raw = torch.zeros(shape, dtype=dtype, device=device)
@@ -257,26 +258,36 @@ class PinnedKV:
     (which runs after later blocks were committed) attends to the same held frames.
 
     During the original forward it delegates to the cache. In a recompute (the cache has moved
-    on) it attends to the frames that were held then, read from the buffers, which is exact as
-    long as none of them was evicted or flushed in between: true for a training rollout whose
-    window holds the whole clip. Otherwise it raises instead of computing a wrong gradient."""
+    on) it attends to the frames that were held then. With ``cache.pin_copies`` (set by a
+    training rollout whose window is shorter than its clip, so frames are evicted before the
+    backward) it keeps a copy of each layer's held keys and values from the original forward: the
+    price is those frames' keys and values once per checkpointed forward. Without it, it reads
+    them from the buffers, which is exact as long as none was evicted or flushed in between (a
+    window that holds the whole clip); otherwise it raises instead of computing a wrong gradient."""
 
     def __init__(self, cache: KVCache):
         self.cache = cache
         self.held = cache.num_frames
         self.version = cache.version
         self.slots = list(cache.slot_frame[:self.held])
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache.pin_copies else None
 
     @torch.compiler.disable
     def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
         c = self.cache
+        n = self.held * c.frame_tokens
         if c.version == self.version:
-            return c.attend_kv(layer, k, k_rot, v)
+            out = c.attend_kv(layer, k, k_rot, v)  # refreshes the held frames' rotation first
+            if self.copies is not None and layer not in self.copies:
+                self.copies[layer] = (c.k_rot[layer, :, :n].clone(), c.v[layer, :, :n].clone())
+            return out
+        if self.copies is not None:
+            held_k, held_v = self.copies[layer]
+            return torch.cat([held_k, k_rot], dim=1), torch.cat([held_v, v], dim=1)
         if c.slot_frame[:self.held] != self.slots:
             raise RuntimeError("the KV cache evicted or flushed frames between a checkpointed forward and its "
                                "backward; use a training window that holds the whole clip or turn off "
                                "gradient checkpointing")
-        n = self.held * c.frame_tokens
         return torch.cat([c.k_rot[layer, :, :n], k_rot], dim=1), torch.cat([c.v[layer, :, :n], v], dim=1)
 
     @torch.compiler.disable

@@ -62,6 +62,9 @@ def self_forcing_rollout(model: WanDiT, cache: KVCache, settings: RolloutSetting
     scheduler = settings.scheduler()
     batch = cache.batch_size
     cache.reset()
+    # a window shorter than the clip evicts frames before the backward: checkpointed forwards
+    # keep a copy of what they attended to (model/kv_cache.PinnedKV)
+    cache.pin_copies = cache.capacity < num_frames
     outputs = []
     for i in range(num_blocks):
         noise = torch.randn((batch, block, *latent_shape), generator=generator, device=device,

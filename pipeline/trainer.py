@@ -96,10 +96,6 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     need(tc.local_attn_size == -1 or tc.local_attn_size >= tc.sink_size + block,
          f"train.local_attn_size ({tc.local_attn_size}) must be -1 (the whole clip) or hold train.sink_size "
          f"({tc.sink_size}) + one block ({block})")
-    window = tc.local_attn_size if tc.local_attn_size > 0 else tc.num_training_frames
-    need(not (tc.gradient_checkpointing and window < tc.num_training_frames),
-         f"train.gradient_checkpointing needs a training window that holds the clip: train.local_attn_size "
-         f"({tc.local_attn_size}) < train.num_training_frames ({tc.num_training_frames}); raise it or set -1")
     need(tc.sink_size >= 0, "train.sink_size must be >= 0")
     need(tc.position_policy in ("absolute", "relativistic"),
          f"train.position_policy must be absolute or relativistic, not '{tc.position_policy}'")
@@ -261,10 +257,8 @@ class Trainer:
         self.num_frames = int(self.tc.num_training_frames)
         self.latent_shape = latent_shape(cfg)
         self.compute_dtype = DTYPES[cfg.dtype] if self.tc.mixed_precision else torch.float32
-        base = RolloutSettings.from_config(cfg)
-        window = self.tc.local_attn_size if self.tc.local_attn_size > 0 else self.num_frames
-        self.settings = dataclasses.replace(base, local_attn_size=int(window), sink_size=int(self.tc.sink_size),
-                                            policy=str(self.tc.position_policy))
+        self.settings = self.rollout_settings(cfg)
+        window = self.settings.local_attn_size
         self.num_blocks = self.num_frames // self.settings.block_frames
 
         candidates = self._checkpoints_to_resume(resume)
@@ -304,6 +298,15 @@ class Trainer:
                  self.tc.batch_size, self.tc.total_batch_size, self.num_frames, self.num_blocks,
                  "x".join(map(str, self.latent_shape)), window, self.compute_dtype,
                  sum(p.numel() for p in self.generator.parameters()) / 1e6)
+
+    @staticmethod
+    def rollout_settings(cfg: DictConfig) -> RolloutSettings:
+        """The training self-rollout's settings: the inference ones with the ``train.`` window,
+        sink and position policy (a window of -1 holds the whole clip)."""
+        tc = cfg.train
+        window = tc.local_attn_size if tc.local_attn_size > 0 else tc.num_training_frames
+        return dataclasses.replace(RolloutSettings.from_config(cfg), local_attn_size=int(window),
+                                   sink_size=int(tc.sink_size), policy=str(tc.position_policy))
 
     # ------------------------------------------------------------------ building
     def _build_text_encoder(self) -> TextEncoder:

@@ -188,6 +188,22 @@ def test_single_process_accumulates_and_updates(tmp_path, one_process):
 
 
 @pytest.mark.slow
+def test_training_with_the_methods_sink_window_and_positions(tmp_path, one_process):
+    """Sink 1 + a window that evicts inside the clip, relativistic positions, checkpointing on:
+    the configuration of configs/self_forcing_dmd.yaml at tiny size trains."""
+    trainer = make_trainer(tmp_path, one_process, "train.max_iters=2", "train.save_every=100",
+                           "train.num_training_frames=9", "train.local_attn_size=4", "train.sink_size=1",
+                           "train.position_policy=relativistic", "train.gradient_checkpointing=true")
+    assert (trainer.settings.local_attn_size, trainer.settings.sink_size, trainer.settings.policy) == \
+        (4, 1, "relativistic")
+    gen0 = params(trainer.generator)
+    trainer.train()
+    assert any(not torch.equal(gen0[n], p) for n, p in params(trainer.generator).items())
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for m in lines for v in m.values() if isinstance(v, float))
+
+
+@pytest.mark.slow
 def test_crash_mid_save_keeps_the_last_checkpoint_and_resume(tmp_path, one_process, monkeypatch):
     trainer = make_trainer(tmp_path, one_process, "train.max_iters=1")
     trainer.train()
@@ -243,11 +259,14 @@ def test_init_from_base_folder_and_ode_init_pt(tmp_path, one_process):
     assert any(not torch.equal(base[n], p) for n, p in params(trainer.critic).items())
 
 
+@pytest.mark.parametrize("name, window, sink, policy", [("self_forcing_dmd", 6, 1, "relativistic"),
+                                                        ("self_forcing_dmd_plain", 21, 0, "absolute")])
 @pytest.mark.parametrize("world", [1, 2, 8, 64])
-def test_reference_config_loads_and_splits_the_batch(world):
+def test_reference_config_loads_and_splits_the_batch(world, name, window, sink, policy):
     from pipeline.trainer import grad_accumulation, latent_shape, validate_train_config
 
-    cfg = load_config(REPO / "configs" / "self_forcing_dmd.yaml")
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert (cfg.train.local_attn_size, cfg.train.sink_size, cfg.train.position_policy) == (window, sink, policy)
     validate_train_config(cfg, world)
     assert grad_accumulation(cfg, world) == 64 // world
     assert latent_shape(cfg) == (16, 60, 104) and cfg.train.num_training_frames == 21

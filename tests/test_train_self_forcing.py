@@ -101,13 +101,66 @@ def test_gradient_checkpointing_of_the_bidirectional_score():
     assert torch.equal(grads[0], grads[1])
 
 
-def test_checkpointing_refuses_a_window_that_evicts():
-    """A recompute after eviction would attend to other frames: it must fail, not mislead."""
+@pytest.mark.parametrize("exits", [[0, 0, 0], [3, 1, 2]])
+def test_checkpointing_with_a_window_that_evicts_gives_the_same_gradients(exits):
+    """The method's training window (sink 1 + window 6, relativistic) evicts frames before the
+    backward: the recompute must attend to what the forward attended to."""
+    s = settings(window=6, sink=1, policy="relativistic")
+    grads = []
+    for ckpt in (False, True):
+        model = randomize(WanDiT(**TINY_DIT))
+        model.gradient_checkpointing = ckpt
+        clip, cache = run(model, s, exits)
+        assert cache.frames_seen > cache.num_frames  # frames were evicted before this backward
+        clip.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_checkpointing_without_copies_refuses_a_cache_that_evicted():
+    """A recompute after eviction without the copies would attend to other frames: it must fail,
+    not mislead."""
     model = randomize(WanDiT(**TINY_DIT))
     model.gradient_checkpointing = True
-    clip, _ = run(model, settings(window=6), [1, 1, 1])
+    s = settings(window=6)
+    cache = s.new_cache(model, 1, LATENT[1:], dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    block = lambda: torch.randn(1, 3, *LATENT, generator=g)  # noqa: E731
+    t = torch.full((1, 3), 500.0)
+    with torch.no_grad():
+        model(block(), t, context(), kv_cache=cache, commit=True)
+    out = model(block(), t, context(), kv_cache=cache)   # attends to the first block
+    with torch.no_grad():
+        for _ in range(2):
+            model(block(), t, context(), kv_cache=cache, commit=True)  # evicts it
     with pytest.raises(RuntimeError, match="evicted"):
-        clip.square().mean().backward()
+        out.square().mean().backward()
+
+
+def test_the_method_training_rollout_is_the_inference_rollout(tiny_dit):
+    """configs/self_forcing_dmd.yaml trains with the window, sink and positions that inference
+    runs (sink 1 + window 6, relativistic): with the last exit step and no grad, the training
+    rollout of 21 frames yields the inference rollout's blocks, bit for bit."""
+    from pipeline.trainer import Trainer
+
+    cfg = load_config("configs/self_forcing_dmd.yaml")
+    tc = cfg.train
+    assert (tc.local_attn_size, tc.sink_size, tc.position_policy) == (cfg.local_attn_size, cfg.sink_size,
+                                                                      cfg.position_policy) == (6, 1, "relativistic")
+    s = Trainer.rollout_settings(cfg)
+    frames = int(tc.num_training_frames)
+    blocks = frames // s.block_frames
+    cache = s.new_cache(tiny_dit, 1, LATENT[1:], dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        got = self_forcing_rollout(tiny_dit, cache, s, context(), num_frames=frames, latent_shape=LATENT,
+                                   exit_steps=[len(s.denoising_steps) - 1] * blocks,
+                                   generator=torch.Generator().manual_seed(5), grad=False)
+    inference = RolloutSettings.from_config(cfg)
+    cache = inference.new_cache(tiny_dit, 1, LATENT[1:])
+    out = rollout(tiny_dit, cache, inference, plan_blocks([None] * blocks, [0] * blocks, [context()]),
+                  latent_shape=LATENT, generator=torch.Generator().manual_seed(5))
+    want = [clean for _, clean in out]
+    assert len(want) == 7 and all(torch.equal(a, b) for a, b in zip(got.split(s.block_frames, dim=1), want))
 
 
 def test_exit_steps_are_shared_and_in_range():
