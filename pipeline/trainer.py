@@ -109,8 +109,8 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
          f"train.min_score_timestep must lie in [0, num_train_timestep={cfg.num_train_timestep})")
     need(tc.grad_clip > 0, "train.grad_clip must be > 0")
     need(tc.lr > 0 and tc.lr_critic > 0, "train.lr and train.lr_critic must be > 0")
-    need(tc.save_every >= 1 and tc.keep_checkpoints >= 1 and tc.log_every >= 1,
-         "train.save_every, train.keep_checkpoints and train.log_every must be >= 1")
+    need(tc.save_every >= 0, "train.save_every must be >= 0 (0: no checkpoints)")
+    need(tc.keep_checkpoints >= 1 and tc.log_every >= 1, "train.keep_checkpoints and train.log_every must be >= 1")
     need(not (tc.mixed_precision and cfg.dtype == "float16"),
          "training computes in bfloat16 or float32 (float16 would need loss scaling); set dtype=bfloat16 "
          "or train.mixed_precision=false")
@@ -445,7 +445,8 @@ class Trainer:
             metrics = self.train_iteration()
             if self.metrics is not None and (self.step % self.tc.log_every == 0 or self.step == max_iters):
                 self.metrics.log(self.step, metrics)
-            if self.step % self.tc.save_every == 0 or self.step == max_iters:
+            every = int(self.tc.save_every)  # 0: no checkpoints (probes, benchmarks)
+            if every and (self.step % every == 0 or self.step == max_iters):
                 self.save()
             bar.update(1)
         bar.close()

@@ -8,8 +8,10 @@
 #   bash scripts/gpu_check.sh --cpu      the same plumbing on a CPU with configs/tiny.yaml (a dry run
 #                                        of this script; numbers meaningless)
 #
-# Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md per
-# row group, and summary.md (all tables). Budget: about 6-8 minutes on one H100/H200.
+# Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md,
+# train.log + train_memory.md (3 DMD iterations of the full geometry on one GPU and the per-GPU
+# memory of an 8- and 64-GPU FSDP2 run by arithmetic), and summary.md (all tables). Budget: about
+# 8 minutes on one H100/H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,21 +61,42 @@ EOF
 echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
 # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
 set +e
-timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
     tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
 
 if [ "$MODE" = cpu ]; then
-    CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1)
+    CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
-    CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 2 random_init=true)
+    CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
 fi
-echo "==> benchmark: eager (the default) vs compile vs the writer on the critical path, ${SECONDS_[*]} s"
-timeout 420 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile sync_write \
+echo "==> benchmark: eager (the default) and compile at ${SECONDS_[*]} s; the writer on the critical path at ${SECONDS_[0]} s"
+timeout 200 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile \
     --out "$OUT" --tag "rows_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
+timeout 70 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" --variants fast sync_write \
+    --out "$OUT" --tag "writer_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark_writer.log" | grep -v "it/s\]$" || true
+
+echo "==> training: 3 DMD iterations (generator + critic steps each), world size 1, checkpointing, no save"
+TRAIN=(--logdir "$OUT/train" --disable-wandb random_init=true train.max_iters=3 train.total_batch_size=1
+       train.dfake_gen_update_ratio=1 train.save_every=0 train.data_path=tests/assets/train_prompts.txt)
+if [ "$MODE" = cpu ]; then
+    TRAIN=(--config_path configs/tiny_dmd.yaml "${TRAIN[@]}")
+else  # the method's config at full size (1.3B geometry, bf16 compute, 21 x 60 x 104 latents)
+    TRAIN=(--config_path configs/self_forcing_dmd.yaml "${TRAIN[@]}" tokenizer_path=tests/assets/tokenizer
+           "tiny_text_encoder={d_model: 4096, d_ff: 64, num_layers: 1, num_heads: 2, d_kv: 16}")
+fi
+rm -rf "$OUT/train"
+set +e
+timeout 150 $PY train.py "${TRAIN[@]}" > "$OUT/train.log" 2>&1
+train_rc=$?
+set -e
+tail -5 "$OUT/train.log"
+$PY scripts/train_memory.py --config_path "${TRAIN[1]}" --metrics "$OUT/train/metrics.jsonl" --world 1 8 64 \
+    > "$OUT/train_memory.md" 2>&1 || true
+cat "$OUT/train_memory.md"
 
 {
     echo "# GPU check ($(date -u +%Y-%m-%d), $MODE)"
@@ -83,6 +106,12 @@ timeout 420 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" -
     echo "CUDA tests exit code: $tests_rc ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))"
     echo
     cat "$OUT/rows_$MODE.md" 2>/dev/null || echo "(benchmark produced no table: see benchmark.log)"
+    echo
+    cat "$OUT/writer_$MODE.md" 2>/dev/null || echo "(writer benchmark produced no table: see benchmark_writer.log)"
+    echo
+    echo "## Training step (exit code $train_rc; train.log)"
+    echo
+    cat "$OUT/train_memory.md"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
 [ "$tests_rc" = 0 ]
