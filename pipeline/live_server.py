@@ -66,29 +66,26 @@ class Client:
         self.blocks_skipped = 0
 
     def send(self, message: dict) -> None:
-        self.outbox.put_nowait(("json", message))
+        self.outbox.put_nowait((message, []))
 
     def offer_block(self, meta: dict, jpegs: list[bytes]) -> None:
         if self.blocks_queued >= CLIENT_MAX_BLOCKS:  # a page that cannot keep up skips blocks
             self.blocks_skipped += 1
             return
         self.blocks_queued += 1
-        self.outbox.put_nowait(("block", meta, jpegs))
+        self.outbox.put_nowait((meta, jpegs))
 
     async def run_sender(self) -> None:
         while True:
-            item = await self.outbox.get()
-            if item[0] == "block":
+            message, frames = await self.outbox.get()  # a JSON message, then its frames (a block's)
+            if message["type"] == "block":
                 self.blocks_queued -= 1
             if self.ws.closed:
                 continue
             try:
-                if item[0] == "json":
-                    await self.ws.send_str(json.dumps(item[1]))
-                else:
-                    await self.ws.send_str(json.dumps(item[1]))
-                    for jpeg in item[2]:
-                        await self.ws.send_bytes(jpeg)
+                await self.ws.send_str(json.dumps(message))
+                for jpeg in frames:
+                    await self.ws.send_bytes(jpeg)
             except (ConnectionError, RuntimeError) as exc:  # the page went away mid-send
                 log.info("page %d: %s; it no longer receives frames", self.number, exc)
 
