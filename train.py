@@ -1,6 +1,8 @@
-"""Self-Forcing DMD training of the causal Wan2.1 generator (docs/TRAINING.md).
+"""Training of the causal Wan2.1 generator (docs/TRAINING.md): Self-Forcing DMD
+(``train.objective: dmd``) or the ODE-initialisation regression before it (``ode``).
 
     torchrun --nproc_per_node=8 train.py --config_path configs/self_forcing_dmd.yaml --logdir logs/x
+    torchrun --nproc_per_node=8 train.py --config_path configs/ode_init.yaml --logdir logs/ode
     python train.py --config_path configs/tiny_dmd.yaml --logdir logs/tiny --disable-wandb   # 1 process
 
 ``--resume`` continues from the newest checkpoint in ``<logdir>/checkpoints``; trailing
@@ -21,7 +23,8 @@ log = logging.getLogger("train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Self-Forcing DMD training (torchrun or a single process)")
+    parser = argparse.ArgumentParser(description="Self-Forcing DMD or ODE-initialisation training (torchrun or a "
+                                                 "single process)")
     parser.add_argument("--config_path", required=True, help="training config, e.g. configs/self_forcing_dmd.yaml")
     parser.add_argument("--logdir", required=True, help="checkpoints, metrics.jsonl and config.yaml go here")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --logdir")
@@ -44,17 +47,23 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config_path, args.overrides)
 
     # Cheap checks first: a user mistake ends the run before any process group or model exists.
-    from pipeline.trainer import Trainer, read_prompts, validate_train_config
+    from pipeline.trainer import DMDTrainer, read_prompts, validate_train_config
     from utils.distributed import cleanup, init_distributed
 
     validate_train_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    prompts = read_prompts(cfg.train.data_path)
+    if cfg.train.objective == "ode":
+        from pipeline.ode import ODETrainer, TrajectorySet, validate_ode_config
+
+        validate_ode_config(cfg)
+        trainer_class, data = ODETrainer, TrajectorySet(cfg.train.data_path, cfg)  # checks every shard's header
+    else:
+        trainer_class, data = DMDTrainer, read_prompts(cfg.train.data_path)
     ensure_writable_dir(args.logdir, "the log folder", "pass --logdir with a folder you can write to")
     dist_info = init_distributed(cfg.device)
     trainer = None
     try:
-        trainer = Trainer(cfg, args.logdir, dist_info, prompts, resume=args.resume,
-                          use_wandb=bool(cfg.train.use_wandb) and not args.disable_wandb)
+        trainer = trainer_class(cfg, args.logdir, dist_info, data, resume=args.resume,
+                                use_wandb=bool(cfg.train.use_wandb) and not args.disable_wandb)
         trainer.train()
     finally:
         if trainer is not None:

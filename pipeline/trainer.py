@@ -1,6 +1,8 @@
-"""Self-Forcing DMD training: models, optimizers, the iteration, EMA, data, logging, checkpoints.
+"""Training: what every objective shares (:class:`Trainer`: config checks, data stream, FSDP2,
+EMA, logging, checkpoints, resume) and Self-Forcing DMD (:class:`DMDTrainer`). The
+ODE-initialisation objective is :class:`pipeline.ode.ODETrainer`.
 
-One iteration (as the reference trains):
+One DMD iteration (as the reference trains):
 
 * every ``dfake_gen_update_ratio``-th iteration, a **generator step**: self-rollout with gradient
   truncation (``pipeline/self_forcing.py``), DMD loss (``model/dmd.py``), backward, clip, AdamW,
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+OBJECTIVES = ("dmd", "ode")
 PROMPTS_HINT = ("the reference prompts download with `python -m utils.hub --optional train_prompts`; or point "
                 "train.data_path at a UTF-8 text file with one prompt per line")
 
@@ -99,6 +102,11 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     need(tc.sink_size >= 0, "train.sink_size must be >= 0")
     need(tc.position_policy in ("absolute", "relativistic"),
          f"train.position_policy must be absolute or relativistic, not '{tc.position_policy}'")
+    need(tc.objective in OBJECTIVES, f"train.objective must be one of {', '.join(OBJECTIVES)}, not '{tc.objective}'")
+    window = tc.local_attn_size if tc.local_attn_size > 0 else tc.num_training_frames
+    need(tc.objective != "ode" or tc.position_policy == "absolute" or window >= tc.num_training_frames,
+         "train.objective=ode trains through the full-sequence block-causal forward, whose positions are "
+         "absolute; set train.position_policy=absolute (relativistic equals it while the window holds the clip)")
     need(tc.batch_size >= 1, "train.batch_size must be >= 1")
     grad_accumulation(cfg, world_size)
     need(tc.max_iters >= 0, "train.max_iters must be >= 0")
@@ -243,9 +251,59 @@ def _scalar(x) -> float:
     return float(x)
 
 
+# ---------------------------------------------------------------------------- models
+def build_text_encoder(cfg: DictConfig, device: torch.device, seed: int) -> TextEncoder:
+    """The frozen UMT5 encoder (on the CPU with ``offload_text_encoder``); a tiny random one
+    with ``tiny_text_encoder``."""
+    device = torch.device("cpu") if cfg.offload_text_encoder else device
+    if cfg.tiny_text_encoder is not None:
+        if cfg.tokenizer_path is None:
+            raise ConfigError("tiny_text_encoder needs tokenizer_path (tests/assets/tokenizer has a tiny one)")
+        torch.manual_seed(derive_seed(seed, "text_encoder_init"))
+        enc = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
+        enc = enc.to(device, DTYPES[cfg.text_encoder_dtype])
+    else:
+        enc = TextEncoder.from_pretrained(cfg.wan_model_path, cfg.model.text_len,
+                                          DTYPES[cfg.text_encoder_dtype], device)
+    if enc.dim != cfg.model.text_dim:
+        raise ConfigError(f"the text encoder's width ({enc.dim}) differs from model.text_dim ({cfg.model.text_dim})")
+    return enc.eval().requires_grad_(False)
+
+
+def new_dit(cfg: DictConfig, meta: bool = False) -> WanDiT:
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    if meta:
+        with torch.device("meta"):
+            return WanDiT(**kwargs)
+    return WanDiT(**kwargs)
+
+
+def base_state_dict(cfg: DictConfig, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The base (bidirectional) Wan2.1 DiT's weights and where they came from: the real score of
+    DMD, the critic's start, the ODE stage's teacher and student start. ``random_init``: seeded
+    random weights (the same in every objective and script, so a tiny chain is consistent)."""
+    if cfg.random_init:
+        torch.manual_seed(derive_seed(seed, "score_init"))
+        return new_dit(cfg).state_dict(), "random_init"
+    path = cfg.train.score_ckpt or str(Path(cfg.wan_model_path) / "transformer")
+    return load_dit_state_dict(path), path
+
+
+def dit_from(cfg: DictConfig, state_dict: dict[str, torch.Tensor], source: str) -> WanDiT:
+    """A DiT holding its own copy of ``state_dict`` (loading into a meta model assigns the
+    tensors: without the copy two models would share, and train, the same storage)."""
+    return load_dit_weights(new_dit(cfg, meta=True), {k: v.clone() for k, v in state_dict.items()}, source=source)
+
+
 # ---------------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, cfg: DictConfig, logdir: str | Path, dist: DistInfo, prompts: list[str], *,
+    """What every objective shares: config, logging, the text encoder, the data stream, the
+    generator's EMA, the loop, checkpoints and resume. An objective (:class:`DMDTrainer`,
+    :class:`pipeline.ode.ODETrainer`) builds its models in :meth:`build`, runs one optimizer
+    iteration in :meth:`train_iteration` and names what a checkpoint holds in :meth:`_state`.
+    ``data``: the items the stream deals out (prompts for DMD, trajectory indices for ODE)."""
+
+    def __init__(self, cfg: DictConfig, logdir: str | Path, dist: DistInfo, data: list, *,
                  use_wandb: bool = False, resume: bool = False):
         validate_train_config(cfg, dist.world_size)
         self.cfg, self.tc, self.dist = cfg, cfg.train, dist
@@ -258,7 +316,6 @@ class Trainer:
         self.latent_shape = latent_shape(cfg)
         self.compute_dtype = DTYPES[cfg.dtype] if self.tc.mixed_precision else torch.float32
         self.settings = self.rollout_settings(cfg)
-        window = self.settings.local_attn_size
         self.num_blocks = self.num_frames // self.settings.block_frames
 
         candidates = self._checkpoints_to_resume(resume)
@@ -275,29 +332,61 @@ class Trainer:
         self.metrics = MetricsLog(self.logdir, self.wandb_run) if dist.is_main else None
 
         torch.manual_seed(derive_seed(self.seed, "global", dist.rank))
-        self.text_encoder = self._build_text_encoder()
-        self.uncond = self.encode([cfg.negative_prompt])
-        self.generator, self.critic, self.real_score = self._build_dits()
-        betas_g, betas_c = (self.tc.beta1, self.tc.beta2), (self.tc.beta1_critic, self.tc.beta2_critic)
-        self.gen_opt = torch.optim.AdamW(self.generator.parameters(), lr=self.tc.lr, betas=betas_g,
-                                         weight_decay=self.tc.weight_decay)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.tc.lr_critic, betas=betas_c,
-                                            weight_decay=self.tc.weight_decay)
-        self.dmd = DMD(self.real_score, self.critic, self.settings.scheduler(),
-                       guidance_scale=self.tc.guidance_scale, min_score_timestep=self.tc.min_score_timestep)
-        self.cache = self.settings.new_cache(self.generator, self.tc.batch_size, self.latent_shape[1:],
-                                             dtype=self.compute_dtype, device=self.device)
-        self.data = PromptStream(prompts, dist.rank, dist.world_size, self.seed)
+        self.text_encoder = build_text_encoder(cfg, self.device, self.seed)
+        self.data = PromptStream(data, dist.rank, dist.world_size, self.seed)
+        self.generator: WanDiT
+        self.gen_opt: torch.optim.Optimizer
+        self.build()
         self.ema: ShardedEMA | None = None
         self.step = 0
-        self.real_checksum = param_checksum(self.real_score)
         if candidates:
             self._resume(candidates)
-        log.info("training: world %d, %d micro-batch(es) of %d per rank per step (total %d), clip %d frames "
-                 "(%d blocks) of %s, window %d, compute %s, generator %.4gM params", dist.world_size, self.accum,
-                 self.tc.batch_size, self.tc.total_batch_size, self.num_frames, self.num_blocks,
-                 "x".join(map(str, self.latent_shape)), window, self.compute_dtype,
-                 sum(p.numel() for p in self.generator.parameters()) / 1e6)
+        log.info("%s training: world %d, %d micro-batch(es) of %d per rank per step (total %d), clip %d frames "
+                 "(%d blocks) of %s, window %d, compute %s, generator %.4gM params", self.tc.objective.upper(),
+                 dist.world_size, self.accum, self.tc.batch_size, self.tc.total_batch_size, self.num_frames,
+                 self.num_blocks, "x".join(map(str, self.latent_shape)), self.settings.local_attn_size,
+                 self.compute_dtype, sum(p.numel() for p in self.generator.parameters()) / 1e6)
+
+    # ------------------------------------------------------------------ what an objective defines
+    def build(self) -> None:
+        """Build ``self.generator`` and ``self.gen_opt`` (and whatever else the objective trains)."""
+        raise NotImplementedError
+
+    def train_iteration(self) -> dict[str, float]:
+        """One optimizer iteration; returns the metrics (reduced over ranks)."""
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        """What DCP saves: the trained models and optimizers (the EMA is added here)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the last iteration."""
+
+    # ------------------------------------------------------------------ shared pieces
+    def shard_trained(self, model: WanDiT) -> WanDiT:
+        """fp32 master weights on this device, FSDP2-sharded, computing in ``compute_dtype``."""
+        policy = mixed_precision(self.compute_dtype if self.tc.mixed_precision else None, torch.float32)
+        model.float().to(self.device).train()
+        model.gradient_checkpointing = bool(self.tc.gradient_checkpointing)
+        return shard_dit(model, self.dist.mesh, policy, reshard_after_forward=bool(self.tc.reshard_after_forward))
+
+    def adamw(self, model: WanDiT, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=self.tc.weight_decay)
+
+    def finish_iteration(self, metrics: dict[str, float], start: float, clips: int) -> dict[str, float]:
+        """Advance the step, start the EMA when due, and add the common metrics."""
+        self.step += 1
+        if self.ema is None and self.tc.ema_weight > 0 and self.step >= self.tc.ema_start_step:
+            self.ema = ShardedEMA(self.generator, self.tc.ema_weight)
+            log.info("EMA (%.4g) of the generator starts at step %d", self.tc.ema_weight, self.step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        metrics = all_reduce_mean(metrics, self.device)
+        metrics.update(lr=self.gen_opt.param_groups[0]["lr"], step_time=elapsed, samples_per_s=clips / elapsed,
+                       peak_mem_gb=peak_memory_gb(self.device))
+        return metrics
 
     @staticmethod
     def rollout_settings(cfg: DictConfig) -> RolloutSettings:
@@ -308,134 +397,9 @@ class Trainer:
         return dataclasses.replace(RolloutSettings.from_config(cfg), local_attn_size=int(window),
                                    sink_size=int(tc.sink_size), policy=str(tc.position_policy))
 
-    # ------------------------------------------------------------------ building
-    def _build_text_encoder(self) -> TextEncoder:
-        cfg = self.cfg
-        device = torch.device("cpu") if cfg.offload_text_encoder else self.device
-        if cfg.tiny_text_encoder is not None:
-            if cfg.tokenizer_path is None:
-                raise ConfigError("tiny_text_encoder needs tokenizer_path (tests/assets/tokenizer has a tiny one)")
-            torch.manual_seed(derive_seed(self.seed, "text_encoder_init"))
-            enc = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
-            enc = enc.to(device, DTYPES[cfg.text_encoder_dtype])
-        else:
-            enc = TextEncoder.from_pretrained(cfg.wan_model_path, cfg.model.text_len,
-                                              DTYPES[cfg.text_encoder_dtype], device)
-        if enc.dim != cfg.model.text_dim:
-            raise ConfigError(f"the text encoder's width ({enc.dim}) differs from model.text_dim ({cfg.model.text_dim})")
-        return enc.eval().requires_grad_(False)
-
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(prompts).to(self.device)
-
-    def _new_dit(self, meta: bool) -> WanDiT:
-        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
-        if meta:
-            with torch.device("meta"):
-                return WanDiT(**kwargs)
-        return WanDiT(**kwargs)
-
-    def _build_dits(self) -> tuple[WanDiT, WanDiT, WanDiT]:
-        cfg, tc = self.cfg, self.tc
-        if cfg.random_init:
-            torch.manual_seed(derive_seed(self.seed, "score_init"))
-            real = self._new_dit(meta=False)
-            critic = self._new_dit(meta=False)
-            critic.load_state_dict(real.state_dict())
-            torch.manual_seed(derive_seed(self.seed, "generator_init"))
-            generator = self._new_dit(meta=False)
-            log.info("random_init: generator, critic and real score have random weights")
-        else:
-            score_path = tc.score_ckpt or str(Path(cfg.wan_model_path) / "transformer")
-            base = load_dit_state_dict(score_path)
-            # Loading into a meta model assigns the tensors: each model gets its own copy, or the
-            # critic's updates would write into the frozen real score.
-            copy = lambda sd: {k: v.clone() for k, v in sd.items()}  # noqa: E731
-            real = load_dit_weights(self._new_dit(meta=True), copy(base), source=score_path)
-            critic = load_dit_weights(self._new_dit(meta=True), copy(base), source=score_path)
-            gen_source = tc.generator_ckpt or score_path
-            gen_sd = load_dit_state_dict(tc.generator_ckpt) if tc.generator_ckpt else copy(base)
-            generator = load_dit_weights(self._new_dit(meta=True), gen_sd, source=gen_source)
-            del base, gen_sd
-            log.info("generator from %s; critic and real score from %s", gen_source, score_path)
-        policy = mixed_precision(self.compute_dtype if tc.mixed_precision else None, torch.float32)
-        for model in (generator, critic):
-            model.float().to(self.device).train()
-            model.gradient_checkpointing = bool(tc.gradient_checkpointing)
-            shard_dit(model, self.dist.mesh, policy, reshard_after_forward=bool(tc.reshard_after_forward))
-        real = real.to(self.device, self.compute_dtype).eval().requires_grad_(False)
-        return generator, critic, real
-
-    # ------------------------------------------------------------------ one iteration
-    def _rng(self, phase: str, micro: int) -> tuple[torch.Generator, list[int]]:
-        noise = seeded_generator(self.device, self.seed, "noise", self.dist.rank, self.step, phase, micro)
-        shared = seeded_generator("cpu", self.seed, "exit", self.step, phase, micro)  # same on every rank
-        exits = draw_exit_steps(self.num_blocks, len(self.settings.denoising_steps),
-                                bool(self.tc.same_step_across_blocks), shared)
-        return noise, exits
-
-    def _rollout(self, cond: torch.Tensor, noise: torch.Generator, exits: list[int], grad: bool) -> torch.Tensor:
-        return self_forcing_rollout(self.generator, self.cache, self.settings, cond, num_frames=self.num_frames,
-                                    latent_shape=self.latent_shape, exit_steps=exits, generator=noise, grad=grad,
-                                    dtype=self.compute_dtype)
-
-    def generator_step(self) -> dict[str, float]:
-        self.gen_opt.zero_grad(set_to_none=True)
-        logs = []
-        for micro in range(self.accum):
-            prompts = self.data.next_batch(self.tc.batch_size)
-            cond = self.encode(prompts)
-            uncond = self.uncond.expand(len(prompts), -1, -1)
-            noise, exits = self._rng("generator", micro)
-            clip = self._rollout(cond, noise, exits, grad=True)
-            loss, info = self.dmd.generator_loss(clip, cond, uncond, noise)
-            (loss / self.accum).backward()
-            logs.append({"generator_loss": loss.item(), **info, "exit_step": float(exits[0])})
-        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.tc.grad_clip)
-        self.gen_opt.step()
-        if self.ema is not None:
-            self.ema.update(self.generator)
-        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
-        out["generator_grad_norm"] = _scalar(norm)
-        return out
-
-    def critic_step(self) -> dict[str, float]:
-        self.critic_opt.zero_grad(set_to_none=True)
-        logs = []
-        for micro in range(self.accum):
-            prompts = self.data.next_batch(self.tc.batch_size)
-            cond = self.encode(prompts)
-            noise, exits = self._rng("critic", micro)
-            with torch.no_grad():
-                clip = self._rollout(cond, noise, exits, grad=False)
-            loss, info = self.dmd.critic_loss(clip, cond, noise)
-            (loss / self.accum).backward()
-            logs.append({"critic_loss": loss.item(), **info})
-        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.tc.grad_clip)
-        self.critic_opt.step()
-        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
-        out["critic_grad_norm"] = _scalar(norm)
-        return out
-
-    def train_iteration(self) -> dict[str, float]:
-        """One iteration: maybe a generator step, then a critic step; returns rank-0 metrics."""
-        start = time.perf_counter()
-        train_gen = self.step % self.tc.dfake_gen_update_ratio == 0
-        metrics = self.generator_step() if train_gen else {}
-        metrics.update(self.critic_step())
-        self.step += 1
-        if self.ema is None and self.tc.ema_weight > 0 and self.step >= self.tc.ema_start_step:
-            self.ema = ShardedEMA(self.generator, self.tc.ema_weight)
-            log.info("EMA (%.4g) of the generator starts at step %d", self.tc.ema_weight, self.step)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        metrics = all_reduce_mean(metrics, self.device)
-        clips = self.tc.total_batch_size * (2 if train_gen else 1)
-        metrics.update(lr=self.gen_opt.param_groups[0]["lr"], lr_critic=self.critic_opt.param_groups[0]["lr"],
-                       step_time=elapsed, samples_per_s=clips / elapsed, peak_mem_gb=peak_memory_gb(self.device))
-        return metrics
 
     def train(self) -> None:
         max_iters = int(self.tc.max_iters)
@@ -450,13 +414,7 @@ class Trainer:
                 self.save()
             bar.update(1)
         bar.close()
-        end = param_checksum(self.real_score)
-        log.info("real score checksum: start %.17g end %.17g (%s)", self.real_checksum, end,
-                 "unchanged" if end == self.real_checksum else "CHANGED")
-        if self.metrics is not None:
-            with open(self.metrics.path, "a") as f:
-                f.write(json.dumps({"step": self.step, "real_score_checksum_start": self.real_checksum,
-                                    "real_score_checksum_end": end}) + "\n")
+        self.finish()
 
     def close(self) -> None:
         if self.wandb_run is not None:
@@ -464,9 +422,7 @@ class Trainer:
             self.wandb_run = None
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict:
-        state = {"generator": ModelAndOptimizer(self.generator, self.gen_opt),
-                 "critic": ModelAndOptimizer(self.critic, self.critic_opt)}
+    def with_ema(self, state: dict) -> dict:
         if self.ema is not None:
             state["generator_ema"] = self.ema.shadow
         return state
@@ -525,3 +481,108 @@ class Trainer:
             return
         raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_root} loads ({'; '.join(failures)}); "
                               f"delete them to start this run over, or choose another --logdir")
+
+
+class DMDTrainer(Trainer):
+    """Self-Forcing DMD: the generator's self-rollout scored by a frozen real score (the base
+    model, CFG) against a trained critic (fake score). The module docstring has the iteration."""
+
+    def build(self) -> None:
+        cfg, tc = self.cfg, self.tc
+        self.uncond = self.encode([cfg.negative_prompt])
+        base, source = base_state_dict(cfg, self.seed)
+        real, critic = dit_from(cfg, base, source), dit_from(cfg, base, source)
+        if tc.generator_ckpt:
+            generator = dit_from(cfg, load_dit_state_dict(tc.generator_ckpt), tc.generator_ckpt)
+        elif cfg.random_init:
+            torch.manual_seed(derive_seed(self.seed, "generator_init"))
+            generator = new_dit(cfg)
+        else:
+            generator = dit_from(cfg, base, source)
+        del base
+        log.info("generator from %s; critic and real score from %s",
+                 tc.generator_ckpt or ("random_init" if cfg.random_init else source), source)
+        self.generator, self.critic = self.shard_trained(generator), self.shard_trained(critic)
+        self.real_score = real.to(self.device, self.compute_dtype).eval().requires_grad_(False)
+        self.gen_opt = self.adamw(self.generator, tc.lr, (tc.beta1, tc.beta2))
+        self.critic_opt = self.adamw(self.critic, tc.lr_critic, (tc.beta1_critic, tc.beta2_critic))
+        self.dmd = DMD(self.real_score, self.critic, self.settings.scheduler(),
+                       guidance_scale=tc.guidance_scale, min_score_timestep=tc.min_score_timestep)
+        self.cache = self.settings.new_cache(self.generator, tc.batch_size, self.latent_shape[1:],
+                                             dtype=self.compute_dtype, device=self.device)
+        self.real_checksum = param_checksum(self.real_score)
+
+    # ------------------------------------------------------------------ one iteration
+    def _rng(self, phase: str, micro: int) -> tuple[torch.Generator, list[int]]:
+        noise = seeded_generator(self.device, self.seed, "noise", self.dist.rank, self.step, phase, micro)
+        shared = seeded_generator("cpu", self.seed, "exit", self.step, phase, micro)  # same on every rank
+        exits = draw_exit_steps(self.num_blocks, len(self.settings.denoising_steps),
+                                bool(self.tc.same_step_across_blocks), shared)
+        return noise, exits
+
+    def _rollout(self, cond: torch.Tensor, noise: torch.Generator, exits: list[int], grad: bool) -> torch.Tensor:
+        return self_forcing_rollout(self.generator, self.cache, self.settings, cond, num_frames=self.num_frames,
+                                    latent_shape=self.latent_shape, exit_steps=exits, generator=noise, grad=grad,
+                                    dtype=self.compute_dtype)
+
+    def generator_step(self) -> dict[str, float]:
+        self.gen_opt.zero_grad(set_to_none=True)
+        logs = []
+        for micro in range(self.accum):
+            prompts = self.data.next_batch(self.tc.batch_size)
+            cond = self.encode(prompts)
+            uncond = self.uncond.expand(len(prompts), -1, -1)
+            noise, exits = self._rng("generator", micro)
+            clip = self._rollout(cond, noise, exits, grad=True)
+            loss, info = self.dmd.generator_loss(clip, cond, uncond, noise)
+            (loss / self.accum).backward()
+            logs.append({"generator_loss": loss.item(), **info, "exit_step": float(exits[0])})
+        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.tc.grad_clip)
+        self.gen_opt.step()
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        out["generator_grad_norm"] = _scalar(norm)
+        return out
+
+    def critic_step(self) -> dict[str, float]:
+        self.critic_opt.zero_grad(set_to_none=True)
+        logs = []
+        for micro in range(self.accum):
+            prompts = self.data.next_batch(self.tc.batch_size)
+            cond = self.encode(prompts)
+            noise, exits = self._rng("critic", micro)
+            with torch.no_grad():
+                clip = self._rollout(cond, noise, exits, grad=False)
+            loss, info = self.dmd.critic_loss(clip, cond, noise)
+            (loss / self.accum).backward()
+            logs.append({"critic_loss": loss.item(), **info})
+        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.tc.grad_clip)
+        self.critic_opt.step()
+        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        out["critic_grad_norm"] = _scalar(norm)
+        return out
+
+    def train_iteration(self) -> dict[str, float]:
+        """One iteration: maybe a generator step, then a critic step; returns rank-0 metrics."""
+        start = time.perf_counter()
+        train_gen = self.step % self.tc.dfake_gen_update_ratio == 0
+        metrics = self.generator_step() if train_gen else {}
+        metrics.update(self.critic_step())
+        metrics = self.finish_iteration(metrics, start, self.tc.total_batch_size * (2 if train_gen else 1))
+        metrics["lr_critic"] = self.critic_opt.param_groups[0]["lr"]
+        return metrics
+
+    def _state(self) -> dict:
+        state = {"generator": ModelAndOptimizer(self.generator, self.gen_opt),
+                 "critic": ModelAndOptimizer(self.critic, self.critic_opt)}
+        return self.with_ema(state)
+
+    def finish(self) -> None:
+        end = param_checksum(self.real_score)
+        log.info("real score checksum: start %.17g end %.17g (%s)", self.real_checksum, end,
+                 "unchanged" if end == self.real_checksum else "CHANGED")
+        if self.metrics is not None:
+            with open(self.metrics.path, "a") as f:
+                f.write(json.dumps({"step": self.step, "real_score_checksum_start": self.real_checksum,
+                                    "real_score_checksum_end": end}) + "\n")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,4 +30,20 @@ def single_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A training world of one (gloo, in-memory store), run from the repository root. One thread:
+    the tiny ops gain nothing from more, and two OpenMP threads on a loaded 2-core machine can
+    stall for seconds."""
+    from utils.distributed import cleanup, init_distributed
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    yield info
+    cleanup()
     torch.set_num_threads(threads)

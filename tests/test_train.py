@@ -21,10 +21,9 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import train
 import utils.train_checkpoint as train_ckpt
 from model.wan import WanDiT
-from pipeline.trainer import PromptStream, Trainer, read_prompts
+from pipeline.trainer import DMDTrainer, PromptStream, read_prompts
 from utils.checkpoint import load_dit_state_dict, load_dit_weights, save_dit_state_dict
 from utils.config import load_config
-from utils.distributed import cleanup, init_distributed
 from utils.errors import CheckpointError, OutputError
 
 log = logging.getLogger(__name__)
@@ -152,22 +151,9 @@ def test_resume_reproduces_the_uninterrupted_run(runs, tmp_path):
 
 
 # ------------------------------------------------------------------ one process, in-process
-@pytest.fixture
-def one_process(monkeypatch):
-    """A world of one (gloo, in-memory store). One thread: the tiny ops gain nothing from more,
-    and two OpenMP threads on a loaded 2-core machine can stall for seconds."""
-    monkeypatch.chdir(REPO)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    yield info
-    cleanup()
-    torch.set_num_threads(threads)
-
-
-def make_trainer(logdir, info, *overrides, resume=False) -> Trainer:
+def make_trainer(logdir, info, *overrides, resume=False) -> DMDTrainer:
     cfg = load_config(TINY, list(overrides))
-    return Trainer(cfg, logdir, info, read_prompts(cfg.train.data_path), resume=resume)
+    return DMDTrainer(cfg, logdir, info, read_prompts(cfg.train.data_path), resume=resume)
 
 
 @pytest.mark.slow
