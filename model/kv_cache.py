@@ -19,9 +19,15 @@ Every idea of Infinity-RoPE that touches attention lives here:
 * **KV Flush** (:meth:`KVCache.flush`): keep the sink and the last ``keep`` context frames, drop
   the rest and the cross-attention cache, so a new prompt takes effect at once.
 
-Fast path: rotated keys are kept beside the raw ones and re-rotated only when the layout
-changes (once per block), not at every denoising step. ``naive_rope=True`` re-rotates every key
-from its raw copy at every forward, which is the oracle the tests compare against.
+Fast path: only rotated keys are stored. Each slot remembers the temporal position its key is
+rotated at; when the layout changes (once per block: a commit, a flush, a cut block's frames
+entering the context) the keys whose position changed are turned by the difference, for all
+layers at once, before the next forward (:meth:`KVCache.prepare`). Rotations compose, so this
+equals rotating the raw key at its new position; a key is turned at most once per layout change
+and leaves the window after a few (1 in steady state with window 6 and blocks of 3; the sink
+never moves). No raw keys are kept: the cache is two buffers (rotated keys, values), not three.
+``naive_rope=True`` keeps the raw keys and re-rotates every one of them at its current position
+at every forward, which is the oracle the tests compare against.
 """
 from __future__ import annotations
 
@@ -70,9 +76,10 @@ class KVCache:
         self.pin_copies = False  # PinnedKV keeps copies of the held frames (training with eviction)
         self.batch_size = batch_size
         shape = (num_layers, batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
-        self.k_raw = torch.zeros(shape, dtype=dtype, device=device)
         self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # the oracle only: un-rotated keys, every held one rotated again at every forward
+        self.k_raw = torch.zeros(shape, dtype=dtype, device=device) if naive_rope else None
         self.reset()
 
     # ------------------------------------------------------------------ bookkeeping (Python only)
@@ -84,10 +91,12 @@ class KVCache:
         self.frames_seen = 0        # global latent index of the next frame to be committed
         self.ring_first_frame = 0   # global latent index of the oldest context frame
         self.slot_frame: list[int | None] = [None] * self.capacity  # global frame index per slot
+        self.slot_pos: list[int | None] = [None] * self.capacity    # position its stored key is rotated at
         self.cut_pending = False
         self.version = 0            # bumped whenever stored frames or their positions change
-        self._rot_version = [-1] * self.k_raw.shape[0]
+        self._prepared = -1         # the version the stored rotations were brought up to
         self._ctx_table = (None, None)
+        self.keys_turned = 0        # frames x layers re-rotated by prepare() (for tests and benchmarks)
         self.drop_cross_attention()
 
     @property
@@ -138,16 +147,9 @@ class KVCache:
         the cross-attention cache."""
         keep = max(0, min(keep, self.n_ring))
         kept = self._ring_slots()[len(self._ring_slots()) - keep:]
-        saved = [(self._tokens(s), self.slot_frame[s]) for s in kept]
-        copies = [(self.k_raw[:, :, t].clone(), self.v[:, :, t].clone(), g) for t, g in saved]
-        for i, (k, v, g) in enumerate(copies):
-            dst = self.sink_size + i
-            self.k_raw[:, :, self._tokens(dst)] = k
-            self.v[:, :, self._tokens(dst)] = v
-        for s in range(self.sink_size, self.capacity):
-            self.slot_frame[s] = None
-        for i, (_, _, g) in enumerate(copies):
-            self.slot_frame[self.sink_size + i] = g
+        self._move({self.sink_size + i: src for i, src in enumerate(kept)})
+        for s in range(self.sink_size + len(kept), self.capacity):
+            self.slot_frame[s] = self.slot_pos[s] = None
         self.n_ring, self.head = keep, 0
         self.ring_first_frame = self.frames_seen - keep
         self.version += 1
@@ -157,6 +159,9 @@ class KVCache:
         """Make the block staged by the last forward part of the context (its clean pass):
         fill the sink first, then the ring, evicting the oldest context frames."""
         start = self.num_frames
+        staged = [s + i for s, c in self.current_runs(num_frames) for i in range(c)]  # as the clean pass rotated them
+        for j in range(num_frames):
+            self.slot_pos[start + j] = staged[j]
         moves: dict[int, int] = {}  # destination slot -> source slot (later frames win)
         for j in range(num_frames):
             src, frame = start + j, self.frames_seen + j
@@ -173,17 +178,27 @@ class KVCache:
             else:
                 dst = self.sink_size + self.head
                 moves[dst] = src
-                self.slot_frame[dst] = frame
+                self.slot_frame[src] = frame  # the move carries it (and its position) to dst
                 self.head = (self.head + 1) % self.ring_size
                 self.ring_first_frame += 1
-        for dst, src in moves.items():  # sources lie past the ring: no overlap with destinations
-            self.k_raw[:, :, self._tokens(dst)] = self.k_raw[:, :, self._tokens(src)]
-            self.v[:, :, self._tokens(dst)] = self.v[:, :, self._tokens(src)]
+        self._move(moves)
         for s in range(self.num_frames, self.capacity):
-            self.slot_frame[s] = None
+            self.slot_frame[s] = self.slot_pos[s] = None
         self.frames_seen += num_frames
         self.cut_pending = False
         self.version += 1
+
+    def _move(self, moves: dict[int, int]) -> None:
+        """Copy slots' keys (with the positions they are rotated at) and values, ``{dst: src}``;
+        sources are read before any destination is written (a wrapped ring permutes slots)."""
+        moves = {dst: src for dst, src in moves.items() if dst != src}
+        bufs = (self.k_rot, self.v) + ((self.k_raw,) if self.k_raw is not None else ())
+        data = {src: [b[:, :, self._tokens(src)].clone() for b in bufs] for src in moves.values()}
+        info = {src: (self.slot_pos[src], self.slot_frame[src]) for src in moves.values()}
+        for dst, src in moves.items():
+            for buf, saved in zip(bufs, data[src]):
+                buf[:, :, self._tokens(dst)] = saved
+            self.slot_pos[dst], self.slot_frame[dst] = info[src]
 
     def drop_cross_attention(self) -> None:
         self._cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -196,13 +211,13 @@ class KVCache:
     def context_table(self) -> torch.Tensor:
         """Complex RoPE table of the held frames at their current positions (:func:`~model.rope.rotate`)."""
         if self._ctx_table[0] != self.version:
-            table = self.rope.freqs_for_runs(self.context_runs(), *self.grid, self.k_raw.device)
+            table = self.rope.freqs_for_runs(self.context_runs(), *self.grid, self.k_rot.device)
             self._ctx_table = (self.version, table)
         return self._ctx_table[1]
 
     def current_table(self, num_frames: int) -> torch.Tensor:
         """Complex RoPE table of a block of ``num_frames`` frames generated now."""
-        return self.rope.freqs_for_runs(self.current_runs(num_frames), *self.grid, self.k_raw.device)
+        return self.rope.freqs_for_runs(self.current_runs(num_frames), *self.grid, self.k_rot.device)
 
     def check_block(self, batch_size: int, num_frames: int) -> None:
         if batch_size != self.batch_size:
@@ -211,22 +226,48 @@ class KVCache:
             raise ValueError(f"block of {num_frames} frames does not fit the cache "
                              f"({self.num_frames} held, capacity {self.capacity})")
 
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Bring the stored rotations to the current layout, before a forward over the cache:
+        every held key whose position changed since it was rotated is turned by the difference,
+        in all layers at once. Nothing to do between the denoising steps of a block."""
+        if self.naive_rope or self._prepared == self.version:
+            return
+        want = self.positions(0)[0]
+        slot = 0
+        while slot < len(want):  # runs of consecutive slots turned by the same angle
+            delta = want[slot] - self.slot_pos[slot]
+            end = slot + 1
+            while end < len(want) and want[end] - self.slot_pos[end] == delta:
+                end += 1
+            if delta:
+                tokens = self._tokens(slot, end - slot)
+                keys = self.k_rot[:, :, tokens]
+                turn = self.rope.shift_freqs(delta, end - slot, *self.grid, self.k_rot.device)
+                self.k_rot[:, :, tokens] = rotate(keys.flatten(0, 1), turn).view_as(keys)
+                self.keys_turned += (end - slot) * self.k_rot.shape[0]
+                for s in range(slot, end):
+                    self.slot_pos[s] = want[s]
+            slot = end
+        self._prepared = self.version
+
     # The two methods the model calls per layer stay out of torch.compile's graphs: they read and
-    # write Python-side bookkeeping (version counters, slot lists) that a compiled graph would
-    # guard on and recompile for at every block. The compiled code runs around them.
+    # write Python-side bookkeeping (slot counts) that a compiled graph would guard on and
+    # recompile for. The compiled code runs around them.
     @torch.compiler.disable
     def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
         """Stage the current block's keys/values for ``layer`` and return the keys (rotated) and
-        values to attend to: held frames followed by the current block, ``[B, tokens, H, D]``."""
+        values to attend to: held frames followed by the current block, ``[B, tokens, H, D]``.
+        The held keys are rotated at their current positions (:meth:`prepare` ran first)."""
         held = self.num_frames * self.frame_tokens
         cur = slice(held, held + k.shape[1])
-        if self.naive_rope or self._rot_version[layer] != self.version:
+        if self.naive_rope:
             if held:
                 self.k_rot[layer, :, :held] = rotate(self.k_raw[layer, :, :held], self.context_table())
-            self._rot_version[layer] = self.version
-        self.k_raw[layer, :, cur] = k.detach()
+            self.k_raw[layer, :, cur] = k.detach()
         self.v[layer, :, cur] = v.detach()
-        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph, do not write into buffers
+        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph, stage detached copies
+            self.k_rot[layer, :, cur] = k_rot.detach()
             return (torch.cat([self.k_rot[layer, :, :held], k_rot], dim=1),
                     torch.cat([self.v[layer, :, :held], v], dim=1))
         self.k_rot[layer, :, cur] = k_rot
@@ -246,7 +287,7 @@ class KVCache:
         return kv
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v))
+        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v) if t is not None)
 
     def pinned(self) -> "PinnedKV":
         """This cache as the block being generated sees it now (for activation checkpointing)."""
@@ -277,7 +318,7 @@ class PinnedKV:
         c = self.cache
         n = self.held * c.frame_tokens
         if c.version == self.version:
-            out = c.attend_kv(layer, k, k_rot, v)  # refreshes the held frames' rotation first
+            out = c.attend_kv(layer, k, k_rot, v)  # the forward ran c.prepare() first
             if self.copies is not None and layer not in self.copies:
                 self.copies[layer] = (c.k_rot[layer, :, :n].clone(), c.v[layer, :, :n].clone())
             return out

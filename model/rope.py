@@ -85,6 +85,26 @@ class Rope:
         ``[L, head_dim // 2]`` (complex64), the argument of :func:`rotate`; memoised likewise."""
         return self._entry(runs, grid_h, grid_w, device)[2]
 
+    def shift_freqs(self, delta: int, num_frames: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """Complex table ``[num_frames * grid_h * grid_w, head_dim // 2]`` that turns keys already
+        rotated at temporal position p to position p + ``delta``: the temporal channels by
+        ``delta``, the spatial ones not at all (rotations compose). Memoised."""
+        key = ("shift", int(delta), int(num_frames), grid_h, grid_w, str(device))
+        hit = self._memo.get(key)
+        if hit is None:
+            self.tables_built += 1
+            parts = [torch.full((self.split[0] // 2,), float(delta), dtype=torch.float64, device=device)
+                     * self._inv(0, device), torch.zeros(sum(self.split[1:]) // 2, dtype=torch.float64, device=device)]
+            angles = torch.cat(parts).expand(num_frames * grid_h * grid_w, -1)
+            hit = torch.complex(torch.cos(angles).float(), torch.sin(angles).float())
+            self._remember(key, hit)
+        return hit
+
+    def _remember(self, key, value) -> None:
+        if len(self._memo) >= self._memo_size:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = value
+
     def _entry(self, runs: PositionRuns, grid_h: int, grid_w: int, device):
         key = (tuple((int(s), int(c)) for s, c in runs if c > 0), grid_h, grid_w, str(device))
         hit = self._memo.get(key)
@@ -94,9 +114,7 @@ class Rope:
             torch.zeros(0, device=device, dtype=torch.long)
         cos, sin = self.table(pos, grid_h, grid_w)
         out = (cos, sin, torch.complex(cos, sin))
-        if len(self._memo) >= self._memo_size:
-            self._memo.pop(next(iter(self._memo)))
-        self._memo[key] = out
+        self._remember(key, out)
         return out
 
 

@@ -103,7 +103,8 @@ class WanBlock(nn.Module):
         """x ``[B, F, S, dim]`` float32 residual stream; e ``[B, F, 6, dim]`` float32 modulation."""
         dtype = self.self_attn.q.weight.dtype
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float()[:, None] + e).unbind(2)
-        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None] for m in (shift, scale, gate, c_shift, c_scale, c_gate))
+        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None]
+                                                        for m in (shift, scale, gate, c_shift, c_scale, c_gate))
         b, f, s, d = x.shape
 
         # self-attention (rotated by explicit positions; over the cache when there is one)
@@ -254,6 +255,7 @@ class WanDiT(nn.Module):
             kv_cache.check_block(b, f)
             if kv_cache.grid != (gh, gw):
                 raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
+            kv_cache.prepare()  # held keys to their current positions (once per layout)
             rope_cur = kv_cache.current_table(f)
         else:
             rope_cur = self.rope.freqs_for_runs([(0, f)], gh, gw, x.device)

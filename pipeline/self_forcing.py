@@ -54,8 +54,8 @@ def self_forcing_rollout(model: WanDiT, cache: KVCache, settings: RolloutSetting
     num_blocks = num_frames // block
     if len(exit_steps) != num_blocks:
         raise ValueError(f"need one exit step per block ({num_blocks}), got {len(exit_steps)}")
-    device = cache.k_raw.device
-    dtype = dtype or cache.k_raw.dtype
+    device = cache.k_rot.device
+    dtype = dtype or cache.k_rot.dtype
     timesteps = settings.timesteps(device)
     if any(not 0 <= e < len(timesteps) for e in exit_steps):
         raise ValueError(f"exit steps {list(exit_steps)} outside the {len(timesteps)}-step list")

@@ -261,7 +261,7 @@ def rope_cache_targets():
     import model.wan as wan
     from model.kv_cache import KVCache
 
-    targets = [(KVCache, name) for name in ("attend_kv", "commit", "flush", "cut", "current_table",
+    targets = [(KVCache, name) for name in ("attend_kv", "prepare", "commit", "flush", "cut", "current_table",
                                             "context_table", "check_block", "reset")]
     targets += [(wan, name) for name in ("apply_rope", "rotate") if hasattr(wan, name)]
     return targets

@@ -85,6 +85,39 @@ def test_rollout_rotating_once_per_block_equals_naive(tiny):
     assert torch.allclose(fast, naive, atol=1e-5, rtol=0), (fast - naive).abs().max()
 
 
+def test_bf16_rollout_turning_stored_keys_equals_naive(tiny):
+    """bf16, a long rollout with flushes and cuts: keys stored rotated and turned by position
+    differences (no raw copies) against the naive re-rotation of raw keys at every forward. A
+    turned key is rounded to bf16 once more per turn; turns are bounded (a frame is turned once
+    per layout change while it is in the window, the sink never), so the error does not build up."""
+    cfg, models = tiny
+    dit16 = build_models(cfg).dit.to(torch.bfloat16)
+    prompt = " | ".join(f"part {k}[2s{'#' if k % 3 == 2 else ''}]" for k in range(10))
+    fast_cache = []
+    real_new_cache = RolloutSettings.new_cache
+
+    def spy(self, *a, **k):
+        cache = real_new_cache(self, *a, **k)
+        fast_cache.append(cache)
+        return cache
+
+    RolloutSettings.new_cache = spy
+    try:
+        fast = list(blocks_of(cfg, models, prompt, dit=dit16, dtype=torch.bfloat16))
+    finally:
+        RolloutSettings.new_cache = real_new_cache
+    naive = list(blocks_of(cfg, models, prompt, dit=dit16, dtype=torch.bfloat16, naive=True))
+    assert len(fast) == len(naive) > 20
+    errors = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(fast, naive)]
+    assert all(torch.isfinite(a).all() for a in fast)
+    assert max(errors) < 2e-2, errors
+    cache = fast_cache[0]
+    assert cache.k_raw is None
+    # every context frame is turned at most once per block it spends in the window (the sink never)
+    ring_frames = cfg.local_attn_size - cfg.sink_size - cfg.num_frame_per_block
+    assert 0 < cache.keys_turned <= len(fast) * ring_frames * dit16.num_layers
+
+
 def test_position_tables_are_memoised_in_steady_state(tiny):
     """Relativistic positions take a handful of layouts: once each has been seen, a rollout of
     any length with any number of flushes and cuts builds no new table."""

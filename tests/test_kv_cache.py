@@ -119,7 +119,7 @@ def test_fast_rope_equals_naive_recompute_through_events(tiny_dit, policy):
     script = [(None, 3), (None, 2), (None, 2), ("flush", 2), (None, 2), ("cut", 2), (None, 2),
               (None, 1), ("cut", 1), ("cut", 1), ("flush", 1), (None, 1), (None, 1)]
     x, t, ctx = inputs(len(script) * BLOCK * 4, seed=3)
-    step = 0
+    step, worst = 0, 0.0
     for event, steps in script:
         for cache in (fast, naive):
             if event in ("flush", "cut"):
@@ -141,18 +141,23 @@ def test_fast_rope_equals_naive_recompute_through_events(tiny_dit, policy):
             with torch.no_grad():
                 a = tiny_dit(x[:, sl], t[:, sl], ctx, kv_cache=fast, commit=commit)
                 b = tiny_dit(x[:, sl], t[:, sl], ctx, kv_cache=naive, commit=commit)
-            assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+            # float32 rounding only: a turned key is rotated twice (at its old position, then
+            # by the difference), the naive one once
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            worst = max(worst, err)
+            assert err < 2e-6, err
             if commit:
                 oracle.commit(BLOCK)
                 continue
-            # every held key, rotated by the fast path, equals its raw copy rotated now
+            # every held key the fast path attended to (stored rotated only, turned by position
+            # differences) equals the naive cache's raw copy of it rotated at its position now
             n = fast.num_frames * fast.frame_tokens
             if n:
-                pos = torch.tensor(held).repeat_interleave(fast.frame_tokens)
+                assert fast.slot_frame[:fast.num_frames] == naive.slot_frame[:naive.num_frames]
                 for layer in range(tiny_dit.num_layers):
                     cos, sin = tiny_dit.rope.table(torch.tensor(held), *fast.grid)
-                    want = apply_rope(fast.k_raw[layer, :, :n], cos, sin)
-                    assert torch.allclose(fast.k_rot[layer, :, :n], want, atol=1e-6), (layer, pos)
+                    want = apply_rope(naive.k_raw[layer, :, :n], cos, sin)
+                    assert torch.allclose(fast.k_rot[layer, :, :n], want, atol=1e-5), (layer, held)
 
 
 def test_flush_keeps_sink_and_last_frames(tiny_dit):
@@ -160,14 +165,14 @@ def test_flush_keeps_sink_and_last_frames(tiny_dit):
     x, t, ctx = inputs(12)
     rollout(tiny_dit, cache, x, t, ctx)                     # frames 0..11 seen
     assert cache.num_frames == 5 and sorted(cache.slot_frame[:5]) == [0, 8, 9, 10, 11]
-    by_frame = {cache.slot_frame[s]: cache.k_raw[:, :, cache._tokens(s)].clone() for s in range(5)}
     with torch.no_grad():
         tiny_dit(x[:, :3], t[:, :3], ctx, kv_cache=cache)   # fills the cross-attention cache
+    by_frame = {cache.slot_frame[s]: cache.k_rot[:, :, cache._tokens(s)].clone() for s in range(5)}
     assert cache._cross
     cache.flush(2)
     assert cache.slot_frame[:cache.num_frames] == [0, 10, 11]
     for s in range(cache.num_frames):
-        assert torch.equal(cache.k_raw[:, :, cache._tokens(s)], by_frame[cache.slot_frame[s]])
+        assert torch.equal(cache.k_rot[:, :, cache._tokens(s)], by_frame[cache.slot_frame[s]])
     assert not cache._cross, "a flush drops the cross-attention cache"
     held, current = cache.positions(BLOCK)
     assert held == [0, 1, 2] and current == [3, 4, 5]
@@ -200,4 +205,4 @@ def test_positions_bounded_for_any_length(tiny_dit):
     held, current = rel.positions(BLOCK)
     assert max(held + current) == WINDOW - 1
     assert max(ab.positions(BLOCK)[1]) == 2000 * BLOCK + BLOCK - 1
-    assert rel.k_raw.shape[2] == WINDOW * rel.frame_tokens  # memory fixed at allocation
+    assert rel.k_rot.shape[2] == WINDOW * rel.frame_tokens and rel.k_raw is None  # fixed at allocation

@@ -63,7 +63,7 @@ def test_gradient_only_through_the_exit_step(monkeypatch):
     # exactly the exit-step forward of each block records a graph
     assert with_graph == [2, 6, 10], forwards
     assert clip.requires_grad and clip.shape == (1, FRAMES, *LATENT)
-    for buf in (cache.k_raw, cache.k_rot, cache.v):
+    for buf in (cache.k_rot, cache.v):
         assert not buf.requires_grad and buf.grad_fn is None
     # a later block's output has no path back to an earlier block's output (the cache is detached)
     assert torch.autograd.grad(blocks[2].sum(), blocks[0], allow_unused=True) == (None,)
