@@ -10,8 +10,9 @@
 #
 # Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md,
 # train.log + train_memory.md (3 DMD iterations of the full geometry on one GPU and the per-GPU
-# memory of an 8- and 64-GPU FSDP2 run by arithmetic), and summary.md (all tables). Budget: about
-# 8 minutes on one H100/H200.
+# memory of an 8- and 64-GPU FSDP2 run by arithmetic), ode.log + ode.md (one full-size trajectory
+# and 3 ODE-regression iterations), and summary.md (all tables). Budget: about 8 minutes on one
+# H100/H200 (the step limits add up to 590 s, inside the device's 10-minute call).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,7 +62,7 @@ EOF
 echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
 # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
 set +e
-timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+timeout 100 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
     tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
@@ -74,9 +75,9 @@ else
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
 fi
 echo "==> benchmark: eager (the default) and compile at ${SECONDS_[*]} s; the writer on the critical path at ${SECONDS_[0]} s"
-timeout 200 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile \
+timeout 180 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile \
     --out "$OUT" --tag "rows_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
-timeout 70 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" --variants fast sync_write \
+timeout 60 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" --variants fast sync_write \
     --out "$OUT" --tag "writer_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark_writer.log" | grep -v "it/s\]$" || true
 
 echo "==> training: 3 DMD iterations (generator + critic steps each), world size 1, checkpointing, no save"
@@ -90,13 +91,32 @@ else  # the method's config at full size (1.3B geometry, bf16 compute, 21 x 60 x
 fi
 rm -rf "$OUT/train"
 set +e
-timeout 150 $PY train.py "${TRAIN[@]}" > "$OUT/train.log" 2>&1
+timeout 120 $PY train.py "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 train_rc=$?
 set -e
 tail -5 "$OUT/train.log"
 $PY scripts/train_memory.py --config_path "${TRAIN[1]}" --metrics "$OUT/train/metrics.jsonl" --world 1 8 64 \
     > "$OUT/train_memory.md" 2>&1 || true
 cat "$OUT/train_memory.md"
+
+echo "==> the ODE stage: one trajectory of the full geometry (ode.sample_steps=2), then 3 regression iterations"
+ODE=(ode.max_prompts=1 ode.sample_steps=2 ode.prompts_path=tests/assets/train_prompts.txt
+     "train.data_path=$OUT/ode_trajectories")
+if [ "$MODE" = cpu ]; then
+    ODE=(--config_path configs/tiny_ode.yaml "${ODE[@]}")
+else  # configs/ode_init.yaml at full size: the base DiT samples, the generator regresses (bf16, checkpointing)
+    ODE=(--config_path configs/ode_init.yaml "${ODE[@]}" random_init=true tokenizer_path=tests/assets/tokenizer
+         "tiny_text_encoder={d_model: 4096, d_ff: 64, num_layers: 1, num_heads: 2, d_kv: 16}")
+fi
+rm -rf "$OUT/ode_trajectories" "$OUT/ode"
+set +e
+timeout 60 $PY scripts/ode_trajectories.py "${ODE[@]}" > "$OUT/ode.log" 2>&1
+timeout 70 $PY train.py --logdir "$OUT/ode" --disable-wandb "${ODE[@]}" train.max_iters=3 train.total_batch_size=1 \
+    train.save_every=0 >> "$OUT/ode.log" 2>&1
+ode_rc=$?
+set -e
+grep -E "trajectories in|step [0-9]+ \|" "$OUT/ode.log" | sed 's/^.*INFO [a-z_.]*: //' > "$OUT/ode.md" || true
+cat "$OUT/ode.md"
 
 {
     echo "# GPU check ($(date -u +%Y-%m-%d), $MODE)"
@@ -112,6 +132,10 @@ cat "$OUT/train_memory.md"
     echo "## Training step (exit code $train_rc; train.log)"
     echo
     cat "$OUT/train_memory.md"
+    echo
+    echo "## ODE stage (exit code $ode_rc; ode.log)"
+    echo
+    sed 's/^/    /' "$OUT/ode.md"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
 [ "$tests_rc" = 0 ]
