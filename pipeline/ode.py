@@ -309,13 +309,7 @@ class ODETrainer(Trainer):
                                              self.settings, draws, self.scheduler)
             (loss / self.accum).backward()
             logs.append(info)
-        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.tc.grad_clip)
-        self.gen_opt.step()
-        if self.ema is not None:
-            self.ema.update(self.generator)
-        metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        metrics["generator_grad_norm"] = float(norm)
+        metrics = self.optimizer_step(self.generator, self.gen_opt, logs, "generator")
         return self.finish_iteration(metrics, start, self.tc.total_batch_size)
 
     def _state(self) -> dict:

@@ -374,6 +374,18 @@ class Trainer:
     def adamw(self, model: WanDiT, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=self.tc.weight_decay)
 
+    def optimizer_step(self, model: WanDiT, opt: torch.optim.Optimizer, logs: list[dict[str, float]],
+                       name: str) -> dict[str, float]:
+        """Clip ``model``'s accumulated gradients, step ``opt`` (and the EMA after a generator
+        step); return the micro-batches' mean metrics and ``<name>_grad_norm``."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
+        opt.step()
+        if model is self.generator and self.ema is not None:
+            self.ema.update(self.generator)
+        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        out[f"{name}_grad_norm"] = _scalar(norm)
+        return out
+
     def finish_iteration(self, metrics: dict[str, float], start: float, clips: int) -> dict[str, float]:
         """Advance the step, start the EMA when due, and add the common metrics."""
         self.step += 1
@@ -537,13 +549,7 @@ class DMDTrainer(Trainer):
             loss, info = self.dmd.generator_loss(clip, cond, uncond, noise)
             (loss / self.accum).backward()
             logs.append({"generator_loss": loss.item(), **info, "exit_step": float(exits[0])})
-        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.tc.grad_clip)
-        self.gen_opt.step()
-        if self.ema is not None:
-            self.ema.update(self.generator)
-        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
-        out["generator_grad_norm"] = _scalar(norm)
-        return out
+        return self.optimizer_step(self.generator, self.gen_opt, logs, "generator")
 
     def critic_step(self) -> dict[str, float]:
         self.critic_opt.zero_grad(set_to_none=True)
@@ -557,11 +563,7 @@ class DMDTrainer(Trainer):
             loss, info = self.dmd.critic_loss(clip, cond, noise)
             (loss / self.accum).backward()
             logs.append({"critic_loss": loss.item(), **info})
-        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.tc.grad_clip)
-        self.critic_opt.step()
-        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
-        out["critic_grad_norm"] = _scalar(norm)
-        return out
+        return self.optimizer_step(self.critic, self.critic_opt, logs, "critic")
 
     def train_iteration(self) -> dict[str, float]:
         """One iteration: maybe a generator step, then a critic step; returns rank-0 metrics."""
