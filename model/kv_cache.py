@@ -74,6 +74,7 @@ class KVCache:
         self.rope = rope
         self.naive_rope = naive_rope
         self.pin_copies = False  # PinnedKV keeps copies of the held frames (training with eviction)
+        self.precompute_text = True  # text keys/values once per prompt, before the blocks (set_text)
         self.batch_size = batch_size
         shape = (num_layers, batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
         self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
@@ -201,7 +202,7 @@ class KVCache:
             self.slot_pos[dst], self.slot_frame[dst] = info[src]
 
     def drop_cross_attention(self) -> None:
-        self._cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, for _cross_context
         self._cross_context: torch.Tensor | None = None
 
     # ------------------------------------------------------------------- used by the model
@@ -230,8 +231,15 @@ class KVCache:
     def prepare(self) -> None:
         """Bring the stored rotations to the current layout, before a forward over the cache:
         every held key whose position changed since it was rotated is turned by the difference,
-        in all layers at once. Nothing to do between the denoising steps of a block."""
-        if self.naive_rope or self._prepared == self.version:
+        in all layers at once. Nothing to do between the denoising steps of a block. (The naive
+        oracle instead rotates every held raw key at its current position, at every forward.)"""
+        if self.naive_rope:
+            held = self.num_frames * self.frame_tokens
+            if held:
+                raw = self.k_raw[:, :, :held]
+                self.k_rot[:, :, :held] = rotate(raw.flatten(0, 1), self.context_table()).view_as(raw)
+            return
+        if self._prepared == self.version:
             return
         want = self.positions(0)[0]
         slot = 0
@@ -251,40 +259,21 @@ class KVCache:
             slot = end
         self._prepared = self.version
 
-    # The two methods the model calls per layer stay out of torch.compile's graphs: they read and
-    # write Python-side bookkeeping (slot counts) that a compiled graph would guard on and
-    # recompile for. The compiled code runs around them.
-    @torch.compiler.disable
-    def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
-        """Stage the current block's keys/values for ``layer`` and return the keys (rotated) and
-        values to attend to: held frames followed by the current block, ``[B, tokens, H, D]``.
-        The held keys are rotated at their current positions (:meth:`prepare` ran first)."""
-        held = self.num_frames * self.frame_tokens
-        cur = slice(held, held + k.shape[1])
-        if self.naive_rope:
-            if held:
-                self.k_rot[layer, :, :held] = rotate(self.k_raw[layer, :, :held], self.context_table())
-            self.k_raw[layer, :, cur] = k.detach()
-        self.v[layer, :, cur] = v.detach()
-        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph, stage detached copies
-            self.k_rot[layer, :, cur] = k_rot.detach()
-            return (torch.cat([self.k_rot[layer, :, :held], k_rot], dim=1),
-                    torch.cat([self.v[layer, :, :held], v], dim=1))
-        self.k_rot[layer, :, cur] = k_rot
-        return self.k_rot[layer, :, :cur.stop], self.v[layer, :, :cur.stop]
+    @torch.no_grad()
+    def set_text(self, context: torch.Tensor, make_all: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """The cross-attention keys/values of every layer for the prompt embedding ``context``,
+        computed by ``make_all`` once per prompt (until it changes or a flush drops them), before
+        the blocks run: a compiled block then takes them as inputs, and a new prompt (a flush)
+        needs no other graph. Off with ``precompute_text = False`` (FSDP-sharded models, whose
+        weights are gathered only inside each block's forward: the blocks compute them there)."""
+        if self.precompute_text and self._cross_context is not context:
+            self._cross, self._cross_context = make_all(), context
 
-    @torch.compiler.disable
-    def cross_kv(self, layer: int, context: torch.Tensor, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-        """Cross-attention keys/values of ``context`` for ``layer``, computed once per prompt.
-        Under autograd they are recomputed so gradients reach the text projections."""
-        if torch.is_grad_enabled():
-            return make()
-        if self._cross_context is not context:
-            self._cross, self._cross_context = {}, context
-        kv = self._cross.get(layer)
-        if kv is None:
-            kv = self._cross[layer] = make()
-        return kv
+    def layer(self, i: int) -> "LayerKV":
+        """What layer ``i`` of the forward now running reads and writes (:meth:`prepare` ran)."""
+        return LayerKV(self.k_rot[i], self.v[i], self.num_frames * self.frame_tokens,
+                       self.k_raw[i] if self.k_raw is not None else None,
+                       self._cross[i] if self._cross is not None else None)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v) if t is not None)
@@ -292,6 +281,40 @@ class KVCache:
     def pinned(self) -> "PinnedKV":
         """This cache as the block being generated sees it now (for activation checkpointing)."""
         return PinnedKV(self)
+
+
+class LayerKV:
+    """One layer's part of the cache for one forward: what a transformer block attends to.
+
+    Plain tensors and one int, so that ``torch.compile`` traces a block straight through it (no
+    graph break) and the same compiled block serves every layer: the buffers are views of the
+    layer's rows, ``held`` the tokens held before the current block (the only value compiled
+    code guards on: a handful of layouts), ``text`` the prompt's keys/values (or None: computed
+    in the block)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, held: int, k_raw: torch.Tensor | None = None,
+                 text: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.k, self.v, self.held, self.k_raw, self.text = k, v, held, k_raw, text
+
+    def attend(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage the current block's keys (raw for the naive oracle, rotated) and values after the
+        held ones and return the keys and values to attend to, ``[B, tokens, H, D]``."""
+        held, stop = self.held, self.held + k.shape[1]
+        if self.k_raw is not None:
+            self.k_raw[:, held:stop] = k.detach()
+        self.v[:, held:stop] = v.detach()
+        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph, stage detached copies
+            self.k[:, held:stop] = k_rot.detach()
+            return torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
+        self.k[:, held:stop] = k_rot
+        return self.k[:, :stop], self.v[:, :stop]
+
+    def cross(self, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's keys/values: the prompt's, computed once (:meth:`KVCache.set_text`); under
+        autograd, or without them, ``make()`` (gradients reach the text projections)."""
+        if torch.is_grad_enabled() or self.text is None:
+            return make()
+        return self.text
 
 
 class PinnedKV:
@@ -313,24 +336,30 @@ class PinnedKV:
         self.slots = list(cache.slot_frame[:self.held])
         self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache.pin_copies else None
 
-    @torch.compiler.disable
-    def attend_kv(self, layer: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor):
-        c = self.cache
-        n = self.held * c.frame_tokens
-        if c.version == self.version:
-            out = c.attend_kv(layer, k, k_rot, v)  # the forward ran c.prepare() first
-            if self.copies is not None and layer not in self.copies:
-                self.copies[layer] = (c.k_rot[layer, :, :n].clone(), c.v[layer, :, :n].clone())
+    def layer(self, i: int) -> "_PinnedLayer":
+        return _PinnedLayer(self, i)
+
+
+class _PinnedLayer:
+    def __init__(self, pinned: PinnedKV, i: int):
+        self.pinned, self.i = pinned, i
+
+    def attend(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p, c, i = self.pinned, self.pinned.cache, self.i
+        n = p.held * c.frame_tokens
+        if c.version == p.version:
+            out = c.layer(i).attend(k, k_rot, v)
+            if p.copies is not None and i not in p.copies:
+                p.copies[i] = (c.k_rot[i, :, :n].clone(), c.v[i, :, :n].clone())
             return out
-        if self.copies is not None:
-            held_k, held_v = self.copies[layer]
+        if p.copies is not None:
+            held_k, held_v = p.copies[i]
             return torch.cat([held_k, k_rot], dim=1), torch.cat([held_v, v], dim=1)
-        if c.slot_frame[:self.held] != self.slots:
+        if c.slot_frame[:p.held] != p.slots:
             raise RuntimeError("the KV cache evicted or flushed frames between a checkpointed forward and its "
                                "backward; use a training window that holds the whole clip or turn off "
                                "gradient checkpointing")
-        return torch.cat([c.k_rot[layer, :, :n], k_rot], dim=1), torch.cat([c.v[layer, :, :n], v], dim=1)
+        return torch.cat([c.k_rot[i, :, :n], k_rot], dim=1), torch.cat([c.v[i, :, :n], v], dim=1)
 
-    @torch.compiler.disable
-    def cross_kv(self, layer: int, context: torch.Tensor, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-        return self.cache.cross_kv(layer, context, make)
+    def cross(self, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return make()  # training forwards run under autograd: the text projections get gradients

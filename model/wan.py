@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, LayerKV
 from model.rope import Rope, rotate
 
 WAN_1_3B = dict(dim=1536, ffn_dim=8960, freq_dim=256, in_dim=16, out_dim=16, num_heads=12,
@@ -99,8 +99,9 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e, context, rope_cur, layer, mask=None, cache: KVCache | None = None):
-        """x ``[B, F, S, dim]`` float32 residual stream; e ``[B, F, 6, dim]`` float32 modulation."""
+    def forward(self, x, e, context, rope_cur, mask=None, kv: LayerKV | None = None):
+        """x ``[B, F, S, dim]`` float32 residual stream; e ``[B, F, 6, dim]`` float32 modulation;
+        ``kv``: this layer's part of the KV cache in a cached forward."""
         dtype = self.self_attn.q.weight.dtype
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float()[:, None] + e).unbind(2)
         shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None]
@@ -113,17 +114,16 @@ class WanBlock(nn.Module):
         q = rotate(attn.project_q(h), rope_cur)
         k, v = attn.project_kv(h)
         k_rot = rotate(k, rope_cur)
-        if cache is not None:
-            k_rot, v = cache.attend_kv(layer, k, k_rot, v)
+        if kv is not None:
+            k_rot, v = kv.attend(k, k_rot, v)
         y = attn.out(q, k_rot, v, mask)
         x = x + y.float().view(b, f, s, d) * gate
 
-        # cross-attention to the text (keys/values cached per prompt during a rollout)
+        # cross-attention to the text (keys/values computed once per prompt during a rollout)
         h = self.norm3(x).to(dtype).flatten(1, 2)
         q = self.cross_attn.project_q(h)
-        # keyed on the prompt's embedding tensor (the _LazyText wrapper is new at every forward)
-        ck, cv = (cache.cross_kv(layer, getattr(context, "raw", context), lambda: self.cross_attn.project_kv(context()))
-                  if cache is not None else self.cross_attn.project_kv(context()))
+        make = lambda: self.cross_attn.project_kv(context())  # noqa: E731
+        ck, cv = kv.cross(make) if kv is not None else make()
         x = x + self.cross_attn.out(q, ck, cv).float().view(b, f, s, d)
 
         # feed-forward
@@ -256,6 +256,8 @@ class WanDiT(nn.Module):
             if kv_cache.grid != (gh, gw):
                 raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
             kv_cache.prepare()  # held keys to their current positions (once per layout)
+            if not torch.is_grad_enabled():  # the prompt's text keys/values, once per prompt
+                kv_cache.set_text(context, lambda: [blk.cross_attn.project_kv(text()) for blk in self.blocks])
             rope_cur = kv_cache.current_table(f)
         else:
             rope_cur = self.rope.freqs_for_runs([(0, f)], gh, gw, x.device)
@@ -270,9 +272,10 @@ class WanDiT(nn.Module):
             pinned = kv_cache.pinned() if kv_cache is not None else None
         for i, block in enumerate(self.blocks):
             if checkpointing:
-                h = checkpoint(block, h, e0, text, rope_cur, i, mask, pinned, use_reentrant=False)
+                kv = pinned.layer(i) if pinned is not None else None
+                h = checkpoint(block, h, e0, text, rope_cur, mask, kv, use_reentrant=False)
             else:
-                h = block(h, e0, text, rope_cur, i, mask, kv_cache)
+                h = block(h, e0, text, rope_cur, mask, kv_cache.layer(i) if kv_cache is not None else None)
         if kv_cache is not None and commit:
             kv_cache.commit(f)
 

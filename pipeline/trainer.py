@@ -522,6 +522,7 @@ class DMDTrainer(Trainer):
                        guidance_scale=tc.guidance_scale, min_score_timestep=tc.min_score_timestep)
         self.cache = self.settings.new_cache(self.generator, tc.batch_size, self.latent_shape[1:],
                                              dtype=self.compute_dtype, device=self.device)
+        self.cache.precompute_text = False  # FSDP gathers a block's weights only inside its forward
         self.real_checksum = param_checksum(self.real_score)
 
     # ------------------------------------------------------------------ one iteration

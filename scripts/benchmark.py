@@ -259,10 +259,11 @@ def rope_cache_targets():
     call (staging, re-rotation, commit, flush, cut, position tables, cross-attention cache) and
     the rotation of the current block's queries and keys inside the DiT."""
     import model.wan as wan
-    from model.kv_cache import KVCache
+    from model.kv_cache import KVCache, LayerKV
 
-    targets = [(KVCache, name) for name in ("attend_kv", "prepare", "commit", "flush", "cut", "current_table",
+    targets = [(KVCache, name) for name in ("prepare", "set_text", "commit", "flush", "cut", "current_table",
                                             "context_table", "check_block", "reset")]
+    targets += [(LayerKV, name) for name in ("attend", "cross")]
     targets += [(wan, name) for name in ("apply_rope", "rotate") if hasattr(wan, name)]
     return targets
 
@@ -346,7 +347,7 @@ def _rotate_f64(x, freqs):
     return torch.view_as_real(xc * freqs.to(torch.complex128)[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
-def _text_kv_per_forward(self, layer, context, make):
+def _text_kv_per_forward(self, make):
     return make()
 
 
@@ -369,7 +370,8 @@ def legacy_paths(names: list[str]):
                 swap(wan, "rotate", fn)
                 swap(kv_cache, "rotate", fn)
             elif name == "text_kv_per_forward":
-                swap(kv_cache.KVCache, "cross_kv", _text_kv_per_forward)
+                swap(kv_cache.LayerKV, "cross", _text_kv_per_forward)
+                swap(kv_cache.KVCache, "set_text", lambda self, context, make_all: None)
         yield
     finally:
         for owner, attr, value in reversed(saved):

@@ -62,7 +62,7 @@ EOF
 echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
 # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
 set +e
-timeout 100 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+timeout 130 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
     tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
@@ -75,7 +75,7 @@ else
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
 fi
 echo "==> benchmark: eager (the default) and compile at ${SECONDS_[*]} s; the writer on the critical path at ${SECONDS_[0]} s"
-timeout 180 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile \
+timeout 150 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile \
     --out "$OUT" --tag "rows_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
 timeout 60 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" --variants fast sync_write \
     --out "$OUT" --tag "writer_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark_writer.log" | grep -v "it/s\]$" || true
