@@ -7,6 +7,7 @@ block of frames, whatever the length of the video.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
-from utils.video import SubtitleRenderer, VideoWriteError, VideoWriter, frames_to_uint8
+from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, frames_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,15 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class DecodedBlock:
-    """One block as written to the video: ``frames`` uint8 ``[n, H, W, 3]`` (subtitled, trimmed)
-    are video frames ``first_frame .. first_frame + n`` and were decoded from ``latents``
-    ``[1, f, C, h, w]``; ``spec`` says which event and segment the block had."""
+    """One block as written to the video: ``frames`` (``len`` n; ``frames.numpy()``: uint8
+    ``[n, H, W, 3]``, subtitled, trimmed) are video frames ``first_frame .. first_frame + n`` and
+    were decoded from ``latents`` ``[1, f, C, h, w]``; ``spec`` says which event and segment the
+    block had."""
 
     index: int
     spec: BlockSpec
     latents: torch.Tensor
-    frames: np.ndarray
+    frames: PendingFrames
     first_frame: int
 
 
@@ -193,12 +195,12 @@ class VideoGenerator:
         for index, (spec, latents) in enumerate(rollout(self.m.dit, self.cache, self.settings, blocks,
                                                         latent_shape=self.latent_shape, generator=generator,
                                                         image_latent=image_latent)):
-            frames = frames_to_uint8(self.decoder.decode_block(latents)[0])
-            if lead is not None:
-                frames, lead = np.concatenate([lead, frames]), None
-            if total_frames is not None:
-                frames = frames[: total_frames - written]
-            frames = self.subtitles.render(frames, subtitles[spec.segment])
+            # uint8 conversion and device→host copy queued on the GPU; the subtitle, and the waiting,
+            # happen where the frames are needed (the writer's thread for a batch render)
+            frames = PendingFrames(self.decoder.decode_block(latents)[0], lead=lead,
+                                   stop=None if total_frames is None else total_frames - written,
+                                   finish=functools.partial(self.subtitles.render, text=subtitles[spec.segment]))
+            lead = None
             writer.write(frames)
             yield DecodedBlock(index, spec, latents, frames, written)
             written += len(frames)

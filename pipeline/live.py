@@ -222,8 +222,8 @@ class LiveSession:
                     self.frames_written = block.first_frame + len(block.frames)
                     self._check_positions()
                     self._write_record()  # every block: a killed process leaves a sidecar that is at most a block behind
-                    yield LiveBlock(block.index, block.frames, block.latents, block.first_frame, action, landed,
-                                    now - t)
+                    yield LiveBlock(block.index, block.frames.numpy(), block.latents, block.first_frame, action,
+                                    landed, now - t)
                     t = time.perf_counter()
             self.complete = True
         except VideoWriteError as exc:  # disk full & co: the frames ffmpeg finished are kept

@@ -21,11 +21,13 @@ For each (variant, length) it measures
   window has filled (the first block attends to fewer frames);
 * **pipeline**: the real inference path (rollout → streaming VAE decode → uint8 → subtitles →
   mp4), video frames/s over the same steady-state blocks, and its time split per block: DiT
-  forward, RoPE + KV-cache bookkeeping (inside the DiT), VAE decode, writing (uint8 conversion,
-  subtitles, and handing the frames to the writer thread, which pipes them to ffmpeg while the
-  next block is generated; variant ``sync_write`` pipes them on the critical path instead). Stage boundaries synchronise the device (the stages depend on each
-  other anyway); the RoPE/cache share is timed with CUDA events on a GPU (no extra
-  synchronisation) and with ``perf_counter`` on a CPU;
+  forward, RoPE + KV-cache bookkeeping (inside the DiT), VAE decode, writing (queueing the uint8
+  conversion and the device→host copy, and handing the block to the writer thread, which waits
+  for the copy, burns in the subtitle and pipes the frames to ffmpeg while the next block is
+  generated; variant ``sync_write`` does all of it on the critical path instead). Stage
+  boundaries synchronise the device (the stages depend on each other anyway); the RoPE/cache
+  share is timed with CUDA events on a GPU (no extra synchronisation) and with ``perf_counter``
+  on a CPU;
 * **peak memory** of the measured passes, after a warm-up: ``torch.cuda.max_memory_allocated``
   (peak stats reset after the warm-up) on a GPU; on a CPU the peak resident set size (VmHWM,
   reset after the warm-up through ``/proc/self/clear_refs``), each length in a fresh
@@ -450,8 +452,10 @@ class Bench:
     def pipeline_pass(self, plan, contexts, path: Path, max_blocks: int | None = None,
                       split: bool = True, desc: str = "pipeline") -> dict:
         """The inference path of ``VideoGenerator.generate`` with stage timers: per block, seconds
-        in the DiT (of which RoPE + cache bookkeeping), the VAE decode, and writing."""
-        from utils.video import VideoWriter, frames_to_uint8
+        in the DiT (of which RoPE + cache bookkeeping), the VAE decode, and writing (what the
+        generation waits for: queueing the uint8 conversion and copy, handing the block to the
+        writer; with ``sync_write`` also the copy, the subtitle and the pipe to ffmpeg)."""
+        from utils.video import PendingFrames, VideoWriter
 
         gen, cfg = self.gen, self.cfg
         timer = RegionTimer(self.device)
@@ -473,8 +477,9 @@ class Bench:
                 frames = gen.decoder.decode_block(latents)[0]
                 synchronize(self.device)
                 t2 = time.perf_counter()
-                frames = frames_to_uint8(frames)[: plan.total_frames - written]
-                frames = gen.subtitles.render(frames, plan.segments[spec.segment].subtitle)
+                frames = PendingFrames(frames, stop=plan.total_frames - written,
+                                       finish=functools.partial(gen.subtitles.render,
+                                                                text=plan.segments[spec.segment].subtitle))
                 writer.write(frames)
                 written += len(frames)
                 t3 = time.perf_counter()

@@ -63,6 +63,7 @@ echo "==> tests that need CUDA, and the test fixtures on this machine's library 
 # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
 set +e
 timeout 130 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+    tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
     tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e

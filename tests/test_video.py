@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.video import (FONT_PATH, SubtitleRenderer, Terminated, VideoSizeError, VideoWriter,
+from utils.video import (FONT_PATH, PendingFrames, SubtitleRenderer, Terminated, VideoSizeError, VideoWriter,
                          frames_to_uint8, probe_video, read_video, sigterm_as_interrupt)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -360,3 +360,76 @@ def test_background_writer_raises_a_bug_in_the_callers_thread(tmp_path, monkeypa
             for block in np.split(gradient_frames(12), 3):
                 writer.write(block)
     assert folder_contents(tmp_path) == []
+
+
+# ------------------------------------------------------------------ frames finished off the critical path
+def float_frames(num: int, seed: int = 0) -> torch.Tensor:
+    """Decoder-like float frames [T, 3, 48, 64] in [-1, 1] (with values outside, clamped)."""
+    return torch.randn(num, 3, 48, 64, generator=torch.Generator().manual_seed(seed)) * 0.7
+
+
+def test_pending_frames_equal_the_in_line_path():
+    """PendingFrames does what the render loop did in line: uint8, lead frames first, trim,
+    subtitle; its length is known before any of it runs, and the host work runs once."""
+    lead = frames_to_uint8(float_frames(1, seed=1))
+    renderer = SubtitleRenderer(64, 48)
+    calls = []
+
+    def finish(arr):
+        calls.append(len(arr))
+        return renderer.render(arr, "hello")
+
+    x = float_frames(12)
+    pending = PendingFrames(x, lead=lead, stop=10, finish=finish)
+    assert len(pending) == 10 and pending.shape == (10, 48, 64, 3) and not calls
+    want = renderer.render(np.concatenate([lead, frames_to_uint8(x)])[:10], "hello")
+    assert np.array_equal(pending.numpy(), want) and np.array_equal(np.asarray(pending), want)
+    assert calls == [10]  # once, however often it is read
+    assert np.array_equal(frames_to_uint8(PendingFrames(x)), frames_to_uint8(x))
+    assert len(PendingFrames(x, stop=0)) == 0 and PendingFrames(x, stop=0).numpy().shape == (0, 48, 64, 3)
+
+
+def test_background_writer_finishes_pending_frames_in_its_thread(tmp_path):
+    """A batch render hands PendingFrames over: the subtitle is burned in by the writer's thread,
+    not the caller's, and the file equals the one written from finished arrays in line."""
+    import threading
+
+    renderer = SubtitleRenderer(64, 48)
+    threads = []
+
+    def finish(arr):
+        threads.append(threading.current_thread().name)
+        return renderer.render(arr, "a subtitle")
+
+    blocks = [float_frames(n, seed=n) for n in (9, 12, 12, 7)]
+    with VideoWriter(tmp_path / "inline.mp4", 16, 64, 48) as writer:
+        for x in blocks:
+            writer.write(renderer.render(frames_to_uint8(x), "a subtitle"))
+    with VideoWriter(tmp_path / "thread.mp4", 16, 64, 48, background=True) as writer:
+        for x in blocks:
+            writer.write(PendingFrames(x, finish=finish))
+    assert writer.frames_written == 40
+    assert set(threads) == {"video-writer"}
+    assert np.array_equal(read_video(tmp_path / "inline.mp4"), read_video(tmp_path / "thread.mp4"))
+
+
+def test_a_failing_subtitle_in_the_writer_thread_reaches_the_caller(tmp_path):
+    def finish(arr):
+        raise ZeroDivisionError("a bug in the subtitle")
+    with pytest.raises(ZeroDivisionError):
+        with VideoWriter(tmp_path / "v.mp4", 16, 64, 48, background=True) as writer:
+            for _ in range(3):
+                writer.write(PendingFrames(float_frames(4), finish=finish))
+    assert folder_contents(tmp_path) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pending_frames_from_the_gpu_equal_the_cpu_conversion():
+    """On a GPU the conversion and the copy into pinned memory are queued without waiting; the
+    frames read later (after more GPU work was queued) equal the CPU conversion."""
+    x = float_frames(12)
+    pending = PendingFrames(x.cuda())
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(10):
+        busy = busy @ busy.T / 4096  # more work on the stream after the copy
+    assert np.array_equal(pending.numpy(), frames_to_uint8(x))

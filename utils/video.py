@@ -122,21 +122,81 @@ def _signals_held(redeliver: bool = True):
         log.warning("ignored %s while closing the video", signal.Signals(pending[0]).name)
 
 
+def _uint8_frames(frames: torch.Tensor) -> torch.Tensor:
+    """Float frames ``[T, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] → uint8 ``[T, H, W, 3]`` on
+    their device: ``(x + 1) / 2 * 255``, rounded and clamped."""
+    if not frames.is_floating_point():
+        raise TypeError(f"tensor frames must be floating point in [-1, 1], got {frames.dtype}")
+    x = frames.detach()
+    x = x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"tensor frames must be [T, 3, H, W], got {list(frames.shape)}")
+    return ((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class PendingFrames:
+    """A block's frames on their way into the video, so that the host work runs off the
+    generation's critical path.
+
+    Made from the decoder's float frames ``[T, 3, H, W]``: on a GPU the uint8 conversion and the
+    copy into pinned host memory are queued (no waiting; a CUDA event marks their end). What is
+    left is host work: (on a CPU the uint8 conversion,) put ``lead`` frames first, keep the first
+    ``stop`` frames, apply ``finish`` (the subtitle). :meth:`numpy` waits for the copy, does that once and
+    returns uint8 ``[n, H, W, 3]``; a background :class:`VideoWriter` calls it in its thread while
+    the next block is generated. ``len()`` and ``shape`` are known at once."""
+
+    def __init__(self, frames: torch.Tensor, *, lead: np.ndarray | None = None, stop: int | None = None,
+                 finish=None):
+        self._float = self._host = self._ready = None
+        frames = frames[None] if frames.ndim == 3 else frames
+        if frames.is_cuda:
+            u8 = _uint8_frames(frames)
+            self._host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            self._host.copy_(u8, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:  # on a CPU the conversion itself is host work: it runs in numpy() too
+            _uint8_frames(frames[:0])  # checks dtype and shape now
+            self._float = frames.detach()
+        t, _, h, w = frames.shape
+        n = t + (len(lead) if lead is not None else 0)
+        self.shape = (n if stop is None else max(0, min(n, stop)), h, w, 3)
+        self._lead, self._stop, self._finish = lead, stop, finish
+        self._array: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # np.asarray(pending) works as for an array
+        arr = self.numpy()
+        return arr.astype(dtype) if dtype is not None else (arr.copy() if copy else arr)
+
+    def numpy(self) -> np.ndarray:
+        with self._lock:
+            if self._array is None:
+                if self._ready is not None:
+                    self._ready.synchronize()
+                host = self._host if self._float is None else _uint8_frames(self._float).contiguous()
+                arr = host.numpy()
+                if self._lead is not None:
+                    arr = np.concatenate([self._lead, arr])
+                arr = np.ascontiguousarray(arr[:self.shape[0]])
+                self._array = self._finish(arr) if self._finish is not None else arr
+                self._host = self._float = self._lead = None
+            return self._array
+
+
 def frames_to_uint8(frames) -> np.ndarray:
     """Frames as uint8 ``[T, H, W, 3]`` (C-contiguous numpy).
 
     Accepts a float torch tensor ``[T, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] — the VAE's
-    output range: ``(x + 1) / 2 * 255``, rounded and clamped — or a uint8 numpy array
-    ``[T, H, W, 3]`` (or ``[H, W, 3]``), returned as is."""
+    output range: ``(x + 1) / 2 * 255``, rounded and clamped — a :class:`PendingFrames`, or a
+    uint8 numpy array ``[T, H, W, 3]`` (or ``[H, W, 3]``), returned as is."""
     if isinstance(frames, torch.Tensor):
-        if not frames.is_floating_point():
-            raise TypeError(f"tensor frames must be floating point in [-1, 1], got {frames.dtype}")
-        x = frames.detach()
-        x = x[None] if x.ndim == 3 else x
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"tensor frames must be [T, 3, H, W], got {list(frames.shape)}")
-        x = ((x.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
-        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        arr = PendingFrames(frames).numpy()
+    elif isinstance(frames, PendingFrames):
+        arr = frames.numpy()
     elif isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8:
             raise TypeError(f"numpy frames must be uint8 [T, H, W, 3], got {frames.dtype}")
@@ -203,10 +263,11 @@ class VideoWriter:
         return encoder
 
     def write(self, frames) -> None:
-        """Append frames: uint8 numpy ``[T, H, W, 3]`` or float tensor ``[T, 3, H, W]`` in [-1, 1]."""
+        """Append frames: uint8 numpy ``[T, H, W, 3]``, float tensor ``[T, 3, H, W]`` in [-1, 1],
+        or :class:`PendingFrames` (finished in the sender thread when ``background``)."""
         if self._closed:
             raise RuntimeError(f"VideoWriter for {self.path} is already closed")
-        arr = frames_to_uint8(frames)
+        arr = frames if isinstance(frames, PendingFrames) and self._queue is not None else frames_to_uint8(frames)
         if arr.shape[1:3] != (self.height, self.width):
             raise ValueError(f"frames are {arr.shape[2]}x{arr.shape[1]}, "
                              f"the video is {self.width}x{self.height}")
@@ -224,7 +285,9 @@ class VideoWriter:
             self._sender.start()
         self._queue.put(arr)  # waits while the queue is full
 
-    def _send(self, arr: np.ndarray) -> None:
+    def _send(self, arr: np.ndarray | PendingFrames) -> None:
+        if isinstance(arr, PendingFrames):  # the sender thread finishes it (copy, subtitle)
+            arr = arr.numpy()
         if self._encoder is None:
             self._encoder = self._start_encoder()
         for frame in arr:
