@@ -204,6 +204,15 @@ class WanVAE(torch.nn.Module):
         frames = self.vae.decode(z).sample  # diffusers clamps to [-1, 1]
         return frames.permute(0, 2, 1, 3, 4)
 
+    def to_channels_last(self) -> "WanVAE":
+        """Put the 3-D convolutions' weights in the channels-last 3-D layout (cuDNN's preferred
+        one on recent GPUs; the convolutions then produce channels-last activations). Off by
+        default: ``scripts/benchmark.py --variants vae_channels_last`` measures it."""
+        for module in self.vae.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        return self
+
     def streaming_decoder(self) -> "StreamingDecoder":
         """A fresh :class:`StreamingDecoder` over this VAE (one per video stream)."""
         return StreamingDecoder(self)

@@ -87,6 +87,9 @@ VARIANTS = {
     "sdpa_cudnn": {"sdpa": "cudnn"},
     "sdpa_efficient": {"sdpa": "efficient"},
     "sdpa_math": {"sdpa": "math"},
+    # VAE levers to measure before making them defaults (runtime switches):
+    "cudnn_benchmark": {"cudnn_benchmark": True},      # cuDNN autotunes each convolution shape once
+    "vae_channels_last": {"vae_channels_last": True},  # VAE weights in the channels-last 3-D layout
 }
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -325,7 +328,8 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 
 def parse_variant(name: str) -> dict:
-    spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False}
+    spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False,
+            "cudnn_benchmark": False, "vae_channels_last": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -335,6 +339,8 @@ def parse_variant(name: str) -> dict:
         spec["sdpa"] = v.get("sdpa", spec["sdpa"])
         spec["legacy"] += v.get("legacy", [])
         spec["sync_write"] |= v.get("sync_write", False)
+        spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
+        spec["vae_channels_last"] |= v.get("vae_channels_last", False)
     return spec
 
 
@@ -380,6 +386,18 @@ def legacy_paths(names: list[str]):
             setattr(owner, attr, value)
 
 
+@contextlib.contextmanager
+def runtime_context(spec: dict):
+    """A variant's runtime switches: the SDPA backend, the legacy code paths, cuDNN autotuning."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = saved or spec.get("cudnn_benchmark", False)
+    try:
+        with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def sdpa_context(backend: str | None):
     if backend is None:
         return contextlib.nullcontext()
@@ -421,6 +439,8 @@ class Bench:
         self.settings = self.gen.settings
         if variant["naive_rope"]:
             self.gen.cache = self.settings.new_cache(self.models.dit, 1, self.gen.latent_shape[1:], naive_rope=True)
+        if variant.get("vae_channels_last"):
+            self.models.vae.to_channels_last()
         self.cache = self.gen.cache
         self.seed = int(cfg.seed)
 
@@ -697,7 +717,7 @@ def run_variant(spec: dict, seconds_list: list[float], opts: dict) -> dict:
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+    with runtime_context(spec):
         bench = Bench(cfg, spec)
         out = describe_bench(bench, spec)
         workdir = Path(tempfile.mkdtemp(prefix="bench_", dir=opts["out"]))
@@ -738,7 +758,7 @@ def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) ->
         if naive not in caches:
             caches[naive] = bench.settings.new_cache(bench.models.dit, 1, bench.gen.latent_shape[1:], naive_rope=naive)
         bench.cache = caches[naive]
-        with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+        with runtime_context(spec):
             yield
 
     outs, matmul = [], None
@@ -923,7 +943,7 @@ def measure_memory(spec: dict, seconds: float, opts: dict) -> dict:
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    with sdpa_context(spec["sdpa"]), legacy_paths(spec["legacy"]):
+    with runtime_context(spec):
         bench = Bench(cfg, spec)
         plan = bench.gen.plan(bench_prompt(seconds))
         contexts = bench.gen.encode_texts(plan)

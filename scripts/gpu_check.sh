@@ -7,6 +7,9 @@
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the checks, write the tables
 #   bash scripts/gpu_check.sh --cpu      the same plumbing on a CPU with configs/tiny.yaml (a dry run
 #                                        of this script; numbers meaningless)
+#   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE levers
+#                                        (cuDNN autotuning, channels-last) and compile, at 10 s
+#                                        (add --cpu for its dry run)
 #
 # Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md,
 # train.log + train_memory.md (3 DMD iterations of the full geometry on one GPU and the per-GPU
@@ -21,6 +24,8 @@ cd "$(dirname "$0")/.."
 WHEELS=(diffusers==0.42.1 omegaconf==2.3.0 imageio-ffmpeg==0.6.0 importlib-metadata)
 SDIST_WHEELS=(antlr4-python3-runtime==4.9.3)
 MODE=gpu
+LEVERS=0
+if [ "${1:-}" = --levers ]; then LEVERS=1; shift; fi
 case "${1:-}" in
     --fetch)
         mkdir -p .whl
@@ -33,7 +38,7 @@ case "${1:-}" in
         exit 0 ;;
     --cpu) MODE=cpu ;;
     "") ;;
-    *) echo "usage: bash scripts/gpu_check.sh [--fetch | --cpu]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu_check.sh [--levers] [--fetch | --cpu]" >&2; exit 2 ;;
 esac
 
 OUT=${OUT:-benchmarks/gpu_check}
@@ -58,6 +63,22 @@ if torch.cuda.is_available():
     print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs", "| cuda", torch.version.cuda,
           "| cudnn", torch.backends.cudnn.version())
 EOF
+
+if [ "$LEVERS" = 1 ]; then  # a second call: the levers not yet on by default, against the default
+    if [ "$MODE" = cpu ]; then
+        LCONFIG=(--config_path configs/tiny.yaml --seconds 2 --repeats 1 --no_memory_pass)
+    else
+        LCONFIG=(--config_path configs/infinity_rope.yaml --seconds 10 --repeats 1 random_init=true)
+    fi
+    echo "==> levers: cuDNN autotuning and the channels-last VAE, with and without compile, at 10 s"
+    timeout 540 $PY scripts/benchmark.py "${LCONFIG[@]}" --variants fast cudnn_benchmark vae_channels_last \
+        cudnn_benchmark+vae_channels_last compile+cudnn_benchmark+vae_channels_last --out "$OUT" \
+        --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
+    { echo "# GPU check, levers ($(date -u +%Y-%m-%d), $MODE)"; echo; sed 's/^/    /' "$OUT/env.txt"; echo
+      cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; } > "$OUT/summary_levers.md"
+    cat "$OUT/summary_levers.md"
+    exit 0
+fi
 
 echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
 # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA

@@ -150,3 +150,18 @@ def test_from_pretrained_weights_file_missing(vae, tmp_path):
     with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "vae"))) as err:
         WanVAE.from_pretrained(tmp_path, dtype=torch.float32)
     assert "safetensors" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_channels_last_decoder_equals_the_default_layout(vae):
+    """The benchmark's ``vae_channels_last`` variant (a VAE lever to measure on a GPU) decodes the
+    same frames, streaming, as the default layout."""
+    import copy
+
+    torch.manual_seed(3)
+    z = torch.randn(1, 6, 16, H // 8, W // 8)
+    want = torch.cat([vae.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
+    last = copy.deepcopy(vae).to_channels_last()
+    assert any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+               for p in last.parameters())
+    got = torch.cat([last.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
