@@ -7,8 +7,8 @@ Every idea of Infinity-RoPE that touches attention lives here:
   never evicted), a ring of the most recent context frames, and the block being generated
   (``local_attn_size - sink_size - block_frames`` context frames). Memory is allocated once and
   never grows, however long the video.
-* **Positions are data.** Keys are stored *un-rotated*; the rotation is applied with positions
-  that the cache assigns now:
+* **Positions are data.** Every key is rotated at the position the cache assigns it now, and
+  re-rotated when that position changes (fast path, below):
 
   - ``absolute`` (plain Self-Forcing): a frame's position is its global latent index;
   - ``relativistic`` (Block-Relativistic RoPE): the attended frames, in temporal order (sink,
@@ -28,6 +28,11 @@ and leaves the window after a few (1 in steady state with window 6 and blocks of
 never moves). No raw keys are kept: the cache is two buffers (rotated keys, values), not three.
 ``naive_rope=True`` keeps the raw keys and re-rotates every one of them at its current position
 at every forward, which is the oracle the tests compare against.
+
+What a transformer block sees of the cache is a :class:`LayerKV`: its layer's rows of the two
+buffers, the held length and the prompt's text keys/values. The bookkeeping (:meth:`prepare`,
+:meth:`set_text`) runs once per forward before the blocks, so a block compiles with
+``torch.compile`` into one graph without a break, shared by all layers.
 """
 from __future__ import annotations
 
