@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> None:
         TrajectorySet(out, cfg)  # checks it against this config; a mismatch is a one-line error
         log.info("%s is complete (%d trajectories); nothing to do", out, len(prompts))
         return
-    # A shard of another set (other settings or prompts) is never overwritten.
-    for k, want in enumerate(ranges):
-        path = out / shard_name(k)
-        if path.is_file():
-            problem, foreign = check_shard(path, want, settings, prompts[want.start:want.stop])
-            if foreign:
-                raise ConfigError(f"{out} holds another trajectory set ({problem}); choose another train.data_path "
-                                  f"or delete the folder")
+    # Every existing shard's header, read once. A shard of another set (other settings or
+    # prompts) is never overwritten; a damaged one of this rank is made again.
+    problems = {k: check_shard(out / shard_name(k), want, settings, prompts[want.start:want.stop])
+                for k, want in enumerate(ranges) if (out / shard_name(k)).is_file()}
+    for problem, foreign in problems.values():
+        if foreign:
+            raise ConfigError(f"{out} holds another trajectory set ({problem}); choose another train.data_path "
+                              f"or delete the folder")
     extra = sorted(p.name for p in out.glob(SHARD_GLOB) if p.name not in {shard_name(k) for k in range(len(ranges))})
     if extra:
         raise ConfigError(f"{out} holds shards past this prompt list ({', '.join(extra[:3])}): another trajectory set; "
@@ -87,11 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     for k, want in mine:
         path = out / shard_name(k)
         path.with_name(f".tmp_{path.name}").unlink(missing_ok=True)  # a write cut short by a crash
-        if path.is_file():
-            problem, _ = check_shard(path, want, settings, prompts[want.start:want.stop])
-            if problem is None:
+        if k in problems:
+            if problems[k][0] is None:
                 continue
-            log.warning("making %s again: %s", path.name, problem)
+            log.warning("making %s again: %s", path.name, problems[k][0])
         todo.append((k, want))
     done = sum(len(r) for _, r in mine) - sum(len(r) for _, r in todo)
     log.info("%d prompts in %d shards of %d over %d rank(s); this rank: %d to make, %d already made",
@@ -137,9 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         made, elapsed = sum(len(r) for _, r in todo), time.perf_counter() - start
-        log.info("rank %d made %d trajectories in %.1f s: %.3f s per Euler step (a CFG pair of forwards), "
-                 "peak memory %.2f GiB", rank, made, elapsed, elapsed / (made * len(sigmas[:-1])),
-                 torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"))
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" \
+            if device.type == "cuda" else ""
+        log.info("rank %d made %d trajectories in %.1f s: %.3f s per Euler step (a CFG pair of forwards)%s",
+                 rank, made, elapsed, elapsed / (made * len(sigmas[:-1])), peak)
 
     # The last rank to finish sees every shard and writes the manifest (several may: same content).
     missing = [shard_name(k) for k, want in enumerate(ranges)
