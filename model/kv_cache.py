@@ -86,6 +86,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # the oracle only: un-rotated keys, every held one rotated again at every forward
         self.k_raw = torch.zeros(shape, dtype=dtype, device=device) if naive_rope else None
+        # per layer, the prompt's cross-attention (keys, values), [batch, text_len, heads, head_dim]
+        self.text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.text_allocs = 0
         self.reset()
 
     # ------------------------------------------------------------------ bookkeeping (Python only)
@@ -207,8 +210,13 @@ class KVCache:
             self.slot_pos[dst], self.slot_frame[dst] = info[src]
 
     def drop_cross_attention(self) -> None:
-        self._cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, for _cross_context
-        self._cross_context: torch.Tensor | None = None
+        """Forget the prompt's text keys/values (their buffers stay allocated for the next prompt)."""
+        self._text_context: torch.Tensor | None = None  # the prompt embedding text_kv holds, if any
+
+    @property
+    def has_text(self) -> bool:
+        """The text keys/values of the current prompt are in :attr:`text_kv` (:meth:`set_text`)."""
+        return self._text_context is not None
 
     # ------------------------------------------------------------------- used by the model
     def _tokens(self, slot: int, count: int = 1) -> slice:
@@ -265,20 +273,39 @@ class KVCache:
         self._prepared = self.version
 
     @torch.no_grad()
-    def set_text(self, context: torch.Tensor, make_all: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    def set_text(self, context: torch.Tensor, make_layer: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The cross-attention keys/values of every layer for the prompt embedding ``context``,
-        computed by ``make_all`` once per prompt (until it changes or a flush drops them), before
-        the blocks run: a compiled block then takes them as inputs, and a new prompt (a flush)
-        needs no other graph. Off with ``precompute_text = False`` (FSDP-sharded models, whose
-        weights are gathered only inside each block's forward: the blocks compute them there)."""
-        if self.precompute_text and self._cross_context is not context:
-            self._cross, self._cross_context = make_all(), context
+        ``make_layer(i)`` for layer i, computed once per prompt (until it changes or a flush drops
+        them), before the blocks run: a compiled block then takes them as inputs, and a new prompt
+        (a flush) needs no other graph. They are written into buffers allocated at the first
+        prompt and kept for the cache's life (:attr:`text_kv`), so a new prompt changes their
+        values, never their addresses (what a captured CUDA graph reads; ``text_allocs`` counts
+        the allocations). Off with ``precompute_text = False`` (FSDP-sharded models, whose weights
+        are gathered only inside each block's forward: the blocks compute them there)."""
+        if not self.precompute_text or self._text_context is context:
+            return
+        for i in range(len(self.k_rot)):
+            k, v = make_layer(i)
+            if i == 0 and (self.text_kv is None or self.text_kv[0][0].shape != k.shape
+                           or self.text_kv[0][0].dtype != k.dtype):  # first prompt, or another text length
+                self.text_kv = [None] * len(self.k_rot)
+                self.text_allocs += 1
+            if self.text_kv[i] is None:
+                self.text_kv[i] = (k.contiguous(), v.contiguous())
+            else:
+                self.text_kv[i][0].copy_(k)
+                self.text_kv[i][1].copy_(v)
+        self._text_context = context
 
     def layer(self, i: int) -> "LayerKV":
         """What layer ``i`` of the forward now running reads and writes (:meth:`prepare` ran)."""
         return LayerKV(self.k_rot[i], self.v[i], self.num_frames * self.frame_tokens,
                        self.k_raw[i] if self.k_raw is not None else None,
-                       self._cross[i] if self._cross is not None else None)
+                       self.text_kv[i] if self.has_text else None)
+
+    def layers(self) -> list["LayerKV"]:
+        """:meth:`layer` of every layer."""
+        return [self.layer(i) for i in range(len(self.k_rot))]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v) if t is not None)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model.cuda_graphs import CachedForwardGraphs
 from model.kv_cache import KVCache, LayerKV
 from model.rope import Rope, rotate
 
@@ -145,6 +146,10 @@ class _LazyText:
         return self.value
 
 
+def _no_text():
+    raise RuntimeError("a CUDA-graphed forward found a layer without the prompt's text keys/values in the cache")
+
+
 class Head(nn.Module):
     def __init__(self, dim: int, out_features: int, eps: float):
         super().__init__()
@@ -186,6 +191,7 @@ class WanDiT(nn.Module):
         self.head = Head(dim, out_dim * math.prod(self.patch_size), eps)
         self.rope = Rope(self.head_dim, rope_theta)
         self.gradient_checkpointing = False
+        self.cuda_graphs: CachedForwardGraphs | None = None  # use_cuda_graphs()
 
     # ------------------------------------------------------------------------ helpers
     def grid(self, height: int, width: int) -> tuple[int, int]:
@@ -242,45 +248,71 @@ class WanDiT(nn.Module):
         b, f, _, height, width = x.shape
         if t.shape != (b, f):
             raise ValueError(f"timesteps must be [B, F] = {[b, f]}, got {list(t.shape)}")
+        gh, gw = self.grid(height, width)
+        text = _LazyText(self, context)
+        if kv_cache is None:
+            rope_cur = self.rope.freqs_for_runs([(0, f)], gh, gw, x.device)
+            mask = None
+            if num_frame_per_block is not None:
+                mask = self.block_causal_mask(f, gh * gw, num_frame_per_block, local_attn_size, sink_size, x.device)
+            return self._core(x, t, text, rope_cur, mask, None)
+
+        kv_cache.check_block(b, f)
+        if kv_cache.grid != (gh, gw):
+            raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
+        kv_cache.prepare()  # held keys to their current positions (once per layout)
+        if not torch.is_grad_enabled():  # the prompt's text keys/values, once per prompt
+            kv_cache.set_text(context, lambda i: self.blocks[i].cross_attn.project_kv(text()))
+        rope_cur = kv_cache.current_table(f)
+        if self.cuda_graphs is not None and not torch.is_grad_enabled() and kv_cache.has_text:
+            out = self.cuda_graphs(self._graphed_core, kv_cache, x, t, rope_cur)
+        else:
+            checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+            # A checkpointed block is recomputed in backward, after later blocks changed the cache:
+            # it must see the cache as it was during this forward (PinnedKV).
+            held = kv_cache.pinned() if checkpointing else kv_cache
+            out = self._core(x, t, text, rope_cur, None, [held.layer(i) for i in range(self.num_layers)])
+        if commit:
+            kv_cache.commit(f)
+        return out
+
+    def _graphed_core(self, x, t, rope_cur, layers):
+        """The cached forward as a CUDA graph runs it: every layer's text keys/values are in the
+        cache (the prompt embedding itself is not an input of the graph)."""
+        return self._core(x, t, _no_text, rope_cur, None, layers)
+
+    def _core(self, x, t, text, rope_cur, mask, layers):
+        """Embeddings, the blocks (over ``layers``, one :class:`LayerKV` per block, or none) and the head."""
+        b, f = x.shape[:2]
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype).transpose(1, 2))  # [B, dim, F, h, w]
         gh, gw = tokens.shape[-2:]
-        s = gh * gw
         h = tokens.flatten(3).permute(0, 2, 3, 1).float()  # [B, F, S, dim] residual stream, float32
         e, e0 = self._embed_time(t)
-        text = _LazyText(self, context)
-
-        mask = None
-        if kv_cache is not None:
-            kv_cache.check_block(b, f)
-            if kv_cache.grid != (gh, gw):
-                raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
-            kv_cache.prepare()  # held keys to their current positions (once per layout)
-            if not torch.is_grad_enabled():  # the prompt's text keys/values, once per prompt
-                kv_cache.set_text(context, lambda: [blk.cross_attn.project_kv(text()) for blk in self.blocks])
-            rope_cur = kv_cache.current_table(f)
-        else:
-            rope_cur = self.rope.freqs_for_runs([(0, f)], gh, gw, x.device)
-            if num_frame_per_block is not None:
-                mask = self.block_causal_mask(f, s, num_frame_per_block, local_attn_size, sink_size, x.device)
-
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         if checkpointing:
             text()  # embed the text outside the checkpointed blocks (a recompute finds it computed)
-            # A checkpointed block is recomputed in backward, after later blocks changed the cache:
-            # it must see the cache as it was during this forward (PinnedKV).
-            pinned = kv_cache.pinned() if kv_cache is not None else None
         for i, block in enumerate(self.blocks):
+            kv = layers[i] if layers is not None else None
             if checkpointing:
-                kv = pinned.layer(i) if pinned is not None else None
                 h = checkpoint(block, h, e0, text, rope_cur, mask, kv, use_reentrant=False)
             else:
-                h = block(h, e0, text, rope_cur, mask, kv_cache.layer(i) if kv_cache is not None else None)
-        if kv_cache is not None and commit:
-            kv_cache.commit(f)
+                h = block(h, e0, text, rope_cur, mask, kv)
 
         out = self.head(h, e)  # [B, F, S, pt*ph*pw*C]
         pt, ph, pw = self.patch_size
         out = out.view(b, f, gh, gw, pt, ph, pw, self.out_dim)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(b, f * pt, self.out_dim, gh * ph, gw * pw)
         return out
+
+    # ------------------------------------------------------------------------ CUDA graphs
+    def use_cuda_graphs(self, enable: bool = True, *, capture: bool = True) -> None:
+        """Replay the cached no-grad forwards as CUDA graphs, one per cache layout
+        (:mod:`model.cuda_graphs`); ``capture=False`` is the CPU dry run of the tests."""
+        self.cuda_graphs = CachedForwardGraphs(capture=capture) if enable else None
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() may move the weights a captured graph reads: drop the graphs
+        if getattr(self, "cuda_graphs", None) is not None:
+            self.cuda_graphs.reset()
+        return super()._apply(fn, recurse)

@@ -76,6 +76,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
                  device: torch.device | None = None) -> Models:
     """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
     device = device or resolve_device(cfg.device)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"cuda_graphs=true needs device: cuda (this run is on {device.type}); set cuda_graphs=false")
     dtype = DTYPES[cfg.dtype]
     text_dtype = DTYPES[cfg.text_encoder_dtype]
     text_device = torch.device("cpu") if cfg.offload_text_encoder else device
@@ -107,6 +109,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     if cfg.compile:
         for block in dit.blocks:
             block.compile()
+    if cfg.cuda_graphs:
+        dit.use_cuda_graphs()
     return Models(dit=dit, text_encoder=text_encoder, vae=vae, device=device)
 
 

@@ -81,6 +81,7 @@ VARIANTS = {
     "text_kv_per_forward": {"legacy": ["text_kv_per_forward"]},  # text keys/values projected at every forward
     "sync_write": {"sync_write": True},       # frames piped to ffmpeg on the critical path (no writer thread)
     "compile": {"overrides": ["compile=true"]},
+    "cuda_graphs": {"overrides": ["cuda_graphs=true"]},  # cached forwards replayed as CUDA graphs (GPU only)
     "fp32": {"overrides": ["dtype=float32"]},
     "bf16": {"overrides": ["dtype=bfloat16"]},
     "sdpa_flash": {"sdpa": "flash"},
@@ -196,6 +197,46 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     # the best batch: a shared or throttled machine only ever makes a batch slower
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": max(rates),
             "median_flops_per_s": statistics.median(rates)}
+
+
+def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head_dim: int, q_tokens: int,
+                   kv_tokens: int, seconds: float = 0.5) -> dict:
+    """SDPA alone at one attention shape of the rollout (a block's queries over ``kv_tokens``
+    keys): the kernel it dispatches to (profiler) and its rate, 4·heads·q·kv·head_dim FLOPs per
+    call (scores and values), the best of five timed batches."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    # [B, tokens, heads, head_dim] seen as [B, heads, tokens, head_dim], as the model calls it
+    q = torch.randn(1, q_tokens, heads, head_dim, device=device).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(1, kv_tokens, heads, head_dim, device=device).to(dtype).transpose(1, 2) for _ in range(2))
+    call = functools.partial(F.scaled_dot_product_attention, q, k, v)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    kernel = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
+                     and e.key != "aten::scaled_dot_product_attention"})
+    for _ in range(3):
+        call()
+    synchronize(device)
+    reps, per = 1, 0.0
+    while per < seconds / 5:
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        synchronize(device)
+        per = time.perf_counter() - start
+        if per < seconds / 5:
+            reps *= 2
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / reps)
+    flops = 4 * heads * q_tokens * kv_tokens * head_dim
+    return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "kernel": kernel, "ms": 1e3 * min(times),
+            "flops_per_s": flops / min(times)}
 
 
 def nominal_peak(device: torch.device) -> tuple[str, float] | None:
@@ -379,7 +420,7 @@ def legacy_paths(names: list[str]):
                 swap(kv_cache, "rotate", fn)
             elif name == "text_kv_per_forward":
                 swap(kv_cache.LayerKV, "cross", _text_kv_per_forward)
-                swap(kv_cache.KVCache, "set_text", lambda self, context, make_all: None)
+                swap(kv_cache.KVCache, "set_text", lambda self, context, make_layer: None)
         yield
     finally:
         for owner, attr, value in reversed(saved):
@@ -523,11 +564,21 @@ class Bench:
         with torch.no_grad():
             dit(x, t, contexts[0], kv_cache=self.cache)
 
+    @contextlib.contextmanager
+    def ungraphed(self):
+        """The model's forwards run eagerly (profiler and FLOP-counter probes must see every op)."""
+        dit = self.models.dit
+        graphs, dit.cuda_graphs = dit.cuda_graphs, None
+        try:
+            yield
+        finally:
+            dit.cuda_graphs = graphs
+
     def sdpa_backend_used(self, contexts) -> list[str]:
         """The SDPA kernels one forward dispatched to (ATen op names, from the profiler)."""
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with self.ungraphed(), profile(activities=[ProfilerActivity.CPU]) as prof:
             self.one_forward(contexts)
         return sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
                        and e.key != "aten::scaled_dot_product_attention"})
@@ -547,7 +598,7 @@ class Bench:
         x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
         t = s.timesteps(self.device)[0].expand(1, s.block_frames)
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        with self.ungraphed(), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
             dit(x, t, contexts[0], kv_cache=self.cache)
             with counter:
                 dit(x, t, contexts[0], kv_cache=self.cache)
@@ -612,7 +663,8 @@ def measure(bench: Bench, seconds: float, opts: dict, workdir: Path) -> dict:
     memory_pipeline = None
     if not opts["skip_pipeline"]:
         memory.reset()
-        runs = [bench.pipeline_pass(plan, contexts, workdir / f"run{r}.mp4", split=not cfg.compile,
+        split = not (cfg.compile or cfg.cuda_graphs)  # the split's timers cannot run inside compiled or captured code
+        runs = [bench.pipeline_pass(plan, contexts, workdir / f"run{r}.mp4", split=split,
                                     desc=f"pipeline {seconds:g}s #{r + 1}")
                 for r in range(opts["pipeline_repeats"])]
         totals = [sum(run["per_block"][k][i] for k in ("dit", "vae", "write") for i in steady) for run in runs]
@@ -638,6 +690,10 @@ def measure(bench: Bench, seconds: float, opts: dict, workdir: Path) -> dict:
     phases = [m for m in (memory_dit, memory_pipeline) if m is not None]
     result["memory"] = dict(max(phases, key=lambda m: m["peak_bytes"]), dit_only=memory_dit, pipeline=memory_pipeline)
     result["cache_bytes"] = bench.cache.memory_bytes()
+    graphs = bench.models.dit.cuda_graphs
+    if graphs is not None:  # forwards run eagerly / captured / replayed / failed captures, warm-up included
+        result["cuda_graphs"] = dict(graphs.stats, graphs=len(graphs))
+        log.info("CUDA graphs: %s", result["cuda_graphs"])
     return result
 
 
@@ -673,6 +729,10 @@ def describe_bench(bench: Bench, spec: dict, matmul: dict | None = None) -> dict
            "dit_parameters": sum(p.numel() for p in bench.models.dit.parameters())}
     probe_ctx = bench.gen.encode_texts(bench.gen.plan(bench_prompt(1.0)))
     out["sdpa_ops"] = bench.sdpa_backend_used(probe_ctx)
+    geo, m = out["geometry"], cfg.model
+    out["attention"] = {name: attention_rate(device, dtype, heads=m.num_heads, head_dim=m.dim // m.num_heads,
+                                             q_tokens=geo["q_tokens"], kv_tokens=kv)
+                        for name, kv in (("self", geo["kv_tokens_steady"]), ("cross", m.text_len))}
     counted = bench.counted_flops(probe_ctx)
     formula_first = block_flops(cfg, latent_hw, first=True) // out["geometry"]["forwards_per_block"]
     out["flops"] = {"per_block_steady": block_flops(cfg, latent_hw), "per_block_first": block_flops(cfg, latent_hw, True),
@@ -877,6 +937,12 @@ def markdown(report: dict) -> str:
     else:
         lines.append("- SDPA kernels: " + "; ".join(f"`{k}` {o}" for k, o in ops.items()))
     for v in variants:
+        att = v.get("attention")
+        if att:
+            lines.append(f"- `{v['variant']}` attention alone (SDPA, {v['dtype']}): " + "; ".join(
+                f"{name} {a['q_tokens']}×{a['kv_tokens']} tokens {a['ms']:.3g} ms = "
+                f"{a['flops_per_s'] / 1e12:.3g} TFLOP/s ({', '.join(a['kernel']) or '?'})" for name, a in att.items()))
+    for v in variants:
         peaks = [r["memory"]["peak_bytes"] for r in v["runs"] if r["memory"]]
         if len(peaks) > 1:
             spread = max(peaks) / min(peaks) - 1
@@ -1021,9 +1087,49 @@ def main(argv=None) -> int:
         opts["skip_pipeline"] = True
         results = run_interleaved(specs, list(args.seconds), opts)
         specs = []
+    failed = []
+
+    def write_report(final: bool) -> None:
+        """The report of the variants measured so far (rewritten after each one: a run stopped
+        by a time limit keeps what it finished)."""
+        variants = merge_runs(results)
+        device = variants[0]["device"]["type"]
+        tag = args.tag or f"{Path(args.config_path).stem}_{device}"
+        command = "python scripts/benchmark.py " + " ".join(
+            [f"--config_path {args.config_path}", "--seconds " + " ".join(f"{s:g}" for s in args.seconds)]
+            + (["--variants " + " ".join(args.variants)] if args.variants != ["fast"] else [])
+            + [f"--repeats {args.repeats}", f"--pipeline_repeats {args.pipeline_repeats}",
+               f"--warmup_blocks {args.warmup_blocks}"]
+            + (["--skip_pipeline"] if args.skip_pipeline else []) + (["--interleave"] if args.interleave else [])
+            + (["--no_memory_pass"] if args.no_memory_pass else [])
+            + ([f"--threads {args.threads}"] if args.threads else [])
+            + [f"--out {args.out}"] + ([f"--tag {args.tag}"] if args.tag else []) + list(args.overrides))
+        report = {"config_path": args.config_path, "overrides": opts["overrides"], "command": command,
+                  "video": f"{cfg.width}x{cfg.height} @ {cfg.fps:g} fps, {len(cfg.denoising_step_list)} steps, "
+                           f"sink {cfg.sink_size} + window {cfg.local_attn_size}, blocks of {cfg.num_frame_per_block}",
+                  "isolated_processes": isolate, "variants": variants, "failed_variants": failed}
+        table = markdown(report)
+        (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
+        (out / f"{tag}.md").write_text(table + "\n")
+        if final:
+            print(table)
+            log.info("wrote %s and %s", out / f"{tag}.json", out / f"{tag}.md")
+
     for spec in specs:
         if not isolate:
-            results.append(run_variant(spec, list(args.seconds), opts))
+            try:
+                results.append(run_variant(spec, list(args.seconds), opts))
+            except UserError as exc:
+                print(f"error: variant {spec['name']}: {exc}", file=sys.stderr)
+                return 2
+            except Exception:  # noqa: BLE001 - one variant's failure must not lose the others' numbers
+                log.exception("variant %s failed; going on with the others", spec["name"])
+                failed.append(spec["name"])
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            write_report(final=False)
             continue
         for seconds in args.seconds:
             job = {"variant": spec["name"], "seconds": [seconds], "opts": opts}
@@ -1036,27 +1142,11 @@ def main(argv=None) -> int:
                 run["memory_default_allocator"] = run["memory"]
                 run["memory"] = mem
             results.append(result)
-    variants = merge_runs(results)
-    device = variants[0]["device"]["type"]
-    tag = args.tag or f"{Path(args.config_path).stem}_{device}"
-    command = "python scripts/benchmark.py " + " ".join(
-        [f"--config_path {args.config_path}", "--seconds " + " ".join(f"{s:g}" for s in args.seconds)]
-        + (["--variants " + " ".join(args.variants)] if args.variants != ["fast"] else [])
-        + [f"--repeats {args.repeats}", f"--pipeline_repeats {args.pipeline_repeats}",
-           f"--warmup_blocks {args.warmup_blocks}"]
-        + (["--skip_pipeline"] if args.skip_pipeline else []) + (["--interleave"] if args.interleave else [])
-        + (["--no_memory_pass"] if args.no_memory_pass else []) + ([f"--threads {args.threads}"] if args.threads else [])
-        + [f"--out {args.out}"] + ([f"--tag {args.tag}"] if args.tag else []) + list(args.overrides))
-    report = {"config_path": args.config_path, "overrides": opts["overrides"], "command": command,
-              "video": f"{cfg.width}x{cfg.height} @ {cfg.fps:g} fps, {len(cfg.denoising_step_list)} steps, "
-                       f"sink {cfg.sink_size} + window {cfg.local_attn_size}, blocks of {cfg.num_frame_per_block}",
-              "isolated_processes": isolate, "variants": variants}
-    table = markdown(report)
-    (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{tag}.md").write_text(table + "\n")
-    print(table)
-    log.info("wrote %s and %s", out / f"{tag}.json", out / f"{tag}.md")
-    return 0
+    if not results:
+        log.error("no variant finished: %s", ", ".join(failed))
+        return 1
+    write_report(final=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

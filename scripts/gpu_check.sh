@@ -4,18 +4,21 @@
 #
 #   bash scripts/gpu_check.sh --fetch    here, with a package registry: download the wheels the GPU
 #                                        image lacks into .whl/ (git-ignored; carry it to the GPU)
-#   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the checks, write the tables
-#   bash scripts/gpu_check.sh --cpu      the same plumbing on a CPU with configs/tiny.yaml (a dry run
-#                                        of this script; numbers meaningless)
+#   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
+#                                        rows (eager, CUDA graphs, compile, compile + CUDA graphs at 10 s;
+#                                        compile + CUDA graphs at 60 s), write the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE levers
-#                                        (cuDNN autotuning, channels-last) and compile, at 10 s
-#                                        (add --cpu for its dry run)
+#                                        (cuDNN autotuning, channels-last) and the writer on the
+#                                        critical path, at 10 s
+#   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
+#                                        of 8/64-GPU runs, and the ODE stage at full size
+#   add --cpu to any of the three: the same plumbing on a CPU with configs/tiny.yaml (a dry run of
+#   this script; numbers meaningless, CUDA-graph variants skipped)
 #
-# Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md,
-# train.log + train_memory.md (3 DMD iterations of the full geometry on one GPU and the per-GPU
-# memory of an 8- and 64-GPU FSDP2 run by arithmetic), ode.log + ode.md (one full-size trajectory
-# and 3 ODE-regression iterations), and summary.md (all tables). Budget: about 8 minutes on one
-# H100/H200 (the step limits add up to 590 s, inside the device's 10-minute call).
+# Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md and
+# summary.md; --levers: summary_levers.md; --train: train.log + train_memory.md, ode.log + ode.md,
+# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 500 s, --levers
+# 200 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +27,8 @@ cd "$(dirname "$0")/.."
 WHEELS=(diffusers==0.42.1 omegaconf==2.3.0 imageio-ffmpeg==0.6.0 importlib-metadata)
 SDIST_WHEELS=(antlr4-python3-runtime==4.9.3)
 MODE=gpu
-LEVERS=0
-if [ "${1:-}" = --levers ]; then LEVERS=1; shift; fi
+PART=main
+case "${1:-}" in --levers) PART=levers; shift ;; --train) PART=train; shift ;; esac
 case "${1:-}" in
     --fetch)
         mkdir -p .whl
@@ -38,7 +41,7 @@ case "${1:-}" in
         exit 0 ;;
     --cpu) MODE=cpu ;;
     "") ;;
-    *) echo "usage: bash scripts/gpu_check.sh [--levers] [--fetch | --cpu]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu_check.sh [--levers | --train] [--fetch | --cpu]" >&2; exit 2 ;;
 esac
 
 OUT=${OUT:-benchmarks/gpu_check}
@@ -64,15 +67,20 @@ if torch.cuda.is_available():
           "| cudnn", torch.backends.cudnn.version())
 EOF
 
-if [ "$LEVERS" = 1 ]; then  # a second call: the levers not yet on by default, against the default
-    if [ "$MODE" = cpu ]; then
-        LCONFIG=(--config_path configs/tiny.yaml --seconds 2 --repeats 1 --no_memory_pass)
-    else
-        LCONFIG=(--config_path configs/infinity_rope.yaml --seconds 10 --repeats 1 random_init=true)
-    fi
-    echo "==> levers: cuDNN autotuning and the channels-last VAE, with and without compile, at 10 s"
-    timeout 540 $PY scripts/benchmark.py "${LCONFIG[@]}" --variants fast cudnn_benchmark vae_channels_last \
-        cudnn_benchmark+vae_channels_last compile+cudnn_benchmark+vae_channels_last --out "$OUT" \
+if [ "$MODE" = cpu ]; then
+    CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
+    GRAPHS=()  # CUDA graphs need a GPU
+else
+    # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
+    # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
+    CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
+    GRAPHS=(cuda_graphs compile+cuda_graphs)
+fi
+
+if [ "$PART" = levers ]; then  # the levers not yet on by default, against the default, at 10 s
+    echo "==> levers: cuDNN autotuning and the channels-last VAE; the writer on the critical path"
+    timeout 200 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants fast \
+        cudnn_benchmark vae_channels_last cudnn_benchmark+vae_channels_last sync_write --out "$OUT" \
         --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     { echo "# GPU check, levers ($(date -u +%Y-%m-%d), $MODE)"; echo; sed 's/^/    /' "$OUT/env.txt"; echo
       cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; } > "$OUT/summary_levers.md"
@@ -80,28 +88,44 @@ if [ "$LEVERS" = 1 ]; then  # a second call: the levers not yet on by default, a
     exit 0
 fi
 
-echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
-# -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
-set +e
-timeout 130 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
-    tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
-    tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
-tests_rc=${PIPESTATUS[0]}
-set -e
+if [ "$PART" = main ]; then
+    echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
+    # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
+    set +e
+    timeout 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+        tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
+        tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
+    tests_rc=${PIPESTATUS[0]}
+    set -e
 
-if [ "$MODE" = cpu ]; then
-    CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
-else
-    # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
-    # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
-    CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
+    echo "==> benchmark at ${SECONDS_[0]} s: eager (the default), CUDA graphs, compile, compile + CUDA graphs"
+    timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
+        --variants fast "${GRAPHS[@]:0:1}" compile "${GRAPHS[@]:1:1}" --out "$OUT" --tag "rows_$MODE" 2>&1 \
+        | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
+    LONG=compile+cuda_graphs; [ "$MODE" = cpu ] && LONG=compile
+    echo "==> benchmark at ${SECONDS_[1]} s: $LONG (steady speed and flat memory over a longer video)"
+    timeout 120 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants "$LONG" \
+        --out "$OUT" --tag "rows_long_$MODE" 2>&1 | tee "$OUT/benchmark_long.log" | grep -v "it/s\]$" || true
+
+    {
+        echo "# GPU check ($(date -u +%Y-%m-%d), $MODE)"
+        echo
+        sed 's/^/    /' "$OUT/env.txt"
+        echo
+        echo "CUDA tests exit code: $tests_rc ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))"
+        echo
+        cat "$OUT/rows_$MODE.md" 2>/dev/null || echo "(benchmark produced no table: see benchmark.log)"
+        echo
+        cat "$OUT/rows_long_$MODE.md" 2>/dev/null || echo "(long benchmark produced no table: see benchmark_long.log)"
+        echo
+        grep -h "CUDA graphs:" "$OUT/benchmark.log" "$OUT/benchmark_long.log" 2>/dev/null | sed 's/^.*INFO /    /' || true
+    } > "$OUT/summary.md"
+    cat "$OUT/summary.md"
+    [ "$tests_rc" = 0 ]
+    exit $?
 fi
-echo "==> benchmark: eager (the default) and compile at ${SECONDS_[*]} s; the writer on the critical path at ${SECONDS_[0]} s"
-timeout 150 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[@]}" --variants fast compile \
-    --out "$OUT" --tag "rows_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
-timeout 60 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" --variants fast sync_write \
-    --out "$OUT" --tag "writer_$MODE" "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark_writer.log" | grep -v "it/s\]$" || true
 
+# --train
 echo "==> training: 3 DMD iterations (generator + critic steps each), world size 1, checkpointing, no save"
 TRAIN=(--logdir "$OUT/train" --disable-wandb random_init=true train.max_iters=3 train.total_batch_size=1
        train.dfake_gen_update_ratio=1 train.save_every=0 train.data_path=tests/assets/train_prompts.txt)
@@ -141,15 +165,9 @@ grep -E "trajectories in|step [0-9]+ \|" "$OUT/ode.log" | sed 's/^.*INFO [a-z_.]
 cat "$OUT/ode.md"
 
 {
-    echo "# GPU check ($(date -u +%Y-%m-%d), $MODE)"
+    echo "# GPU check, training ($(date -u +%Y-%m-%d), $MODE)"
     echo
     sed 's/^/    /' "$OUT/env.txt"
-    echo
-    echo "CUDA tests exit code: $tests_rc ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))"
-    echo
-    cat "$OUT/rows_$MODE.md" 2>/dev/null || echo "(benchmark produced no table: see benchmark.log)"
-    echo
-    cat "$OUT/writer_$MODE.md" 2>/dev/null || echo "(writer benchmark produced no table: see benchmark_writer.log)"
     echo
     echo "## Training step (exit code $train_rc; train.log)"
     echo
@@ -158,6 +176,6 @@ cat "$OUT/ode.md"
     echo "## ODE stage (exit code $ode_rc; ode.log)"
     echo
     sed 's/^/    /' "$OUT/ode.md"
-} > "$OUT/summary.md"
-cat "$OUT/summary.md"
-[ "$tests_rc" = 0 ]
+} > "$OUT/summary_train.md"
+cat "$OUT/summary_train.md"
+[ "$train_rc" = 0 ] && [ "$ode_rc" = 0 ]

@@ -295,6 +295,149 @@ def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
         torch._dynamo.reset()
 
 
+# ----------------------------------------------------------------------------- CUDA graphs
+def test_cuda_graph_dry_run_equals_eager_through_flush_and_cut(tiny):
+    """The graphed forward on the CPU (``capture=False``: a replay reruns the captured forward on
+    exactly its captured arguments, what a CUDA graph reads) equals eager bit for bit through
+    flushes, cuts and new prompts: one graph per cache layout (nothing held; sink + context),
+    captured at the layout's second forward, reused by a second video on the same cache."""
+    cfg = tiny[0]
+    models = build_models(cfg)
+    eager = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    models.dit.use_cuda_graphs(capture=False)
+    graphs = models.dit.cuda_graphs
+    settings = RolloutSettings.from_config(cfg)
+    latent = models.vae.latent_shape(cfg.height, cfg.width)
+    cache = settings.new_cache(models.dit, 1, latent[1:])
+    real_new_cache = RolloutSettings.new_cache
+    RolloutSettings.new_cache = lambda self, *a, **k: cache  # both videos on one cache, as VideoGenerator does
+    try:
+        first = torch.cat(list(blocks_of(cfg, models)), dim=1)
+        assert len(graphs) == 2 and graphs.stats["captured"] == 2 and graphs.stats["failed"] == 0
+        assert graphs.stats["eager"] == 2, "a layout runs eagerly once, then replays"
+        second = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    finally:
+        RolloutSettings.new_cache = real_new_cache
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert graphs.stats["captured"] == 2 and graphs.stats["eager"] == 2, "the second video replays only"
+    assert cache.text_allocs == 1, "every prompt's text keys/values went into the same buffers"
+
+
+def test_cuda_graph_dry_run_catches_buffers_that_move(tiny, monkeypatch):
+    """The dry run is able to fail: with text keys/values in new tensors at every prompt (what
+    the cache did before its text buffers), a replay reads the first prompt's text and the
+    blocks from the second prompt on differ from eager."""
+    from model.kv_cache import KVCache
+
+    def fresh_tensors(self, context, make_layer):
+        if self._text_context is not context:
+            self.text_kv, self._text_context = [make_layer(i) for i in range(len(self.k_rot))], context
+
+    cfg = tiny[0]
+    models = build_models(cfg)
+    eager = list(blocks_of(cfg, models))
+    monkeypatch.setattr(KVCache, "set_text", fresh_tensors)
+    models.dit.use_cuda_graphs(capture=False)
+    graphed = list(blocks_of(cfg, models))
+    same = [torch.equal(a, b) for a, b in zip(graphed, eager)]
+    events = list(plan_prompt(PROMPT, cfg, models.vae.temporal_factor).block_events)
+    second_prompt = next(i for i, e in enumerate(events) if e in ("flush", "cut"))
+    assert all(same[:second_prompt]) and not any(same[second_prompt:]), same
+
+
+def test_cuda_graphs_dropped_when_the_weights_or_the_cache_change(tiny):
+    cfg = tiny[0]
+    models = build_models(cfg)
+    models.dit.use_cuda_graphs(capture=False)
+    graphs = models.dit.cuda_graphs
+    for _ in blocks_of(cfg, models, "a walk[2s]"):
+        pass
+    assert len(graphs) == 2
+    models.dit.to(torch.float64).to(torch.float32)  # the weights a graph reads moved
+    assert len(graphs) == 0
+    blocks = blocks_of(cfg, models, "a walk[2s]")
+    next(blocks), next(blocks), next(blocks)
+    assert len(graphs) == 2
+    next(blocks_of(cfg, models, "a walk[2s]"))  # a fresh cache: the graphs of the old one go
+    assert len(graphs) == 1, "only the new cache's first layout, captured at its second forward"
+
+
+def test_failed_capture_leaves_the_layout_eager(tiny, monkeypatch, caplog):
+    from model import cuda_graphs
+
+    def unsupported(self, pool, side):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    cfg = tiny[0]
+    models = build_models(cfg)
+    eager = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    models.dit.use_cuda_graphs(capture=False)
+    graphs = models.dit.cuda_graphs
+    graphs.capture_graphs = True  # take the capture path, whose CUDA graph "fails"
+    monkeypatch.setattr(cuda_graphs._Captured, "capture", unsupported)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    with caplog.at_level("WARNING", logger="model.cuda_graphs"):
+        graphed = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    assert torch.equal(graphed, eager)
+    assert graphs.stats["failed"] == 2 and graphs.stats["replayed"] == 0 and len(graphs) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("running it eagerly" in w and "capturing" in w for w in warnings)
+
+
+def test_cuda_graphs_on_a_cpu_is_a_config_error(tmp_path):
+    from utils.errors import ConfigError
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs device: cuda"):
+        build_models(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_bf16_graphed_rollout_close_to_eager(tiny, compiled):
+    """Real CUDA graphs (bf16, through flushes and cuts, blocks compiled or not) against eager
+    bf16: every block within 2e-2 relative, every latent finite, one graph per layout, no failed
+    capture; and a steady graphed block never synchronises the GPU."""
+    cfg = tiny[0]
+    torch._dynamo.reset()
+    models = build_models(cfg)
+    dit = models.dit.to("cuda", torch.bfloat16)
+    try:
+        def run(check_sync=False):
+            plan = plan_prompt(PROMPT, cfg, models.vae.temporal_factor)
+            settings = RolloutSettings.from_config(cfg)
+            latent = models.vae.latent_shape(cfg.height, cfg.width)
+            cache = settings.new_cache(dit, 1, latent[1:])
+            texts = [models.text_encoder([s.text]).to("cuda", torch.bfloat16) for s in plan.segments]
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            blocks = rollout(dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
+                             latent_shape=latent, generator=gen)
+            out = [next(blocks)[1].float() for _ in range(3)]
+            if check_sync:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out += [b.float() for _, b in blocks]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            return out
+        if compiled:
+            for block in dit.blocks:
+                block.compile()
+        eager = run()
+        dit.use_cuda_graphs()
+        graphed = run(check_sync=True)
+        stats = dit.cuda_graphs.stats
+        errors = [((a - b).norm() / b.norm()).item() for a, b in zip(graphed, eager)]
+        assert all(torch.isfinite(a).all() for a in graphed)
+        assert max(errors) < 2e-2, errors
+        assert stats["failed"] == 0 and stats["captured"] == 2 and stats["replayed"] > stats["eager"], stats
+    finally:
+        dit.use_cuda_graphs(False)
+        torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------- bf16
 def test_bf16_rollout_close_to_fp32(tiny):
     cfg, models = tiny
@@ -348,9 +491,13 @@ def test_benchmark_measures_a_short_video(tmp_path):
     assert run["memory"]["peak_bytes"] > 0 and run["cache_bytes"] > 0
     assert 0 < run["floor_fraction"] and 0 < run["dit_vae_floor_fraction"]
     assert out["sdpa_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    geo = out["geometry"]
+    assert {k: (a["q_tokens"], a["kv_tokens"]) for k, a in out["attention"].items()} == \
+        {"self": (geo["q_tokens"], geo["kv_tokens_steady"]), "cross": (geo["q_tokens"], 64)}
+    assert all(a["kernel"] == out["sdpa_ops"] and a["flops_per_s"] > 0 for a in out["attention"].values())
     assert out["flops"]["vae_per_block_steady"] > out["flops"]["vae_per_block_first"] > 0
     assert not list(tmp_path.rglob("*.mp4"))  # the videos are written, measured and removed
     report = {"config_path": "configs/tiny.yaml", "command": "python scripts/benchmark.py ...", "video": "96x64",
               "variants": [out]}
     table = bench.markdown(report)
-    assert "| fast | 2 s | 3 |" in table and "DiT + VAE floor" in table
+    assert "| fast | 2 s | 3 |" in table and "DiT + VAE floor" in table and "attention alone (SDPA" in table

@@ -168,12 +168,12 @@ def test_flush_keeps_sink_and_last_frames(tiny_dit):
     with torch.no_grad():
         tiny_dit(x[:, :3], t[:, :3], ctx, kv_cache=cache)   # fills the cross-attention cache
     by_frame = {cache.slot_frame[s]: cache.k_rot[:, :, cache._tokens(s)].clone() for s in range(5)}
-    assert cache._cross is not None
+    assert cache.has_text
     cache.flush(2)
     assert cache.slot_frame[:cache.num_frames] == [0, 10, 11]
     for s in range(cache.num_frames):
         assert torch.equal(cache.k_rot[:, :, cache._tokens(s)], by_frame[cache.slot_frame[s]])
-    assert cache._cross is None, "a flush drops the cross-attention cache"
+    assert not cache.has_text, "a flush drops the cross-attention cache"
     held, current = cache.positions(BLOCK)
     assert held == [0, 1, 2] and current == [3, 4, 5]
     cache.flush(0)

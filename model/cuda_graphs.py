@@ -1,0 +1,139 @@
+"""CUDA graphs of the cached DiT forward: one graph per cache layout, captured once, replayed.
+
+A block of the rollout is a handful of forwards of the same shapes over the same buffers: the KV
+cache is preallocated, the prompt's text keys/values sit in buffers of their own
+(:attr:`KVCache.text_kv <model.kv_cache.KVCache.text_kv>`), and the one thing that changes what
+a forward computes, besides the values of its inputs, is the cache's layout: how many tokens are
+held (0 for the first block, then ``local_attn_size - num_frame_per_block`` frames' worth, and
+after a KV Flush ``sink + flush_keep`` frames: two or three values for a whole video). Each
+layout's forward is captured as a CUDA graph and replayed: one launch instead of thousands of
+kernel launches, so the GPU no longer waits for the host to issue them.
+
+Eager, outside the graph: the cache's bookkeeping, which writes the same buffers in place
+(:meth:`~model.kv_cache.KVCache.prepare` turning held keys at a layout change, ``set_text``, the
+moves of ``commit`` and ``flush``), and the rollout's few elementwise steps between forwards.
+Captured: patch and time embedding, every block (staging the block's keys and values into the
+cache buffers, attention, feed-forward) and the head. A replay reads
+
+* the block's latents, timesteps and RoPE table, copied into the graph's static inputs first;
+* the cache's key/value buffers and the text buffers, at their fixed addresses;
+* the weights (moving the model, ``.to()``, drops the graphs).
+
+A layout is captured at its second forward: the first runs eagerly (lazy initialisation, cuBLAS
+and cuDNN plans, ``torch.compile``), then one warm-up forward on a side stream precedes the
+capture. All graphs share one memory pool (they never run concurrently). Capture is checked per
+thread (``capture_error_mode="thread_local"``): the mp4 writer's thread keeps waiting on its CUDA
+events meanwhile. A capture that fails leaves that layout eager, with one warning. Another cache
+(or new text buffers) drops the graphs.
+
+``capture=False`` is the dry run the CPU tests use: "capture" keeps the arguments of the captured
+forward, and "replay" runs the forward again on exactly those arguments, its static inputs
+refreshed by the same copies. That is what a graph replay reads; if a forward needed anything the
+captured one does not hold (another buffer, another layout), the replay's output differs from the
+eager forward's, and the tests compare them.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# core(x, t, rope_table, layers) -> flow prediction; layers: one LayerKV per block
+Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor]
+
+
+class _Captured:
+    """One layout's graph, its static inputs and output, and the cache views it was captured on."""
+
+    def __init__(self, core: Core, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor, layers: list):
+        self.core, self.layers = core, layers
+        self.x, self.t, self.rope = x.clone(), t.clone(), rope.clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def capture(self, pool, side: torch.cuda.Stream) -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up forward on a side stream, as capture requires
+            self.core(self.x, self.t, self.rope, self.layers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the mp4 writer's thread may wait on a CUDA event while this thread
+        # captures; only this thread's calls must be capturable
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            self.out = self.core(self.x, self.t, self.rope, self.layers)
+        self.graph = graph
+
+    def replay(self, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.rope.copy_(rope)
+        if self.graph is not None:
+            self.graph.replay()
+        else:  # dry run: the captured forward's own arguments, as a replay reads them
+            self.out = self.core(self.x, self.t, self.rope, self.layers)
+        return self.out.clone()  # the next replay overwrites the static output
+
+
+class CachedForwardGraphs:
+    """The graphs of one model's cached forwards (:meth:`WanDiT.forward <model.wan.WanDiT.forward>`
+    with a KV cache, without autograd). ``stats`` counts eager forwards, captures, replays and
+    failed captures (for tests and benchmarks)."""
+
+    def __init__(self, capture: bool = True):
+        if capture and not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.capture_graphs = capture
+        self.stats: Counter = Counter()
+        self._pool = self._side = None  # one memory pool for all graphs; the warm-up stream
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every graph (and with them the buffers they hold)."""
+        self._graphs: dict[tuple, _Captured] = {}
+        self._seen: Counter = Counter()
+        self._failed: set[tuple] = set()
+        self._owner: tuple | None = None  # (cache, its text allocation) the graphs were captured on
+
+    def __call__(self, core: Core, cache, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        owner = (cache, cache.text_allocs)
+        if self._owner is None or self._owner[0] is not cache or self._owner[1] != owner[1]:
+            self.reset()
+            self._owner = owner
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(rope.shape), cache.num_frames)
+        captured = self._graphs.get(key)
+        if captured is None:
+            self._seen[key] += 1
+            if self._seen[key] < 2 or key in self._failed:
+                self.stats["eager"] += 1
+                return core(x, t, rope, cache.layers())
+            captured = self._capture(core, cache, x, t, rope, key)
+            if captured is None:
+                self.stats["eager"] += 1
+                return core(x, t, rope, cache.layers())
+        self.stats["replayed"] += 1
+        return captured.replay(x, t, rope)
+
+    def _capture(self, core: Core, cache, x, t, rope, key) -> _Captured | None:
+        captured = _Captured(core, x, t, rope, cache.layers())
+        if self.capture_graphs:
+            if self._pool is None:
+                self._pool, self._side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+            try:
+                captured.capture(self._pool, self._side)
+            except Exception as exc:  # an op that cannot be captured: this layout stays eager
+                self._failed.add(key)
+                self.stats["failed"] += 1
+                log.warning("CUDA graph capture failed for a cache layout of %d held frames; running it eagerly "
+                            "(%s: %s)", cache.num_frames, type(exc).__name__, str(exc).splitlines()[0][:200])
+                return None
+        self._graphs[key] = captured
+        self.stats["captured"] += 1
+        log.debug("captured the cached forward for %d held frames (%d graphs)", cache.num_frames, len(self._graphs))
+        return captured
+
+    def __len__(self) -> int:
+        return len(self._graphs)
