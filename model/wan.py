@@ -52,7 +52,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        # normalised in float32 whatever x's dtype (one fused kernel on a GPU), scaled by the weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -104,13 +105,15 @@ class WanBlock(nn.Module):
         """x ``[B, F, S, dim]`` float32 residual stream; e ``[B, F, 6, dim]`` float32 modulation;
         ``kv``: this layer's part of the KV cache in a cached forward."""
         dtype = self.self_attn.q.weight.dtype
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float()[:, None] + e).unbind(2)
+        # Mixed-dtype elementwise ops (float32 with the weights' dtype) promote to float32 inside
+        # one kernel: Wan's float32 arithmetic without a separate conversion pass per operand.
+        shift, scale, gate, c_shift, c_scale, c_gate = (e + self.modulation[:, None]).unbind(2)
         shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None]
                                                         for m in (shift, scale, gate, c_shift, c_scale, c_gate))
         b, f, s, d = x.shape
 
         # self-attention (rotated by explicit positions; over the cache when there is one)
-        h = (self.norm1(x) * (1 + scale) + shift).to(dtype).flatten(1, 2)
+        h = torch.addcmul(shift, self.norm1(x), 1 + scale).to(dtype).flatten(1, 2)
         attn = self.self_attn
         q = rotate(attn.project_q(h), rope_cur)
         k, v = attn.project_kv(h)
@@ -118,18 +121,18 @@ class WanBlock(nn.Module):
         if kv is not None:
             k_rot, v = kv.attend(k, k_rot, v)
         y = attn.out(q, k_rot, v, mask)
-        x = x + y.float().view(b, f, s, d) * gate
+        x = torch.addcmul(x, y.view(b, f, s, d), gate)
 
         # cross-attention to the text (keys/values computed once per prompt during a rollout)
         h = self.norm3(x).to(dtype).flatten(1, 2)
         q = self.cross_attn.project_q(h)
         make = lambda: self.cross_attn.project_kv(context())  # noqa: E731
         ck, cv = kv.cross(make) if kv is not None else make()
-        x = x + self.cross_attn.out(q, ck, cv).float().view(b, f, s, d)
+        x = x + self.cross_attn.out(q, ck, cv).view(b, f, s, d)
 
         # feed-forward
-        h = (self.norm2(x) * (1 + c_scale) + c_shift).to(dtype)
-        x = x + self.ffn(h).float() * c_gate
+        h = torch.addcmul(c_shift, self.norm2(x), 1 + c_scale).to(dtype)
+        x = torch.addcmul(x, self.ffn(h), c_gate)
         return x
 
 
@@ -159,8 +162,8 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x ``[B, F, S, dim]`` float32, e ``[B, F, dim]`` float32 (the time embedding)."""
-        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
-        h = self.norm(x) * (1 + scale[:, :, None]) + shift[:, :, None]
+        shift, scale = (e[:, :, None] + self.modulation[:, None]).unbind(2)
+        h = torch.addcmul(shift[:, :, None], self.norm(x), 1 + scale[:, :, None])
         return self.head(h.to(self.head.weight.dtype))
 
 

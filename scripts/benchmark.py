@@ -564,6 +564,34 @@ class Bench:
         with torch.no_grad():
             dit(x, t, contexts[0], kv_cache=self.cache)
 
+    def ops_per_forward(self, contexts) -> dict | None:
+        """ATen ops one eager cached forward dispatches (the second over a fresh cache: the text
+        keys/values are cached), views left out: about the kernels it launches, each a host call
+        (what a CUDA graph replays in one launch), and of them the dtype conversions."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        if self.cfg.compile:
+            return None
+        counts: dict[str, int] = {}
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view:
+                    name = func.overloadpacket.__name__
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        dit, s = self.models.dit, self.settings
+        self.cache.reset()
+        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
+        t = s.timesteps(self.device)[0].expand(1, s.block_frames)
+        with self.ungraphed(), torch.no_grad():
+            dit(x, t, contexts[0], kv_cache=self.cache)
+            with Count():
+                dit(x, t, contexts[0], kv_cache=self.cache)
+        self.cache.reset()
+        return {"ops": sum(counts.values()), "dtype_conversions": counts.get("_to_copy", 0), "by_op": counts}
+
     @contextlib.contextmanager
     def ungraphed(self):
         """The model's forwards run eagerly (profiler and FLOP-counter probes must see every op)."""
@@ -734,6 +762,7 @@ def describe_bench(bench: Bench, spec: dict, matmul: dict | None = None) -> dict
                                              q_tokens=geo["q_tokens"], kv_tokens=kv)
                         for name, kv in (("self", geo["kv_tokens_steady"]), ("cross", m.text_len))}
     counted = bench.counted_flops(probe_ctx)
+    out["ops_per_forward"] = bench.ops_per_forward(probe_ctx)
     formula_first = block_flops(cfg, latent_hw, first=True) // out["geometry"]["forwards_per_block"]
     out["flops"] = {"per_block_steady": block_flops(cfg, latent_hw), "per_block_first": block_flops(cfg, latent_hw, True),
                     "per_forward_first_formula": formula_first, "per_forward_first_counted": counted}
@@ -936,6 +965,20 @@ def markdown(report: dict) -> str:
         lines.append(f"- SDPA kernel: {next(iter(ops.values()))}")
     else:
         lines.append("- SDPA kernels: " + "; ".join(f"`{k}` {o}" for k, o in ops.items()))
+    for v in variants:  # one-time costs, apart from the steady numbers
+        first = v["runs"][0] if v["runs"] else {}
+        if "warmup_wall_s" in first:
+            graphs = first.get("cuda_graphs")
+            lines.append(f"- `{v['variant']}` one-time: models built in {v['build_s']:.3g} s; warm-up of "
+                         f"{first['warmup_blocks']} blocks through the pipeline (kernels, compilation, graph "
+                         f"capture, the VAE's cache, ffmpeg) {first['warmup_wall_s']:.3g} s"
+                         + ("; CUDA graphs (forwards of the run, warm-up included): "
+                            + ", ".join(f"{k} {n}" for k, n in sorted(graphs.items())) if graphs else ""))
+    for v in variants:
+        ops = v.get("ops_per_forward")
+        if ops:
+            lines.append(f"- `{v['variant']}` ATen ops per eager cached forward (views left out): {ops['ops']:,}, "
+                         f"of which {ops['dtype_conversions']:,} dtype conversions")
     for v in variants:
         att = v.get("attention")
         if att:
