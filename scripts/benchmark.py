@@ -555,12 +555,17 @@ class Bench:
                 "frames_written": written}
 
     # -- diagnostics on one forward ----------------------------------------------------------
+    def probe_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A noise block and the first denoising timestep, for the probes' single forwards."""
+        s, dtype = self.settings, next(self.models.dit.parameters()).dtype
+        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(dtype)
+        return x, s.timesteps(self.device)[0].expand(1, s.block_frames)
+
     def one_forward(self, contexts):
         """One cached forward of a block at the first denoising step (fresh cache)."""
-        dit, s = self.models.dit, self.settings
+        dit = self.models.dit
         self.cache.reset()
-        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
-        t = s.timesteps(self.device)[0].expand(1, s.block_frames)
+        x, t = self.probe_inputs()
         with torch.no_grad():
             dit(x, t, contexts[0], kv_cache=self.cache)
 
@@ -581,10 +586,9 @@ class Bench:
                     counts[name] = counts.get(name, 0) + 1
                 return func(*args, **(kwargs or {}))
 
-        dit, s = self.models.dit, self.settings
+        dit = self.models.dit
         self.cache.reset()
-        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
-        t = s.timesteps(self.device)[0].expand(1, s.block_frames)
+        x, t = self.probe_inputs()
         with self.ungraphed(), torch.no_grad():
             dit(x, t, contexts[0], kv_cache=self.cache)
             with Count():
@@ -621,10 +625,9 @@ class Bench:
 
         if self.cfg.compile:
             return None
-        dit, s = self.models.dit, self.settings
+        dit = self.models.dit
         self.cache.reset()
-        x = torch.randn((1, s.block_frames, *self.gen.latent_shape), device=self.device).to(next(dit.parameters()).dtype)
-        t = s.timesteps(self.device)[0].expand(1, s.block_frames)
+        x, t = self.probe_inputs()
         counter = FlopCounterMode(display=False)
         with self.ungraphed(), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
             dit(x, t, contexts[0], kv_cache=self.cache)
