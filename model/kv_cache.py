@@ -21,8 +21,9 @@ Every idea of Infinity-RoPE that touches attention lives here:
 
 Fast path: only rotated keys are stored. Each slot remembers the temporal position its key is
 rotated at; when the layout changes (once per block: a commit, a flush, a cut block's frames
-entering the context) the keys whose position changed are turned by the difference, for all
-layers at once, before the next forward (:meth:`KVCache.prepare`). Rotations compose, so this
+entering the context) the keys whose position changed are turned by the difference, layer by
+layer (the float32 temporaries of one layer, not of thirty), before the next forward
+(:meth:`KVCache.prepare`). Rotations compose, so this
 equals rotating the raw key at its new position; a key is turned at most once per layout change
 and leaves the window after a few (1 in steady state with window 6 and blocks of 3; the sink
 never moves). No raw keys are kept: the cache is two buffers (rotated keys, values), not three.
@@ -198,15 +199,20 @@ class KVCache:
         self.version += 1
 
     def _move(self, moves: dict[int, int]) -> None:
-        """Copy slots' keys (with the positions they are rotated at) and values, ``{dst: src}``;
-        sources are read before any destination is written (a wrapped ring permutes slots)."""
+        """Copy slots' keys (with the positions they are rotated at) and values, ``{dst: src}``,
+        buffer to buffer. Only a source that another move overwrites (a wrapped ring permuted by
+        a flush) is saved first, one layer at a time; the steady state's moves (the block's
+        frames into the ring) copy in place with no temporary."""
         moves = {dst: src for dst, src in moves.items() if dst != src}
         bufs = (self.k_rot, self.v) + ((self.k_raw,) if self.k_raw is not None else ())
-        data = {src: [b[:, :, self._tokens(src)].clone() for b in bufs] for src in moves.values()}
+        overwritten = set(moves.values()) & set(moves)
+        for buf in bufs:
+            for layer in range(buf.shape[0]) if overwritten else [slice(None)]:
+                saved = {src: buf[layer, :, self._tokens(src)].clone() for src in overwritten}
+                for dst, src in moves.items():
+                    buf[layer, :, self._tokens(dst)] = saved[src] if src in saved else buf[layer, :, self._tokens(src)]
         info = {src: (self.slot_pos[src], self.slot_frame[src]) for src in moves.values()}
         for dst, src in moves.items():
-            for buf, saved in zip(bufs, data[src]):
-                buf[:, :, self._tokens(dst)] = saved
             self.slot_pos[dst], self.slot_frame[dst] = info[src]
 
     def drop_cross_attention(self) -> None:
@@ -244,7 +250,7 @@ class KVCache:
     def prepare(self) -> None:
         """Bring the stored rotations to the current layout, before a forward over the cache:
         every held key whose position changed since it was rotated is turned by the difference,
-        in all layers at once. Nothing to do between the denoising steps of a block. (The naive
+        one run of slots and one layer at a time. Nothing to do between the denoising steps of a block. (The naive
         oracle instead rotates every held raw key at its current position, at every forward.)"""
         if self.naive_rope:
             held = self.num_frames * self.frame_tokens
@@ -263,9 +269,9 @@ class KVCache:
                 end += 1
             if delta:
                 tokens = self._tokens(slot, end - slot)
-                keys = self.k_rot[:, :, tokens]
                 turn = self.rope.shift_freqs(delta, end - slot, *self.grid, self.k_rot.device)
-                self.k_rot[:, :, tokens] = rotate(keys.flatten(0, 1), turn).view_as(keys)
+                for layer in range(self.k_rot.shape[0]):  # a layer at a time: its float32 temporaries only
+                    self.k_rot[layer, :, tokens] = rotate(self.k_rot[layer, :, tokens], turn)
                 self.keys_turned += (end - slot) * self.k_rot.shape[0]
                 for s in range(slot, end):
                     self.slot_pos[s] = want[s]

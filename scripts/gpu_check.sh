@@ -17,7 +17,7 @@
 #
 # Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md and
 # summary.md; --levers: summary_levers.md; --train: train.log + train_memory.md, ode.log + ode.md,
-# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 500 s, --levers
+# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 530 s, --levers
 # 200 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,6 +102,9 @@ if [ "$PART" = main ]; then
     timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
         --variants fast "${GRAPHS[@]:0:1}" compile "${GRAPHS[@]:1:1}" --out "$OUT" --tag "rows_$MODE" 2>&1 \
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
+    echo "==> the KV cache's bookkeeping (turning and moving keys) at full geometry: its temporaries"
+    DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
+    timeout 30 $PY scripts/cache_memory.py "${CONFIG[@]}" --device $DEV 2>&1 | tee "$OUT/cache_memory.txt" || true
     LONG=compile+cuda_graphs; [ "$MODE" = cpu ] && LONG=compile
     echo "==> benchmark at ${SECONDS_[1]} s: $LONG (steady speed and flat memory over a longer video)"
     timeout 120 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants "$LONG" \
@@ -119,6 +122,8 @@ if [ "$PART" = main ]; then
         cat "$OUT/rows_long_$MODE.md" 2>/dev/null || echo "(long benchmark produced no table: see benchmark_long.log)"
         echo
         grep -h "CUDA graphs:" "$OUT/benchmark.log" "$OUT/benchmark_long.log" 2>/dev/null | sed 's/^.*INFO /    /' || true
+        echo
+        sed 's/^/    /' "$OUT/cache_memory.txt" 2>/dev/null || true
     } > "$OUT/summary.md"
     cat "$OUT/summary.md"
     [ "$tests_rc" = 0 ]

@@ -119,6 +119,49 @@ def test_bf16_rollout_turning_stored_keys_equals_naive(tiny):
     assert 0 < cache.keys_turned <= len(fast) * ring_frames * dit16.num_layers
 
 
+def test_cache_bookkeeping_allocates_at_most_one_layers_held_keys(tiny, monkeypatch):
+    """Turning keys (prepare) and moving slots (commit, flush) work a layer at a time and copy
+    buffer to buffer: no temporary of theirs is larger than one layer's held keys, whatever the
+    number of layers, in bytes of float32 (at full size the all-layer temporaries were 1.3 GiB
+    per block)."""
+    from model.kv_cache import KVCache
+
+    cfg, models = tiny
+    largest = {}
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not func.is_view and not name.endswith("_") and isinstance(out, torch.Tensor):
+                largest[name] = max(largest.get(name, 0), out.numel() * out.element_size())
+            return out
+
+    for method in ("prepare", "commit", "flush"):
+        def watched(self, *a, _real=getattr(KVCache, method), **k):
+            with Allocations():
+                return _real(self, *a, **k)
+        monkeypatch.setattr(KVCache, method, watched)
+    n = sum(1 for _ in blocks_of(cfg, models, " | ".join(f"part {k}[2s{'#' if k % 2 else ''}]" for k in range(6))))
+    assert n > 6 and largest, "the rollout turned and moved keys"
+    heads, head_dim = cfg.model.num_heads, cfg.model.dim // cfg.model.num_heads
+    grid = models.dit.grid(*models.vae.latent_shape(cfg.height, cfg.width)[1:])
+    held_one_layer = (cfg.local_attn_size - cfg.num_frame_per_block) * grid[0] * grid[1] * heads * head_dim
+    assert max(largest.values()) <= held_one_layer * 4, (largest, held_one_layer * 4)  # float32 bytes
+
+
+def test_cache_memory_script_reports_every_block():
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "cache_memory.py"), "--config_path",
+                          str(REPO / "configs" / "tiny.yaml"), "--blocks", "8"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    per_block = next(line for line in out.stdout.splitlines() if line.startswith("bookkeeping peak"))
+    assert "flush before block 4, flush + cut before block 6" in per_block
+    assert len(per_block.split("): ")[1].split(", ")) == 8
+
+
 def test_position_tables_are_memoised_in_steady_state(tiny):
     """Relativistic positions take a handful of layouts: once each has been seen, a rollout of
     any length with any number of flushes and cuts builds no new table."""
