@@ -213,6 +213,15 @@ class WanVAE(torch.nn.Module):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
         return self
 
+    def compile_decoder(self, **compile_kwargs) -> "WanVAE":
+        """``torch.compile`` the decoder in place. The streaming decode calls it once per latent
+        frame with the causal cache (a list it reads and refills) and traces without a graph
+        break: one graph for the first frame, one while the cache fills, one for every later
+        frame, then no recompilation. Off by default (``compile_vae``): ``scripts/benchmark.py
+        --variants compile_vae`` measures it."""
+        self.vae.decoder.compile(**compile_kwargs)
+        return self
+
     def streaming_decoder(self) -> "StreamingDecoder":
         """A fresh :class:`StreamingDecoder` over this VAE (one per video stream)."""
         return StreamingDecoder(self)

@@ -111,6 +111,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
             block.compile()
     if cfg.cuda_graphs:
         dit.use_cuda_graphs()
+    if cfg.compile_vae:
+        vae.compile_decoder()
     return Models(dit=dit, text_encoder=text_encoder, vae=vae, device=device)
 
 

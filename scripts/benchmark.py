@@ -91,6 +91,7 @@ VARIANTS = {
     # VAE levers to measure before making them defaults (runtime switches):
     "cudnn_benchmark": {"cudnn_benchmark": True},      # cuDNN autotunes each convolution shape once
     "vae_channels_last": {"vae_channels_last": True},  # VAE weights in the channels-last 3-D layout
+    "compile_vae": {"overrides": ["compile_vae=true"]},  # torch.compile of the VAE decoder
 }
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.

@@ -8,8 +8,8 @@
 #                                        rows (eager, CUDA graphs, compile, compile + CUDA graphs at 10 s;
 #                                        compile + CUDA graphs at 60 s), write the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE levers
-#                                        (cuDNN autotuning, channels-last) and the writer on the
-#                                        critical path, at 10 s
+#                                        (cuDNN autotuning, channels-last, compiled decoder) and the
+#                                        writer on the critical path, at 10 s
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
 #   add --cpu to any of the three: the same plumbing on a CPU with configs/tiny.yaml (a dry run of
@@ -78,9 +78,9 @@ else
 fi
 
 if [ "$PART" = levers ]; then  # the levers not yet on by default, against the default, at 10 s
-    echo "==> levers: cuDNN autotuning and the channels-last VAE; the writer on the critical path"
+    echo "==> levers: cuDNN autotuning, the channels-last VAE; the writer on the critical path; the compiled VAE"
     timeout 200 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants fast \
-        cudnn_benchmark vae_channels_last cudnn_benchmark+vae_channels_last sync_write --out "$OUT" \
+        cudnn_benchmark vae_channels_last cudnn_benchmark+vae_channels_last sync_write compile_vae --out "$OUT" \
         --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     { echo "# GPU check, levers ($(date -u +%Y-%m-%d), $MODE)"; echo; sed 's/^/    /' "$OUT/env.txt"; echo
       cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; } > "$OUT/summary_levers.md"

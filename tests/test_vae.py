@@ -165,3 +165,31 @@ def test_channels_last_decoder_equals_the_default_layout(vae):
                for p in last.parameters())
     got = torch.cat([last.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae):
+    """``compile_vae``: the decoder traces through its causal cache without a graph break (Dynamo
+    with the quick "eager" backend; inductor is the GPU check's business), three graphs (first
+    frame, cache filling, steady), equal output, and no recompilation after the first blocks."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(5)
+    z = torch.randn(1, 12, 16, H // 8, W // 8)
+    plain = vae.streaming_decoder()
+    want = [plain.decode_block(z[:, i:i + 3]) for i in range(0, 12, 3)]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = copy.deepcopy(vae).compile_decoder(backend="eager")
+    stream = compiled.streaming_decoder()
+    got = [stream.decode_block(z[:, i:i + 3]) for i in (0, 3)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got += [stream.decode_block(z[:, i:i + 3]) for i in (6, 9)]
+        stream.reset()  # a new video: the same graphs
+        assert torch.equal(stream.decode_block(z[:, :3]), got[0])
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    assert (graphs, breaks) == (3, 0), (graphs, dict(counters["graph_break"]))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
