@@ -170,31 +170,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_batches(call, device: torch.device, seconds: float) -> list[float]:
+    """Seconds per call of ``call()`` in five timed batches, after a warm-up, each batch of enough
+    calls to last about a fifth of ``seconds``."""
+    for _ in range(3):
+        call()
+    synchronize(device)
+    per, reps = 0.0, 1
+    while per < seconds / 5:
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        synchronize(device)
+        per = time.perf_counter() - start
+        if per < seconds / 5:
+            reps *= 2
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / reps)
+    return times
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> dict:
     """Measured dense matmul rate (FLOP/s) of the device in ``dtype``: square products, warm-up,
     the best of five timed batches (and their median)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    per, reps = 0.0, 1
-    while per < seconds / 5:  # batches of ~1/5 of the budget
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        synchronize(device)
-        per = time.perf_counter() - start
-        if per < seconds / 5:
-            reps *= 2
-    rates = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        synchronize(device)
-        rates.append(2 * n ** 3 * reps / (time.perf_counter() - start))
+    rates = [2 * n ** 3 / t for t in timed_batches(lambda: a @ b, device, seconds)]
     # the best batch: a shared or throttled machine only ever makes a batch slower
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops_per_s": max(rates),
             "median_flops_per_s": statistics.median(rates)}
@@ -216,28 +223,10 @@ def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head
         call()
     kernel = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
                      and e.key != "aten::scaled_dot_product_attention"})
-    for _ in range(3):
-        call()
-    synchronize(device)
-    reps, per = 1, 0.0
-    while per < seconds / 5:
-        start = time.perf_counter()
-        for _ in range(reps):
-            call()
-        synchronize(device)
-        per = time.perf_counter() - start
-        if per < seconds / 5:
-            reps *= 2
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            call()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / reps)
+    best = min(timed_batches(call, device, seconds))
     flops = 4 * heads * q_tokens * kv_tokens * head_dim
-    return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "kernel": kernel, "ms": 1e3 * min(times),
-            "flops_per_s": flops / min(times)}
+    return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "kernel": kernel, "ms": 1e3 * best,
+            "flops_per_s": flops / best}
 
 
 def nominal_peak(device: torch.device) -> tuple[str, float] | None:

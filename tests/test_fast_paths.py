@@ -258,6 +258,19 @@ def test_rollout_never_synchronises_the_gpu(tiny):
 
 
 # --------------------------------------------------------------------------- torch.compile
+def cuda_bf16_blocks(cfg, models):
+    """The rollout's latent blocks of PROMPT on the GPU, bf16 (the model already moved there)."""
+    plan = plan_prompt(PROMPT, cfg, models.vae.temporal_factor)
+    settings = RolloutSettings.from_config(cfg)
+    latent = models.vae.latent_shape(cfg.height, cfg.width)
+    cache = settings.new_cache(models.dit, 1, latent[1:])
+    texts = [models.text_encoder([s.text]).to("cuda", torch.bfloat16) for s in plan.segments]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    blocks = rollout(models.dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
+                     latent_shape=latent, generator=gen)
+    return (clean for _, clean in blocks)
+
+
 def compiled_vs_eager(cfg, backend):
     from torch._dynamo.utils import counters
 
@@ -319,14 +332,7 @@ def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
     dit = models.dit.to("cuda", torch.bfloat16)
     try:
         def run():
-            plan = plan_prompt(PROMPT, cfg, models.vae.temporal_factor)
-            settings = RolloutSettings.from_config(cfg)
-            latent = models.vae.latent_shape(cfg.height, cfg.width)
-            cache = settings.new_cache(dit, 1, latent[1:])
-            texts = [models.text_encoder([s.text]).to("cuda", torch.bfloat16) for s in plan.segments]
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            return [b.float() for _, b in rollout(dit, cache, settings, plan_blocks(plan.block_events,
-                    plan.block_segment, texts), latent_shape=latent, generator=gen)]
+            return [b.float() for b in cuda_bf16_blocks(cfg, models)]
         eager = run()
         for block in dit.blocks:
             block.compile()
@@ -448,20 +454,13 @@ def test_cuda_bf16_graphed_rollout_close_to_eager(tiny, compiled):
     dit = models.dit.to("cuda", torch.bfloat16)
     try:
         def run(check_sync=False):
-            plan = plan_prompt(PROMPT, cfg, models.vae.temporal_factor)
-            settings = RolloutSettings.from_config(cfg)
-            latent = models.vae.latent_shape(cfg.height, cfg.width)
-            cache = settings.new_cache(dit, 1, latent[1:])
-            texts = [models.text_encoder([s.text]).to("cuda", torch.bfloat16) for s in plan.segments]
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            blocks = rollout(dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
-                             latent_shape=latent, generator=gen)
-            out = [next(blocks)[1].float() for _ in range(3)]
+            blocks = cuda_bf16_blocks(cfg, models)
+            out = [next(blocks).float() for _ in range(3)]
             if check_sync:
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                out += [b.float() for _, b in blocks]
+                out += [b.float() for b in blocks]
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             return out
