@@ -132,7 +132,8 @@ class CachedForwardGraphs:
                 return None
         self._graphs[key] = captured
         self.stats["captured"] += 1
-        log.debug("captured the cached forward for %d held frames (%d graphs)", cache.num_frames, len(self._graphs))
+        log.info("CUDA graph captured for the cache layout with %d held frames (%d in all)", cache.num_frames,
+                 len(self._graphs))
         return captured
 
     def __len__(self) -> int:
