@@ -372,6 +372,42 @@ def test_cuda_graph_dry_run_equals_eager_through_flush_and_cut(tiny):
     assert cache.text_allocs == 1, "every prompt's text keys/values went into the same buffers"
 
 
+def test_cuda_graph_dry_run_through_batch_inference_and_an_image_start(tiny, tmp_path):
+    """The generator's own path (render: rollout, streaming decode, writer thread) with graphs,
+    over three videos on the generator's one cache, one of them starting from an image (its
+    first latent frame is committed alone, then the first block attends to it: two more
+    layouts): every latent block equals eager."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.generate import VideoGenerator
+    from utils.video import VideoWriter
+
+    cfg = tiny[0]
+    models = build_models(cfg)
+    gen = VideoGenerator(cfg, models)
+    image = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (cfg.height, cfg.width, 3), dtype=np.uint8)).save(image)
+
+    def video(prompt, start=None):
+        plan = gen.plan(prompt, image_start=start is not None)
+        contexts = gen.encode_texts(plan)
+        with VideoWriter(tmp_path / "v.mp4", fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height),
+                         background=True) as writer:
+            return torch.cat([b.latents for b in gen.render(
+                plan_blocks(plan.block_events, plan.block_segment, contexts), writer, seed=0,
+                subtitles=[seg.subtitle for seg in plan.segments], total_frames=plan.total_frames,
+                image_latent=None if start is None else gen.image_latent(start))], dim=1)
+
+    videos = [(PROMPT, None), ("a door opens[2s] | it closes[2s]", image), ("a walk[2s]", None)]
+    eager = [video(*v) for v in videos]
+    models.dit.use_cuda_graphs(capture=False)
+    graphed = [video(*v) for v in videos]
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+    stats = models.dit.cuda_graphs.stats
+    assert stats["failed"] == 0 and stats["replayed"] > 4 * stats["eager"] and len(models.dit.cuda_graphs) >= 3, stats
+
+
 def test_cuda_graph_dry_run_catches_buffers_that_move(tiny, monkeypatch):
     """The dry run is able to fail: with text keys/values in new tensors at every prompt (what
     the cache did before its text buffers), a replay reads the first prompt's text and the
