@@ -17,7 +17,7 @@
 #
 # Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md and
 # summary.md; --levers: summary_levers.md; --train: train.log + train_memory.md, ode.log + ode.md,
-# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 530 s, --levers
+# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 470 s, --levers
 # 200 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,22 +92,22 @@ if [ "$PART" = main ]; then
     echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
     # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA
     set +e
-    timeout 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+    timeout 130 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
         tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
     tests_rc=${PIPESTATUS[0]}
     set -e
 
     echo "==> benchmark at ${SECONDS_[0]} s: eager (the default), CUDA graphs, compile, compile + CUDA graphs"
-    timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
+    timeout 210 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
         --variants fast "${GRAPHS[@]:0:1}" compile "${GRAPHS[@]:1:1}" --out "$OUT" --tag "rows_$MODE" 2>&1 \
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
     echo "==> the KV cache's bookkeeping (turning and moving keys) at full geometry: its temporaries"
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
-    timeout 30 $PY scripts/cache_memory.py "${CONFIG[@]}" --device $DEV 2>&1 | tee "$OUT/cache_memory.txt" || true
+    timeout 20 $PY scripts/cache_memory.py "${CONFIG[@]}" --device $DEV 2>&1 | tee "$OUT/cache_memory.txt" || true
     LONG=compile+cuda_graphs; [ "$MODE" = cpu ] && LONG=compile
     echo "==> benchmark at ${SECONDS_[1]} s: $LONG (steady speed and flat memory over a longer video)"
-    timeout 120 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants "$LONG" \
+    timeout 110 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants "$LONG" \
         --out "$OUT" --tag "rows_long_$MODE" 2>&1 | tee "$OUT/benchmark_long.log" | grep -v "it/s\]$" || true
 
     {
