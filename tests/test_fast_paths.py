@@ -446,6 +446,22 @@ def test_cuda_graphs_dropped_when_the_weights_or_the_cache_change(tiny):
     next(blocks_of(cfg, models, "a walk[2s]"))  # a fresh cache: the graphs of the old one go
     assert len(graphs) == 1, "only the new cache's first layout, captured at its second forward"
 
+    # a text of another length needs new text buffers: the graphs reading the old ones go
+    settings = RolloutSettings.from_config(cfg)
+    latent = models.vae.latent_shape(cfg.height, cfg.width)
+    cache = settings.new_cache(models.dit, 1, latent[1:])
+    x, t = torch.randn(1, cfg.num_frame_per_block, *latent), torch.full((1, cfg.num_frame_per_block), 500.0)
+    long_text, short_text = torch.randn(1, 64, cfg.model.text_dim), torch.randn(1, 16, cfg.model.text_dim)
+    with torch.no_grad():
+        for _ in range(3):
+            models.dit(x, t, long_text, kv_cache=cache)
+        assert len(graphs) == 1 and cache.text_allocs == 1
+        graphed = models.dit(x, t, short_text, kv_cache=cache)
+        assert cache.text_allocs == 2 and len(graphs) == 0
+        models.dit.use_cuda_graphs(False)
+        cache.drop_cross_attention()
+        assert torch.equal(graphed, models.dit(x, t, short_text, kv_cache=cache))
+
 
 def test_failed_capture_leaves_the_layout_eager(tiny, monkeypatch, caplog):
     from model import cuda_graphs
