@@ -250,8 +250,9 @@ class KVCache:
     def prepare(self) -> None:
         """Bring the stored rotations to the current layout, before a forward over the cache:
         every held key whose position changed since it was rotated is turned by the difference,
-        one run of slots and one layer at a time. Nothing to do between the denoising steps of a block. (The naive
-        oracle instead rotates every held raw key at its current position, at every forward.)"""
+        one run of slots and one layer at a time. Nothing to do between the denoising steps of a
+        block. (The naive oracle instead rotates every held raw key at its current position, at
+        every forward.)"""
         if self.naive_rope:
             held = self.num_frames * self.frame_tokens
             if held:
