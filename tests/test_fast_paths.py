@@ -451,7 +451,8 @@ def test_cuda_graphs_dropped_when_the_weights_or_the_cache_change(tiny):
     latent = models.vae.latent_shape(cfg.height, cfg.width)
     cache = settings.new_cache(models.dit, 1, latent[1:])
     x, t = torch.randn(1, cfg.num_frame_per_block, *latent), torch.full((1, cfg.num_frame_per_block), 500.0)
-    long_text, short_text = torch.randn(1, 64, cfg.model.text_dim), torch.randn(1, 16, cfg.model.text_dim)
+    text_len = cfg.model.text_len
+    long_text, short_text = (torch.randn(1, n, cfg.model.text_dim) for n in (text_len, text_len // 4))
     with torch.no_grad():
         for _ in range(3):
             models.dit(x, t, long_text, kv_cache=cache)
@@ -587,7 +588,7 @@ def test_benchmark_measures_a_short_video(tmp_path):
     assert out["sdpa_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
     geo = out["geometry"]
     assert {k: (a["q_tokens"], a["kv_tokens"]) for k, a in out["attention"].items()} == \
-        {"self": (geo["q_tokens"], geo["kv_tokens_steady"]), "cross": (geo["q_tokens"], 64)}
+        {"self": (geo["q_tokens"], geo["kv_tokens_steady"]), "cross": (geo["q_tokens"], out["config"]["model"]["text_len"])}
     assert all(a["kernel"] == out["sdpa_ops"] and a["flops_per_s"] > 0 for a in out["attention"].values())
     assert out["flops"]["vae_per_block_steady"] > out["flops"]["vae_per_block_first"] > 0
     assert not list(tmp_path.rglob("*.mp4"))  # the videos are written, measured and removed
