@@ -17,7 +17,7 @@
 #
 # Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md and
 # summary.md; --levers: summary_levers.md; --train: train.log + train_memory.md, ode.log + ode.md,
-# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 470 s, --levers
+# summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 480 s, --levers
 # 200 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,9 +102,9 @@ if [ "$PART" = main ]; then
     timeout 210 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
         --variants fast "${GRAPHS[@]:0:1}" compile "${GRAPHS[@]:1:1}" --out "$OUT" --tag "rows_$MODE" 2>&1 \
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
-    echo "==> the KV cache's bookkeeping (turning and moving keys) at full geometry: its temporaries"
+    echo "==> peak memory of the eager pipeline, counted per tensor next to the allocator's own (6 blocks)"
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
-    timeout 20 $PY scripts/cache_memory.py "${CONFIG[@]}" --device $DEV 2>&1 | tee "$OUT/cache_memory.txt" || true
+    timeout 30 $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
     LONG=compile+cuda_graphs; [ "$MODE" = cpu ] && LONG=compile
     echo "==> benchmark at ${SECONDS_[1]} s: $LONG (steady speed and flat memory over a longer video)"
     timeout 110 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants "$LONG" \
@@ -123,7 +123,7 @@ if [ "$PART" = main ]; then
         echo
         grep -h "CUDA graphs:" "$OUT/benchmark.log" "$OUT/benchmark_long.log" 2>/dev/null | sed 's/^.*INFO /    /' || true
         echo
-        sed 's/^/    /' "$OUT/cache_memory.txt" 2>/dev/null || true
+        sed 's/^/    /' "$OUT/peak_memory.txt" 2>/dev/null || true
     } > "$OUT/summary.md"
     cat "$OUT/summary.md"
     [ "$tests_rc" = 0 ]

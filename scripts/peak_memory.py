@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Peak GPU memory of inference at a config's full size, estimated on any machine (no GPU).
+
+    python scripts/peak_memory.py --config_path configs/infinity_rope.yaml [--blocks 8] [--skip_vae]
+    python scripts/peak_memory.py --device cuda   # on a GPU: the same count next to the allocator's own
+
+The config's DiT and VAE are built with fake tensors (torch's ``FakeTensorMode``: shapes,
+dtypes and strides, no data, no arithmetic), and the real inference path runs on them: the
+rollout over the KV cache (a KV Flush and a RoPE Cut on the way), the streaming VAE decode of
+every block and the frames' uint8 conversion, as the eager default runs on a GPU. A dispatch
+mode counts the bytes of every tensor storage from the operator that creates it until Python
+frees it, each rounded up to 512 bytes as CUDA's caching allocator rounds a block: the number
+``torch.cuda.max_memory_allocated`` reports, less what is not a tensor (cuBLAS/cuDNN
+workspaces, tens of MiB) and what a compiled or graphed forward plans differently.
+
+It prints what stays resident after the first block (weights, KV cache, text keys/values),
+the peak of each stage above it, the overall peak with the operator that reached it, and the
+largest tensors alive at that moment. Seconds on a CPU, so it can run in CI: a change that
+adds a full-size temporary shows up here before it reaches a GPU. With ``--device cuda`` the
+models get random weights on the GPU and run for real under the same count, and the report
+adds ``torch.cuda.max_memory_allocated`` of the same blocks: the difference is what the count
+cannot see.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
+
+from pipeline.generate import DTYPES  # noqa: E402
+from utils.config import load_config  # noqa: E402
+
+MIB = 2 ** 20
+ALLOCATOR_ROUND = 512  # CUDA's caching allocator hands out multiples of 512 bytes
+
+
+def allocator_bytes(nbytes: int) -> int:
+    return -(-nbytes // ALLOCATOR_ROUND) * ALLOCATOR_ROUND
+
+
+@dataclass
+class Alloc:
+    nbytes: int
+    what: str   # operator, shape and dtype of the tensor that created the storage
+    stage: str
+    serial: int
+
+
+@dataclass
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive, as a GPU's caching allocator counts them.
+
+    Every operator's outputs are looked at; a storage seen for the first time is counted (its
+    size rounded up to 512 bytes) until it is garbage-collected. Views and in-place results
+    share their input's storage and count once. ``stage`` labels what runs (set it between
+    stages); ``mark()`` starts a measurement: storages alive then are "resident", the peak and
+    the tensors alive at it are kept from then on."""
+
+    stage: str = "build"
+    now: int = 0
+    peak: int = 0
+    peak_at: str = ""
+    stage_peaks: dict = field(default_factory=dict)
+    at_peak: list = field(default_factory=list)
+    _serial: int = 0
+    _mark: int | None = None
+
+    def __post_init__(self):
+        super().__init__()
+        self.allocs = WeakIdKeyDictionary()  # storage → Alloc
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t, func)
+        return out
+
+    def _track(self, t: torch.Tensor, func) -> None:
+        storage = t.untyped_storage()
+        if storage in self.allocs:
+            return
+        nbytes = allocator_bytes(storage.nbytes())
+        self._serial += 1
+        self.allocs[storage] = Alloc(nbytes, f"{func.__name__} {list(t.shape)} {str(t.dtype).replace('torch.', '')}",
+                                     self.stage, self._serial)
+        weakref.finalize(storage, self._free, nbytes)
+        self.now += nbytes
+        self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0), self.now)
+        if self._mark is not None and self.now > self.peak:
+            self.peak, self.peak_at = self.now, f"{func.__name__} in {self.stage}"
+            self.at_peak = sorted(((a.nbytes, a.what, a.stage) for a in self.allocs.values() if a.serial > self._mark),
+                                  reverse=True)
+
+    def _free(self, nbytes: int) -> None:
+        self.now -= nbytes
+
+    def mark(self) -> int:
+        """Start measuring: returns the bytes resident now; peaks are kept from here."""
+        self._mark, self.peak, self.at_peak, self.stage_peaks = self._serial, self.now, [], {}
+        return self.now
+
+    def bytes_of(self, tensors) -> int:
+        """Counted bytes of the distinct storages among ``tensors`` (e.g. a module's weights)."""
+        seen = {}
+        for t in tensors:
+            alloc = self.allocs.get(t.untyped_storage())
+            if alloc is not None:
+                seen[id(alloc)] = alloc.nbytes
+        return sum(seen.values())
+
+
+def tensors_in(obj, depth: int = 3):
+    """The tensors an object holds in its attributes (lists, tuples and dicts of them too)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0:
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
+            vars(obj).values() if hasattr(obj, "__dict__") else ()
+        for item in items:
+            yield from tensors_in(item, depth - 1)
+
+
+def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None) -> dict:
+    """Run ``blocks`` blocks of the eager inference path on fake tensors (``device`` None) or on
+    ``device`` with random weights; returns every number."""
+    import contextlib
+
+    from omegaconf import OmegaConf
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from model.vae import WanVAE
+    from model.wan import WanDiT
+    from pipeline.rollout import BlockSpec, RolloutSettings, rollout
+    from utils.video import _uint8_frames
+
+    dtype = DTYPES[cfg.dtype]
+    settings = RolloutSettings.from_config(cfg)
+    flush_at = max(1, blocks // 2)
+    cut_at = min(blocks - 1, flush_at + 2)
+    events = ["start"] + [("flush" if i == flush_at else "cut" if i == cut_at else None) for i in range(1, blocks)]
+    live = LiveBytes()
+    default_dtype = torch.get_default_dtype()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    where = torch.device(device) if device is not None else contextlib.nullcontext()
+    with FakeTensorMode() if device is None else contextlib.nullcontext(), where, live:
+        torch.set_default_dtype(dtype)  # built directly in the run's dtype, as .to(dtype) leaves it
+        try:
+            dit = WanDiT(**OmegaConf.to_container(cfg.model, resolve=True)).eval().requires_grad_(False)
+            vae_cfg = OmegaConf.to_container(cfg.tiny_vae, resolve=True) if cfg.tiny_vae is not None else {}
+            vae = WanVAE.from_config(vae_cfg).eval()
+        finally:
+            torch.set_default_dtype(default_dtype)
+        latent_shape = vae.latent_shape(int(cfg.height), int(cfg.width))
+        live.stage = "KV cache"
+        cache = settings.new_cache(dit, 1, latent_shape[1:], dtype=dtype)
+        live.stage = "text embedding"
+        context = torch.zeros(1, int(cfg.model.text_len), int(cfg.model.text_dim), dtype=dtype)
+        decoder = vae.streaming_decoder()
+        specs = (BlockSpec(event, context) for event in events)
+        resident = {}
+        live.stage = "DiT"
+        for i, (_, latents) in enumerate(rollout(dit, cache, settings, specs, latent_shape=latent_shape)):
+            if with_vae:
+                live.stage = "VAE decode"
+                frames = decoder.decode_block(latents)[0]
+                live.stage = "uint8 frames"  # queued on the GPU as the render does (PendingFrames)
+                u8 = _uint8_frames(frames)
+                del frames, u8
+            if i == 0:  # warmed up: the text keys/values and the decoder's causal cache exist
+                live.stage = "resident"
+                resident = {"DiT weights": live.bytes_of(dit.parameters()),
+                            "VAE weights": live.bytes_of(vae.parameters()),
+                            "KV cache (keys, values, text keys/values)": live.bytes_of(
+                                tensors_in([cache.k_rot, cache.v, cache.k_raw, cache.text_kv])),
+                            "VAE causal cache": live.bytes_of(tensors_in(decoder._cache))}
+                resident["other"] = live.now - sum(resident.values())
+                start = live.mark()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+            live.stage = "DiT"
+    measured = None
+    if cuda:
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated()
+    return {"measured": measured, "device": device or "fake", "resident": resident, "resident_bytes": start,
+            "peak": live.peak, "peak_at": live.peak_at, "stage_peaks": live.stage_peaks, "at_peak": live.at_peak[:8],
+            "cache_bytes": cache.memory_bytes(), "events": events, "latent_shape": latent_shape, "dtype": dtype}
+
+
+def report(cfg, r: dict, config_path: str) -> str:
+    c, h, w = r["latent_shape"]
+    events = ", ".join(f"{e} before block {i}" for i, e in enumerate(r["events"]) if e in ("flush", "cut"))
+    lines = [f"config {config_path} · {cfg.height}×{cfg.width} (latent {c}×{h}×{w}) · "
+             f"{str(r['dtype']).replace('torch.', '')} · eager · {len(r['events'])} blocks ({events}) · "
+             + ("fake tensors" if r["device"] == "fake" else f"random weights on {r['device']}")
+             + ", sizes rounded as CUDA's caching allocator rounds them",
+             f"resident after the first block: {r['resident_bytes'] / MIB:,.0f} MiB"]
+    lines += [f"  {name:<42} {nbytes / MIB:>8,.0f} MiB" for name, nbytes in r["resident"].items()]
+    lines.append("peak of each stage after the first block, MiB above resident: " + ", ".join(
+        f"{stage} {(peak - r['resident_bytes']) / MIB:,.0f}" for stage, peak in r["stage_peaks"].items()))
+    lines.append(f"peak: {r['peak'] / MIB:,.0f} MiB = {r['peak'] / 2 ** 30:.2f} GiB (reached by {r['peak_at']})")
+    lines.append("largest tensors alive at the peak besides the resident ones: " + "; ".join(
+        f"{what} ({nbytes / MIB:,.1f} MiB, {stage})" for nbytes, what, stage in r["at_peak"]))
+    if r["measured"] is not None:
+        lines.append(f"torch.cuda.max_memory_allocated of the same blocks: {r['measured'] / MIB:,.0f} MiB "
+                     f"({(r['measured'] - r['peak']) / MIB:+,.0f} MiB: workspaces and what else the count misses)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_path", default="configs/infinity_rope.yaml")
+    p.add_argument("--blocks", type=int, default=8, help="blocks to roll out (≥ 4: a flush and a cut on the way)")
+    p.add_argument("--skip_vae", action="store_true", help="the DiT rollout alone")
+    p.add_argument("--device", default=None, help="run for real on this device (random weights) instead of on "
+                                                  "fake tensors, e.g. cuda")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config_path, args.overrides)
+    start = time.perf_counter()
+    r = estimate(cfg, max(4, args.blocks), with_vae=not args.skip_vae, device=args.device)
+    print(report(cfg, r, args.config_path))
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Peak memory of inference at full size, counted on fake tensors (``scripts/peak_memory.py``).
+
+* the count itself: bytes per storage, rounded as CUDA's caching allocator rounds a block, views
+  and in-place results counted once, freed storages given back, the peak and what was alive at it;
+* fake tensors count what real ones do: the tiny config run on real CPU tensors gives the same
+  resident bytes and the same peaks, to the byte (but for the few constants a module builds
+  from Python numbers, which only fake tensors see being made);
+* the full-size config (the 1.3B DiT, the Wan VAE, 480×832, bf16): the resident weights and KV
+  cache are exactly what their shapes say.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("peak_memory", REPO / "scripts" / "peak_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peak_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pm = _script()
+
+
+def test_live_bytes_counts_each_storage_once_rounded_like_the_allocator():
+    live = pm.LiveBytes()
+    with live:
+        a = torch.empty(1000)                 # 4,000 bytes → 4,096
+        view = a[10:20].view(2, 5)            # a view: same storage
+        a.add_(1)                             # in place: same storage
+        assert live.now == 4096
+        base = live.mark()
+        b = a * 2                             # +4,096
+        c = torch.empty(1, dtype=torch.uint8)  # 1 byte → 512
+        assert live.now == base + 4096 + 512
+        del a                                 # the view keeps the storage alive
+        assert live.now == base + 4096 + 512
+        del view, c
+        assert live.now == 4096               # only b
+        d = torch.empty(3000, dtype=torch.bfloat16)  # 6,000 bytes → 6,144: b + d = 10,240 = the peak
+        del b, d
+    assert live.now == 0
+    assert live.peak == 4096 + 6144 and live.peak_at.startswith("empty")
+    assert [n for n, _, _ in live.at_peak] == [6144, 4096]
+    assert pm.allocator_bytes(1) == 512 and pm.allocator_bytes(512) == 512 and pm.allocator_bytes(513) == 1024
+
+
+def test_fake_tensors_count_what_real_tensors_do():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    fake = pm.estimate(cfg, 6)
+    real = pm.estimate(cfg, 6, device="cpu")
+    constants = fake["resident"]["other"] - real["resident"]["other"]  # torch.tensor(<numbers>) at build
+    assert 0 <= constants <= 16 * 512
+    assert {k: v for k, v in fake["resident"].items() if k != "other"} == \
+        {k: v for k, v in real["resident"].items() if k != "other"}
+    assert fake["resident_bytes"] - constants == real["resident_bytes"]
+    assert fake["peak"] - constants == real["peak"] > real["resident_bytes"] > 0
+    assert {k: v - constants for k, v in fake["stage_peaks"].items()} == real["stage_peaks"]
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    cfg = load_config(REPO / "configs" / "infinity_rope.yaml")
+    return cfg, pm.estimate(cfg, 6)
+
+
+def test_full_size_resident_bytes_are_what_the_shapes_say(full_size):
+    from omegaconf import OmegaConf
+
+    from model.wan import WanDiT
+
+    cfg, r = full_size
+    with torch.device("meta"):
+        dit = WanDiT(**OmegaConf.to_container(cfg.model, resolve=True))
+    bf16 = 2
+    assert r["resident"]["DiT weights"] == sum(pm.allocator_bytes(p.numel() * bf16) for p in dit.parameters())
+    layers, dim = cfg.model.num_layers, cfg.model.dim
+    text_kv = layers * 2 * pm.allocator_bytes(cfg.model.text_len * dim * bf16)
+    assert r["resident"]["KV cache (keys, values, text keys/values)"] == r["cache_bytes"] + text_kv
+    assert r["resident"]["other"] < 64 * 2 ** 20  # the text embedding, RoPE tables, timesteps
+
+
+def test_peak_memory_script_prints_the_report():
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "peak_memory.py"), "--config_path",
+                          str(REPO / "configs" / "tiny.yaml"), "--blocks", "4", "--skip_vae"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cut before block 3" in out.stdout and "peak: " in out.stdout and "VAE decode" not in out.stdout
