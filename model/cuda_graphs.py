@@ -3,34 +3,40 @@
 A block of the rollout is a handful of forwards of the same shapes over the same buffers: the KV
 cache is preallocated, the prompt's text keys/values sit in buffers of their own
 (:attr:`KVCache.text_kv <model.kv_cache.KVCache.text_kv>`), and the one thing that changes what
-a forward computes, besides the values of its inputs, is the cache's layout: how many tokens are
-held (0 for the first block, then ``local_attn_size - num_frame_per_block`` frames' worth, and
-after a KV Flush ``sink + flush_keep`` frames: two or three values for a whole video). Each
-layout's forward is captured as a CUDA graph and replayed: one launch instead of thousands of
-kernel launches, so the GPU no longer waits for the host to issue them.
+a forward computes, besides the values of its inputs, is the cache's layout
+(:attr:`KVCache.layout <model.kv_cache.KVCache.layout>`): how many tokens are held (0 for the
+first block, then ``local_attn_size - num_frame_per_block`` frames' worth, and after a KV Flush
+``sink + flush_keep`` frames: two or three values for a whole video), and for the clean pass
+which frames it writes into the held slots. Each layout's forward is captured as a CUDA graph
+and replayed: one launch instead of thousands of kernel launches, so the GPU no longer waits for
+the host to issue them. The first block's clean pass runs once per video: it is captured in the
+second video and replayed from the third.
 
 Eager, outside the graph: the cache's bookkeeping, which writes the same buffers in place
 (:meth:`~model.kv_cache.KVCache.prepare` turning held keys at a layout change, ``set_text``, the
-moves of ``commit`` and ``flush``), and the rollout's few elementwise steps between forwards.
-Captured: patch and time embedding, every block (staging the block's keys and values into the
-cache buffers, attention, feed-forward) and the head. A replay reads
+moves of ``flush``), and the rollout's few elementwise steps between forwards. Captured: patch
+and time embedding, every block (assembling its attention window from the held keys and values
+and the block's, attention, feed-forward; a clean pass's writes into the held slots) and the
+head. A replay reads
 
 * the block's latents, timesteps and RoPE table, copied into the graph's static inputs first;
 * the cache's key/value buffers and the text buffers, at their fixed addresses;
 * the weights (moving the model, ``.to()``, drops the graphs).
 
 A layout is captured at its second forward: the first runs eagerly (lazy initialisation, cuBLAS
-and cuDNN plans, ``torch.compile``), then one warm-up forward on a side stream precedes the
-capture. All graphs share one memory pool (they never run concurrently). Capture is checked per
-thread (``capture_error_mode="thread_local"``): the mp4 writer's thread keeps waiting on its CUDA
-events meanwhile. A capture that fails leaves that layout eager, with one warning. Another cache
-(or new text buffers) drops the graphs.
+and cuDNN plans, ``torch.compile``); the second runs as the warm-up on a side stream that capture
+needs, its output that call's, and then the graph is recorded (recording executes nothing);
+replays start at the third. All graphs share one memory pool (they never run concurrently).
+Capture is checked per thread (``capture_error_mode="thread_local"``): the mp4 writer's thread
+keeps waiting on its CUDA events meanwhile. A capture that fails leaves that layout eager, with
+one warning. Another cache (or new text buffers) drops the graphs.
 
-``capture=False`` is the dry run the CPU tests use: "capture" keeps the arguments of the captured
-forward, and "replay" runs the forward again on exactly those arguments, its static inputs
-refreshed by the same copies. That is what a graph replay reads; if a forward needed anything the
-captured one does not hold (another buffer, another layout), the replay's output differs from the
-eager forward's, and the tests compare them.
+``capture=False`` is the dry run the CPU tests use, through the same calls: "capture" runs the
+call's forward on the static inputs as the warm-up does and records nothing, and "replay" runs the
+forward again on exactly those arguments, its static inputs refreshed by the same copies. That is
+what a graph replay reads; if a forward needed anything the captured one does not hold (another
+buffer, another layout), or a capture ran a forward twice, the output differs from the eager
+forward's, and the tests compare them.
 """
 from __future__ import annotations
 
@@ -46,20 +52,46 @@ log = logging.getLogger(__name__)
 Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor]
 
 
+class CaptureFailed(Exception):
+    """Recording a graph failed; ``out`` is the output of the call's forward, which did run."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__("CUDA graph capture failed")
+        self.out = out
+
+
 class _Captured:
     """One layout's graph, its static inputs and output, and the cache views it was captured on."""
 
-    def __init__(self, core: Core, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor, layers: list):
-        self.core, self.layers = core, layers
+    def __init__(self, core: Core, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor, layers: list,
+                 real: bool = True):
+        self.core, self.layers, self.real = core, layers, real
         self.x, self.t, self.rope = x.clone(), t.clone(), rope.clone()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
-    def capture(self, pool, side: torch.cuda.Stream) -> None:
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up forward on a side stream, as capture requires
-            self.core(self.x, self.t, self.rope, self.layers)
-        torch.cuda.current_stream().wait_stream(side)
+    def capture(self, pool, side: torch.cuda.Stream | None) -> torch.Tensor:
+        """Run this call's forward on the static inputs (the warm-up a capture needs, on a side
+        stream), then record the graph, which executes nothing; replays start with the next call.
+        The forward runs once per call: a clean pass writes into the held slots it reads from, so
+        running it twice would attend to the block it just wrote. Returns the output."""
+        if self.real:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.core(self.x, self.t, self.rope, self.layers)
+            torch.cuda.current_stream().wait_stream(side)
+        else:  # dry run
+            out = self.core(self.x, self.t, self.rope, self.layers)
+        out = out.clone()
+        try:
+            self.record(pool)
+        except Exception as exc:
+            raise CaptureFailed(out) from exc
+        return out
+
+    def record(self, pool) -> None:
+        if not self.real:
+            return
         graph = torch.cuda.CUDAGraph()
         # thread_local: the mp4 writer's thread may wait on a CUDA event while this thread
         # captures; only this thread's calls must be capturable
@@ -103,38 +135,39 @@ class CachedForwardGraphs:
         if self._owner is None or self._owner[0] is not cache or self._owner[1] != owner[1]:
             self.reset()
             self._owner = owner
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(rope.shape), cache.num_frames)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(rope.shape), cache.layout)
         captured = self._graphs.get(key)
         if captured is None:
             self._seen[key] += 1
             if self._seen[key] < 2 or key in self._failed:
                 self.stats["eager"] += 1
                 return core(x, t, rope, cache.layers())
-            captured = self._capture(core, cache, x, t, rope, key)
-            if captured is None:
-                self.stats["eager"] += 1
-                return core(x, t, rope, cache.layers())
+            return self._capture(core, cache, x, t, rope, key)
         self.stats["replayed"] += 1
         return captured.replay(x, t, rope)
 
-    def _capture(self, core: Core, cache, x, t, rope, key) -> _Captured | None:
-        captured = _Captured(core, x, t, rope, cache.layers())
-        if self.capture_graphs:
-            if self._pool is None:
-                self._pool, self._side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
-            try:
-                captured.capture(self._pool, self._side)
-            except Exception as exc:  # an op that cannot be captured: this layout stays eager
-                self._failed.add(key)
-                self.stats["failed"] += 1
-                log.warning("CUDA graph capture failed for a cache layout of %d held frames; running it eagerly "
-                            "(%s: %s)", cache.num_frames, type(exc).__name__, str(exc).splitlines()[0][:200])
-                return None
+    def _capture(self, core: Core, cache, x, t, rope, key) -> torch.Tensor:
+        """Capture ``key``'s layout with this call's forward, which runs once (see
+        :meth:`_Captured.capture`); its output is returned."""
+        captured = _Captured(core, x, t, rope, cache.layers(), real=self.capture_graphs)
+        if self.capture_graphs and self._pool is None:
+            self._pool, self._side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        try:
+            out = captured.capture(self._pool, self._side)
+        except CaptureFailed as failed:  # an op that cannot be captured: this layout stays eager
+            exc = failed.__cause__
+            self._failed.add(key)
+            self.stats["failed"] += 1
+            self.stats["eager"] += 1
+            log.warning("CUDA graph capture failed for a cache layout of %d held frames%s; running it eagerly "
+                        "(%s: %s)", cache.num_frames, " (clean pass)" if cache.writes else "",
+                        type(exc).__name__, str(exc).splitlines()[0][:200])
+            return failed.out
         self._graphs[key] = captured
         self.stats["captured"] += 1
-        log.info("CUDA graph captured for the cache layout with %d held frames (%d in all)", cache.num_frames,
-                 len(self._graphs))
-        return captured
+        log.info("CUDA graph captured for the cache layout with %d held frames%s (%d in all)", cache.num_frames,
+                 " (clean pass)" if cache.writes else "", len(self._graphs))
+        return out
 
     def __len__(self) -> int:
         return len(self._graphs)

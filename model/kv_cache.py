@@ -2,11 +2,14 @@
 
 Every idea of Infinity-RoPE that touches attention lives here:
 
-* **Sink + window.** The cache holds, per layer, the keys and values of at most
-  ``local_attn_size`` latent frames: ``sink_size`` sink frames (the first frames generated,
-  never evicted), a ring of the most recent context frames, and the block being generated
-  (``local_attn_size - sink_size - block_frames`` context frames). Memory is allocated once and
-  never grows, however long the video.
+* **Sink + window.** A block attends to at most ``local_attn_size`` latent frames: ``sink_size``
+  sink frames (the first frames generated, never evicted), a ring of the most recent context
+  frames (``local_attn_size - sink_size - block_frames`` of them, oldest first) and the block
+  being generated. Per layer the cache holds the sink and the ring only; a forward assembles each
+  layer's attention window (held frames, then the block's) in one buffer shared by all layers,
+  and the clean pass (:meth:`KVCache.begin_forward` with ``commit``) copies the frames that stay
+  from there into the held slots. Memory is allocated once and never grows, however long the
+  video.
 * **Positions are data.** Every key is rotated at the position the cache assigns it now, and
   re-rotated when that position changes (fast path, below):
 
@@ -31,9 +34,11 @@ never moves). No raw keys are kept: the cache is two buffers (rotated keys, valu
 at every forward, which is the oracle the tests compare against.
 
 What a transformer block sees of the cache is a :class:`LayerKV`: its layer's rows of the two
-buffers, the held length and the prompt's text keys/values. The bookkeeping (:meth:`prepare`,
-:meth:`set_text`) runs once per forward before the blocks, so a block compiles with
-``torch.compile`` into one graph without a break, shared by all layers.
+buffers, the shared window, the held length and the prompt's text keys/values. The bookkeeping
+(:meth:`prepare`, :meth:`set_text`, :meth:`begin_forward`) runs once per forward before the
+blocks, and a clean pass's copies into the held slots after each block
+(:meth:`LayerKV.write_back`), so a block compiles with ``torch.compile`` into one graph without
+a break, shared by all layers and by denoising steps and clean passes alike.
 """
 from __future__ import annotations
 
@@ -82,11 +87,16 @@ class KVCache:
         self.pin_copies = False  # PinnedKV keeps copies of the held frames (training with eviction)
         self.precompute_text = True  # text keys/values once per prompt, before the blocks (set_text)
         self.batch_size = batch_size
-        shape = (num_layers, batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
+        self.held_capacity = sink_size + self.ring_size  # frames kept between blocks
+        shape = (num_layers, batch_size, self.held_capacity * self.frame_tokens, num_heads, head_dim)
         self.k_rot = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # the oracle only: un-rotated keys, every held one rotated again at every forward
         self.k_raw = torch.zeros(shape, dtype=dtype, device=device) if naive_rope else None
+        # one layer's attention window (held frames, then the block), shared by all layers: a
+        # forward copies a layer's held keys/values here, stages the block after them and attends
+        window = (batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
+        self.window = (torch.zeros(window, dtype=dtype, device=device), torch.zeros(window, dtype=dtype, device=device))
         # per layer, the prompt's cross-attention (keys, values), [batch, text_len, heads, head_dim]
         self.text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.text_allocs = 0
@@ -96,12 +106,12 @@ class KVCache:
     def reset(self) -> None:
         """Empty the cache for a new video (buffers are kept)."""
         self.n_sink = 0             # sink frames held
-        self.n_ring = 0             # context frames held in the ring
-        self.head = 0               # ring slot of the oldest context frame once the ring is full
+        self.n_ring = 0             # context frames held in the ring (slots after the sink, oldest first)
         self.frames_seen = 0        # global latent index of the next frame to be committed
         self.ring_first_frame = 0   # global latent index of the oldest context frame
-        self.slot_frame: list[int | None] = [None] * self.capacity  # global frame index per slot
-        self.slot_pos: list[int | None] = [None] * self.capacity    # position its stored key is rotated at
+        self.slot_frame: list[int | None] = [None] * self.held_capacity  # global frame index per slot
+        self.slot_pos: list[int | None] = [None] * self.held_capacity    # position its stored key is rotated at
+        self.writes: tuple = ()     # token copies window -> held slots the forward now running makes
         self.cut_pending = False
         self.version = 0            # bumped whenever stored frames or their positions change
         self._prepared = -1         # the version the stored rotations were brought up to
@@ -111,14 +121,8 @@ class KVCache:
 
     @property
     def num_frames(self) -> int:
-        """Frames held (sink + context); the current block is written after them."""
+        """Frames held (sink + context), in slots ``0 .. num_frames - 1``."""
         return self.n_sink + self.n_ring
-
-    def _ring_slots(self) -> list[int]:
-        """Slots of the context frames, oldest first."""
-        if self.n_ring < self.ring_size:
-            return [self.sink_size + i for i in range(self.n_ring)]
-        return [self.sink_size + (self.head + i) % self.ring_size for i in range(self.ring_size)]
 
     def _ring_base(self) -> int:
         """Position of the oldest context frame."""
@@ -126,14 +130,8 @@ class KVCache:
 
     def context_runs(self) -> list[tuple[int, int]]:
         """Temporal positions of the held frames in slot order, as (start, count) runs."""
-        runs = [(0, self.n_sink)]  # sink frames are the first frames: 0.. in both policies
-        base = self._ring_base()
-        if self.n_ring < self.ring_size or self.head == 0:
-            runs.append((base, self.n_ring))
-        else:  # a full ring that has wrapped: slots [sink, sink+head) hold the newest frames
-            runs.append((base + self.ring_size - self.head, self.head))
-            runs.append((base, self.ring_size - self.head))
-        return runs
+        # sink frames are the first frames: 0.. in both policies; the ring is in temporal order
+        return [(0, self.n_sink), (self._ring_base(), self.n_ring)]
 
     def current_runs(self, num_frames: int) -> list[tuple[int, int]]:
         """Temporal positions of a block of ``num_frames`` frames generated now."""
@@ -156,64 +154,67 @@ class KVCache:
         """KV Flush: keep the sink and the ``keep`` most recent context frames, drop the rest and
         the cross-attention cache."""
         keep = max(0, min(keep, self.n_ring))
-        kept = self._ring_slots()[len(self._ring_slots()) - keep:]
-        self._move({self.sink_size + i: src for i, src in enumerate(kept)})
-        for s in range(self.sink_size + len(kept), self.capacity):
+        drop = self.n_ring - keep
+        if drop and keep:  # the kept frames move to the front of the ring, a frame at a time (in place)
+            bufs = (self.k_rot, self.v) + ((self.k_raw,) if self.k_raw is not None else ())
+            for i in range(keep):
+                dst, src = self.sink_size + i, self.sink_size + drop + i
+                for buf in bufs:
+                    buf[:, :, self._tokens(dst)] = buf[:, :, self._tokens(src)]
+                self.slot_frame[dst], self.slot_pos[dst] = self.slot_frame[src], self.slot_pos[src]
+        for s in range(self.sink_size + keep, self.held_capacity):
             self.slot_frame[s] = self.slot_pos[s] = None
-        self.n_ring, self.head = keep, 0
+        self.n_ring = keep
         self.ring_first_frame = self.frames_seen - keep
         self.version += 1
         self.drop_cross_attention()
 
-    def commit(self, num_frames: int) -> None:
-        """Make the block staged by the last forward part of the context (its clean pass):
-        fill the sink first, then the ring, evicting the oldest context frames."""
-        start = self.num_frames
-        staged = [s + i for s, c in self.current_runs(num_frames) for i in range(c)]  # as the clean pass rotated them
-        for j in range(num_frames):
-            self.slot_pos[start + j] = staged[j]
-        moves: dict[int, int] = {}  # destination slot -> source slot (later frames win)
-        for j in range(num_frames):
-            src, frame = start + j, self.frames_seen + j
-            if self.n_sink < self.sink_size:
-                self.slot_frame[src] = frame
-                self.n_sink += 1
-            elif self.ring_size == 0:
-                pass  # no context beyond the sink: the frame is dropped
-            elif self.n_ring < self.ring_size:
-                if self.n_ring == 0:
-                    self.ring_first_frame = frame
-                self.slot_frame[src] = frame
-                self.n_ring += 1
+    def _commit_plan(self, num_frames: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """What the clean pass of a block of ``num_frames`` frames leaves in the cache: the new
+        sink and ring sizes, and the frames copied from its attention window (held frames, then
+        the block) into the held slots, as ``(slot, window frame, count)`` runs. The sink fills
+        first; the ring keeps the newest frames after it, oldest first."""
+        held, total = self.num_frames, self.num_frames + num_frames
+        sink = min(self.sink_size, self.n_sink + num_frames)
+        ring = min(self.ring_size, total - sink)
+        copies = []
+        for dst, src, count in ((self.n_sink, held, sink - self.n_sink), (sink, total - ring, ring)):
+            if dst == src and src < held:  # held frames already in their slot stay
+                skip = min(count, held - src)
+                dst, src, count = dst + skip, src + skip, count - skip
+            if count <= 0:
+                continue
+            if copies and copies[-1][0] + copies[-1][2] == dst and copies[-1][1] + copies[-1][2] == src:
+                copies[-1] = (copies[-1][0], copies[-1][1], copies[-1][2] + count)  # one run
             else:
-                dst = self.sink_size + self.head
-                moves[dst] = src
-                self.slot_frame[src] = frame  # the move carries it (and its position) to dst
-                self.head = (self.head + 1) % self.ring_size
-                self.ring_first_frame += 1
-        self._move(moves)
-        for s in range(self.num_frames, self.capacity):
+                copies.append((dst, src, count))
+        return sink, ring, copies
+
+    def begin_forward(self, num_frames: int, commit: bool) -> None:
+        """Set what the blocks of the forward about to run write into the held slots: nothing
+        for a denoising step; for the clean pass (``commit``), the frames that stay (the block's,
+        and held ones that move), copied from each layer's window (:attr:`writes`, token runs)."""
+        t = self.frame_tokens
+        self.writes = tuple((d * t, s * t, c * t) for d, s, c in self._commit_plan(num_frames)[2]) if commit else ()
+
+    def commit(self, num_frames: int) -> None:
+        """Make the block of the last forward (its clean pass, which wrote it) part of the context:
+        fill the sink first, then the ring, evicting the oldest context frames."""
+        sink, ring, copies = self._commit_plan(num_frames)
+        held, total = self.num_frames, self.num_frames + num_frames
+        frames = self.slot_frame[:held] + [self.frames_seen + j for j in range(num_frames)]
+        positions = self.slot_pos[:held] + self.positions(num_frames)[1]  # as the clean pass rotated them
+        for dst, src, count in copies:
+            self.slot_frame[dst:dst + count] = frames[src:src + count]
+            self.slot_pos[dst:dst + count] = positions[src:src + count]
+        for s in range(sink + ring, self.held_capacity):
             self.slot_frame[s] = self.slot_pos[s] = None
+        self.n_sink, self.n_ring = sink, ring
+        self.ring_first_frame = frames[total - ring] if ring else self.frames_seen + num_frames
         self.frames_seen += num_frames
         self.cut_pending = False
+        self.writes = ()
         self.version += 1
-
-    def _move(self, moves: dict[int, int]) -> None:
-        """Copy slots' keys (with the positions they are rotated at) and values, ``{dst: src}``,
-        buffer to buffer. Only a source that another move overwrites (a wrapped ring permuted by
-        a flush) is saved first, one layer at a time; the steady state's moves (the block's
-        frames into the ring) copy in place with no temporary."""
-        moves = {dst: src for dst, src in moves.items() if dst != src}
-        bufs = (self.k_rot, self.v) + ((self.k_raw,) if self.k_raw is not None else ())
-        overwritten = set(moves.values()) & set(moves)
-        for buf in bufs:
-            for layer in range(buf.shape[0]) if overwritten else [slice(None)]:
-                saved = {src: buf[layer, :, self._tokens(src)].clone() for src in overwritten}
-                for dst, src in moves.items():
-                    buf[layer, :, self._tokens(dst)] = saved[src] if src in saved else buf[layer, :, self._tokens(src)]
-        info = {src: (self.slot_pos[src], self.slot_frame[src]) for src in moves.values()}
-        for dst, src in moves.items():
-            self.slot_pos[dst], self.slot_frame[dst] = info[src]
 
     def drop_cross_attention(self) -> None:
         """Forget the prompt's text keys/values (their buffers stay allocated for the next prompt)."""
@@ -308,14 +309,22 @@ class KVCache:
         """What layer ``i`` of the forward now running reads and writes (:meth:`prepare` ran)."""
         return LayerKV(self.k_rot[i], self.v[i], self.num_frames * self.frame_tokens,
                        self.k_raw[i] if self.k_raw is not None else None,
-                       self.text_kv[i] if self.has_text else None)
+                       self.text_kv[i] if self.has_text else None, self.window, self.writes)
 
     def layers(self) -> list["LayerKV"]:
         """:meth:`layer` of every layer."""
         return [self.layer(i) for i in range(len(self.k_rot))]
 
+    @property
+    def layout(self) -> tuple:
+        """What decides the work of a forward over this cache besides the block's shape: the held
+        tokens and the clean pass's writes (a CUDA graph per layout)."""
+        return self.num_frames, self.writes
+
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v) if t is not None)
+        """Bytes of the key/value buffers and the window (the text keys/values come on top)."""
+        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v, *self.window)
+                   if t is not None)
 
     def pinned(self) -> "PinnedKV":
         """This cache as the block being generated sees it now (for activation checkpointing)."""
@@ -325,28 +334,46 @@ class KVCache:
 class LayerKV:
     """One layer's part of the cache for one forward: what a transformer block attends to.
 
-    Plain tensors and one int, so that ``torch.compile`` traces a block straight through it (no
-    graph break) and the same compiled block serves every layer: the buffers are views of the
-    layer's rows, ``held`` the tokens held before the current block (the only value compiled
-    code guards on: a handful of layouts), ``text`` the prompt's keys/values (or None: computed
-    in the block)."""
+    Plain tensors and ints, so that ``torch.compile`` traces a block straight through it (no
+    graph break) and the same compiled block serves every layer: ``k``/``v`` are views of the
+    layer's held slots, ``held`` the tokens held before the current block and ``writes`` the clean
+    pass's copies into the held slots (the values compiled code guards on: a handful of
+    layouts), ``window`` the attention window shared by all layers, ``text`` the prompt's
+    keys/values (or None: computed in the block)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, held: int, k_raw: torch.Tensor | None = None,
-                 text: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 window: tuple[torch.Tensor, torch.Tensor] | None = None, writes: tuple = ()):
         self.k, self.v, self.held, self.k_raw, self.text = k, v, held, k_raw, text
+        self.window, self.writes = window, writes
 
     def attend(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage the current block's keys (raw for the naive oracle, rotated) and values after the
-        held ones and return the keys and values to attend to, ``[B, tokens, H, D]``."""
+        """The keys and values to attend to, ``[B, tokens, H, D]``: the held ones, then the current
+        block's (``k`` raw, ``k_rot`` rotated, ``v``). Without autograd they are assembled in the
+        shared window; under autograd concatenated (the graph reaches the block's)."""
         held, stop = self.held, self.held + k.shape[1]
-        if self.k_raw is not None:
-            self.k_raw[:, held:stop] = k.detach()
-        self.v[:, held:stop] = v.detach()
-        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph, stage detached copies
-            self.k[:, held:stop] = k_rot.detach()
-            return torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
-        self.k[:, held:stop] = k_rot
-        return self.k[:, :stop], self.v[:, :stop]
+        if self.k_raw is not None:  # (not reading writes here: a compiled block then never guards on it)
+            self._raw = k.detach()  # the oracle's raw keys of the block, for write_back
+        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph
+            keys, values = torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
+            if self.writes:  # a clean pass under autograd: write_back reads the window
+                self.window[0][:, :stop], self.window[1][:, :stop] = keys.detach(), values.detach()
+            return keys, values
+        keys, values = self.window[0][:, :stop], self.window[1][:, :stop]
+        keys[:, :held], values[:, :held] = self.k[:, :held], self.v[:, :held]
+        keys[:, held:], values[:, held:] = k_rot, v
+        return keys, values
+
+    def write_back(self) -> None:
+        """After the layer's block ran a clean pass: copy the frames that stay from the window into
+        the held slots (:attr:`KVCache.writes`). Outside the block, so a compiled block is the same
+        graph for a denoising step and a clean pass."""
+        for dst, src, count in self.writes:
+            self.k[:, dst:dst + count] = self.window[0][:, src:src + count]
+            self.v[:, dst:dst + count] = self.window[1][:, src:src + count]
+            if self.k_raw is not None:
+                raw = torch.cat([self.k_raw[:, :self.held], self._raw], dim=1)
+                self.k_raw[:, dst:dst + count] = raw[:, src:src + count]
 
     def cross(self, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The text's keys/values: the prompt's, computed once (:meth:`KVCache.set_text`); under
@@ -380,6 +407,8 @@ class PinnedKV:
 
 
 class _PinnedLayer:
+    writes = ()  # checkpointed forwards are denoising steps under autograd, never a clean pass
+
     def __init__(self, pinned: PinnedKV, i: int):
         self.pinned, self.i = pinned, i
 

@@ -245,8 +245,8 @@ class WanDiT(nn.Module):
         * ``num_frame_per_block=n``: full sequence, block-causal (blocks of n frames), optionally
           restricted to ``sink_size`` sink frames + a ``local_attn_size``-frame window;
         * ``kv_cache=cache``: ``x`` is the next block; it attends to the frames the cache holds at
-          the positions the cache hands out. ``commit=True`` (the clean pass) then appends the
-          block to the cache.
+          the positions the cache hands out. ``commit=True`` (the clean pass) also writes the
+          block into the cache (sink, then ring).
         """
         b, f, _, height, width = x.shape
         if t.shape != (b, f):
@@ -264,6 +264,7 @@ class WanDiT(nn.Module):
         if kv_cache.grid != (gh, gw):
             raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
         kv_cache.prepare()  # held keys to their current positions (once per layout)
+        kv_cache.begin_forward(f, commit)  # the clean pass writes the frames that stay into the held slots
         if not torch.is_grad_enabled():  # the prompt's text keys/values, once per prompt
             kv_cache.set_text(context, lambda i: self.blocks[i].cross_attn.project_kv(text()))
         rope_cur = kv_cache.current_table(f)
@@ -271,6 +272,8 @@ class WanDiT(nn.Module):
             out = self.cuda_graphs(self._graphed_core, kv_cache, x, t, rope_cur)
         else:
             checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+            if checkpointing and commit:
+                raise ValueError("the clean pass (commit=True) runs without autograd; wrap it in torch.no_grad()")
             # A checkpointed block is recomputed in backward, after later blocks changed the cache:
             # it must see the cache as it was during this forward (PinnedKV).
             held = kv_cache.pinned() if checkpointing else kv_cache
@@ -301,6 +304,8 @@ class WanDiT(nn.Module):
                 h = checkpoint(block, h, e0, text, rope_cur, mask, kv, use_reentrant=False)
             else:
                 h = block(h, e0, text, rope_cur, mask, kv)
+            if kv is not None and kv.writes:  # a clean pass: the frames that stay, into the held slots
+                kv.write_back()
 
         out = self.head(h, e)  # [B, F, S, pt*ph*pw*C]
         pt, ph, pw = self.patch_size

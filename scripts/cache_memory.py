@@ -6,10 +6,11 @@
 Builds the config's cache (layers, heads, head width, latent grid, window, sink, block, policy),
 fills it with random keys and values, and runs the bookkeeping of a rollout: per block
 ``prepare()`` (held keys turned to their new positions) and ``commit()`` (the block's frames
-moved into the ring), with a KV Flush and a RoPE Cut on the way. It prints the cache's size and,
-per block, the peak memory above what was resident before the bookkeeping: the temporaries of
-turning and moving keys, which add to the rollout's peak on top of the weights, the cache and
-the forward's activations. On a CPU: the peak resident set size (``VmHWM``, reset through
+entering sink and ring: bookkeeping only, the clean pass wrote them), with a KV Flush (kept
+frames moved to the front of the ring) and a RoPE Cut on the way. It prints the cache's size
+and, per block, the peak memory above what was resident before the bookkeeping: the temporaries
+of turning and moving keys, which add to the rollout's peak on top of the weights, the cache and
+the forward's activations (``scripts/peak_memory.py`` counts the whole pipeline). On a CPU: the peak resident set size (``VmHWM``, reset through
 ``/proc/self/clear_refs``; the script restarts itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so
 that freed tensors go back to the OS at once); on a GPU: ``torch.cuda.max_memory_allocated``.
 """

@@ -38,20 +38,22 @@ def rollout(model, cache, x, t, ctx):
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("sink", [0, 1])
-def test_cached_equals_block_causal_full_sequence(tiny_dit, sink):
-    """Five blocks (15 frames): the window fills at block 1 and evicts from block 2 on."""
+@pytest.mark.parametrize("window,sink", [(6, 0), (6, 1), (8, 1), (10, 4), (4, 1)],
+                         ids=["ring3", "ring2", "ring4", "sink4-ring3", "no-ring"])
+def test_cached_equals_block_causal_full_sequence(tiny_dit, window, sink):
+    """Five blocks (15 frames) of blocks of 3: the window fills and then evicts; rings shorter and
+    longer than a block (held frames shift), a sink that takes two blocks to fill, no ring."""
     x, t, ctx = inputs(15)
     with torch.no_grad():
-        full = tiny_dit(x, t, ctx, num_frame_per_block=BLOCK, local_attn_size=WINDOW, sink_size=sink)
-    cached = rollout(tiny_dit, cache_for(tiny_dit, "absolute", sink=sink), x, t, ctx)
+        full = tiny_dit(x, t, ctx, num_frame_per_block=BLOCK, local_attn_size=window, sink_size=sink)
+    cached = rollout(tiny_dit, cache_for(tiny_dit, "absolute", sink=sink, window=window), x, t, ctx)
     err = (cached - full).abs().max().item()
     assert err < 2e-5 * full.abs().max().item(), err
     # and the mask really is causal: changing a later block does not change earlier outputs
     x2 = x.clone()
     x2[:, 9:] += 1
     with torch.no_grad():
-        full2 = tiny_dit(x2, t, ctx, num_frame_per_block=BLOCK, local_attn_size=WINDOW, sink_size=sink)
+        full2 = tiny_dit(x2, t, ctx, num_frame_per_block=BLOCK, local_attn_size=window, sink_size=sink)
     assert torch.equal(full2[:, :9], full[:, :9]) and not torch.allclose(full2[:, 9:], full[:, 9:])
 
 
@@ -164,7 +166,7 @@ def test_flush_keeps_sink_and_last_frames(tiny_dit):
     cache = cache_for(tiny_dit, "relativistic", window=8)   # sink 1 + ring 4 + block 3
     x, t, ctx = inputs(12)
     rollout(tiny_dit, cache, x, t, ctx)                     # frames 0..11 seen
-    assert cache.num_frames == 5 and sorted(cache.slot_frame[:5]) == [0, 8, 9, 10, 11]
+    assert cache.num_frames == 5 and cache.slot_frame[:5] == [0, 8, 9, 10, 11]  # sink, then the ring in order
     with torch.no_grad():
         tiny_dit(x[:, :3], t[:, :3], ctx, kv_cache=cache)   # fills the cross-attention cache
     by_frame = {cache.slot_frame[s]: cache.k_rot[:, :, cache._tokens(s)].clone() for s in range(5)}
@@ -205,4 +207,31 @@ def test_positions_bounded_for_any_length(tiny_dit):
     held, current = rel.positions(BLOCK)
     assert max(held + current) == WINDOW - 1
     assert max(ab.positions(BLOCK)[1]) == 2000 * BLOCK + BLOCK - 1
-    assert rel.k_rot.shape[2] == WINDOW * rel.frame_tokens and rel.k_raw is None  # fixed at allocation
+    # fixed at allocation: the held frames (the window less the block) and one layer's window
+    assert rel.k_rot.shape[2] == (WINDOW - BLOCK) * rel.frame_tokens and rel.k_raw is None
+    assert rel.window[0].shape[1] == WINDOW * rel.frame_tokens
+
+
+def test_clean_pass_writes_only_the_frames_that_stay(tiny_dit):
+    """The cache holds sink + ring (the window less the block); a forward attends in a window
+    shared by all layers. A denoising step leaves the held slots alone; a clean pass writes the
+    frames that stay (first block: all three into sink + ring; then the block's last two into
+    the ring, the sink untouched) and nothing else."""
+    cache = cache_for(tiny_dit, "relativistic")
+    tokens = cache.frame_tokens
+    assert cache.k_rot.shape[2] == (WINDOW - BLOCK) * tokens
+    x, t, ctx = inputs(6)
+    assert cache._commit_plan(BLOCK)[2] == [(0, 0, 3)]
+    with torch.no_grad():
+        tiny_dit(x[:, :3], t[:, :3], ctx, kv_cache=cache, commit=True)
+        assert cache.writes == () and cache.slot_frame == [0, 1, 2]
+        assert cache._commit_plan(BLOCK)[2] == [(1, 4, 2)]  # window: sink, ring (2), block (3)
+        before = cache.k_rot.clone(), cache.v.clone()
+        tiny_dit(x[:, 3:], t[:, 3:], ctx, kv_cache=cache)  # a denoising step
+        assert torch.equal(cache.k_rot, before[0]) and torch.equal(cache.v, before[1])
+        tiny_dit(x[:, 3:], t[:, 3:], ctx, kv_cache=cache, commit=True)
+    assert cache.slot_frame == [0, 4, 5]
+    sink = slice(0, tokens)
+    assert torch.equal(cache.k_rot[:, :, sink], before[0][:, :, sink]) and torch.equal(cache.v[:, :, sink],
+                                                                                     before[1][:, :, sink])
+    assert not torch.equal(cache.v[:, :, tokens:], before[1][:, :, tokens:])
