@@ -183,8 +183,8 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
                 live.stage = "resident"
                 resident = {"DiT weights": live.bytes_of(dit.parameters()),
                             "VAE weights": live.bytes_of(vae.parameters()),
-                            "KV cache (keys, values, text keys/values)": live.bytes_of(
-                                tensors_in([cache.k_rot, cache.v, cache.k_raw, cache.text_kv])),
+                            "KV cache (held keys/values, window, text keys/values)": live.bytes_of(
+                                tensors_in([cache.k_rot, cache.v, cache.k_raw, cache.window, cache.text_kv])),
                             "VAE causal cache": live.bytes_of(tensors_in(decoder._cache))}
                 resident["other"] = live.now - sum(resident.values())
                 start = live.mark()
@@ -209,7 +209,7 @@ def report(cfg, r: dict, config_path: str) -> str:
              + ("fake tensors" if r["device"] == "fake" else f"random weights on {r['device']}")
              + ", sizes rounded as CUDA's caching allocator rounds them",
              f"resident after the first block: {r['resident_bytes'] / MIB:,.0f} MiB"]
-    lines += [f"  {name:<42} {nbytes / MIB:>8,.0f} MiB" for name, nbytes in r["resident"].items()]
+    lines += [f"  {name:<54} {nbytes / MIB:>8,.0f} MiB" for name, nbytes in r["resident"].items()]
     lines.append("peak of each stage after the first block, MiB above resident: " + ", ".join(
         f"{stage} {(peak - r['resident_bytes']) / MIB:,.0f}" for stage, peak in r["stage_peaks"].items()))
     lines.append(f"peak: {r['peak'] / MIB:,.0f} MiB = {r['peak'] / 2 ** 30:.2f} GiB (reached by {r['peak_at']})")
