@@ -10,9 +10,10 @@ entering sink and ring: bookkeeping only, the clean pass wrote them), with a KV 
 frames moved to the front of the ring) and a RoPE Cut on the way. It prints the cache's size
 and, per block, the peak memory above what was resident before the bookkeeping: the temporaries
 of turning and moving keys, which add to the rollout's peak on top of the weights, the cache and
-the forward's activations (``scripts/peak_memory.py`` counts the whole pipeline). On a CPU: the peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs``; the script restarts itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so
-that freed tensors go back to the OS at once); on a GPU: ``torch.cuda.max_memory_allocated``.
+the forward's activations (``scripts/peak_memory.py`` counts the whole pipeline). On a CPU: the
+peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``; the script restarts
+itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS at once); on
+a GPU: ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
