@@ -31,7 +31,7 @@ from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
-from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, frames_to_uint8
+from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
                  device: torch.device | None = None) -> Models:
     """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
     device = device or resolve_device(cfg.device)
-    if cfg.cuda_graphs and device.type != "cuda":
-        raise ConfigError(f"cuda_graphs=true needs device: cuda (this run is on {device.type}); set cuda_graphs=false")
+    for key in ("cuda_graphs", "decode_stream"):
+        if cfg[key] and device.type != "cuda":
+            raise ConfigError(f"{key}=true needs device: cuda (this run is on {device.type}); set {key}=false")
     dtype = DTYPES[cfg.dtype]
     text_dtype = DTYPES[cfg.text_encoder_dtype]
     text_device = torch.device("cpu") if cfg.offload_text_encoder else device
@@ -157,6 +158,8 @@ class VideoGenerator:
             raise ConfigError(f"VAE z_dim {self.latent_shape[0]} != model.in_dim {models.dit.in_dim}")
         self.cache = self.settings.new_cache(models.dit, 1, self.latent_shape[1:])
         self.decoder = models.vae.streaming_decoder()
+        # decode_stream: each block decoded on a stream of its own, while the DiT generates the next
+        self.decode_stream = torch.cuda.Stream(models.device) if cfg.decode_stream else None
         self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height))
         self.lock = threading.Lock()  # held by a live session: one rollout at a time on this cache
 
@@ -196,20 +199,31 @@ class VideoGenerator:
         ``image_latent``'s frame is written first, as part of block 0."""
         generator = torch.Generator(device=self.m.device).manual_seed(int(seed))
         self.decoder.reset()
-        lead = None if image_latent is None else frames_to_uint8(self.decoder.decode_block(image_latent)[0])
+        lead = None if image_latent is None else self._decode(image_latent).numpy()
         written = 0
         for index, (spec, latents) in enumerate(rollout(self.m.dit, self.cache, self.settings, blocks,
                                                         latent_shape=self.latent_shape, generator=generator,
                                                         image_latent=image_latent)):
             # uint8 conversion and device→host copy queued on the GPU; the subtitle, and the waiting,
             # happen where the frames are needed (the writer's thread for a batch render)
-            frames = PendingFrames(self.decoder.decode_block(latents)[0], lead=lead,
-                                   stop=None if total_frames is None else total_frames - written,
-                                   finish=functools.partial(self.subtitles.render, text=subtitles[spec.segment]))
+            frames = self._decode(latents, lead=lead, stop=None if total_frames is None else total_frames - written,
+                                  finish=functools.partial(self.subtitles.render, text=subtitles[spec.segment]))
             lead = None
             writer.write(frames)
             yield DecodedBlock(index, spec, latents, frames, written)
             written += len(frames)
+
+    def _decode(self, latents: torch.Tensor, **pending) -> PendingFrames:
+        """Decode a latent block and queue its frames' uint8 conversion and copy to the host.
+        With a decode stream, that work is queued there after the latents are ready, and the
+        DiT's next block, queued next on the main stream, runs alongside it; the decoder's state
+        lives on that stream, and the latents are kept from reuse until it has read them."""
+        if self.decode_stream is None:
+            return PendingFrames(self.decoder.decode_block(latents)[0], **pending)
+        self.decode_stream.wait_stream(torch.cuda.current_stream(self.m.device))
+        latents.record_stream(self.decode_stream)
+        with torch.cuda.stream(self.decode_stream):
+            return PendingFrames(self.decoder.decode_block(latents)[0], **pending)
 
     def generate(self, prompt: str, path: Path, seed: int, checkpoint: str | None = None,
                  image: str | Path | None = None) -> dict:

@@ -92,6 +92,11 @@ VARIANTS = {
     "cudnn_benchmark": {"cudnn_benchmark": True},      # cuDNN autotunes each convolution shape once
     "vae_channels_last": {"vae_channels_last": True},  # VAE weights in the channels-last 3-D layout
     "compile_vae": {"overrides": ["compile_vae=true"]},  # torch.compile of the VAE decoder
+    # the pipeline timed as VideoGenerator.render runs it: one time per block, no stage boundaries
+    # (nothing synchronises between the DiT, the decode and the writing, as in a real render)
+    "render": {"render": True},
+    # the decode of block n on a CUDA stream of its own, alongside the DiT's block n + 1 (GPU only)
+    "decode_stream": {"overrides": ["decode_stream=true"], "render": True},
 }
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -360,7 +365,7 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 def parse_variant(name: str) -> dict:
     spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False,
-            "cudnn_benchmark": False, "vae_channels_last": False}
+            "cudnn_benchmark": False, "vae_channels_last": False, "render": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -372,6 +377,7 @@ def parse_variant(name: str) -> dict:
         spec["sync_write"] |= v.get("sync_write", False)
         spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
         spec["vae_channels_last"] |= v.get("vae_channels_last", False)
+        spec["render"] |= v.get("render", False)
     return spec
 
 
@@ -509,9 +515,11 @@ class Bench:
         from utils.video import PendingFrames, VideoWriter
 
         gen, cfg = self.gen, self.cfg
+        total = plan.total_blocks if max_blocks is None else min(max_blocks, plan.total_blocks)
+        if self.variant.get("render"):
+            return self.render_pass(plan, contexts, path, total, desc)
         timer = RegionTimer(self.device)
         per_block = {"dit": [], "rope_cache": [], "vae": [], "write": []}
-        total = plan.total_blocks if max_blocks is None else min(max_blocks, plan.total_blocks)
         written = 0
         patch = timer.patched(rope_cache_targets()) if split else contextlib.nullcontext()
         gen.decoder.reset()
@@ -543,6 +551,39 @@ class Bench:
         close_s = time.perf_counter() - t_close  # ffmpeg flushing the last frames and the index
         return {"per_block": per_block, "close_s": close_s, "wall_s": time.perf_counter() - start,
                 "frames_written": written}
+
+    def render_pass(self, plan, contexts, path: Path, total: int, desc: str) -> dict:
+        """The pipeline as ``VideoGenerator.render`` runs it, timed per block only (variants
+        ``render`` and ``decode_stream``): nothing synchronises between the stages, as in a real
+        render, so the host queues the next block while the GPU works and, with a decode stream,
+        the VAE decode overlaps the next block's DiT; there are no stage boundaries to time. The
+        writer's bounded queue keeps the host at most a few blocks ahead, so the steady intervals
+        between blocks are the throughput. The whole block time is reported as "dit", the other
+        stages as 0."""
+        from pipeline.rollout import plan_blocks
+        from utils.video import VideoWriter
+
+        gen, cfg = self.gen, self.cfg
+        per_block = {"dit": [], "rope_cache": [], "vae": [], "write": []}
+        synchronize(self.device)
+        start = t0 = time.perf_counter()
+        with VideoWriter(path, fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height),
+                         background=not self.variant.get("sync_write", False)) as writer:
+            blocks = gen.render(plan_blocks(plan.block_events, plan.block_segment, contexts), writer, seed=self.seed,
+                                subtitles=[s.subtitle for s in plan.segments], total_frames=plan.total_frames)
+            written = 0
+            for block in tqdm(blocks, total=total, desc=desc, unit="block", leave=False, disable=None):
+                t1 = time.perf_counter()
+                for key, value in (("dit", t1 - t0), ("rope_cache", float("nan")), ("vae", 0.0), ("write", 0.0)):
+                    per_block[key].append(value)
+                written, t0 = block.first_frame + len(block.frames), t1
+                if block.index + 1 >= total:
+                    break
+            blocks.close()
+            t_close = time.perf_counter()
+        close_s = time.perf_counter() - t_close
+        return {"per_block": per_block, "close_s": close_s, "wall_s": time.perf_counter() - start,
+                "frames_written": written, "overlapped": True}
 
     # -- diagnostics on one forward ----------------------------------------------------------
     def probe_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -693,14 +734,16 @@ def measure(bench: Bench, seconds: float, opts: dict, workdir: Path) -> dict:
         pb = run["per_block"]
         stage = {k: sum(pb[k][i] for i in steady) / len(steady) for k in pb}
         total_s = sum(pb[k][i] for k in ("dit", "vae", "write") for i in steady)
+        overlapped = run.get("overlapped", False)  # decode_stream: one time per block, no stages
         result.update({
             "pipeline_video_fps": steady_frames / total_s,
-            "dit_vae_video_fps": steady_frames / sum(pb[k][i] for k in ("dit", "vae") for i in steady),
+            "dit_vae_video_fps": float("nan") if overlapped else
+            steady_frames / sum(pb[k][i] for k in ("dit", "vae") for i in steady),
             "pipeline_first_frames_s": statistics.median(r["per_block"]["dit"][0] + r["per_block"]["vae"][0]
                                                          + r["per_block"]["write"][0] for r in runs),
-            "split_ms_per_block": {"dit_forward": 1e3 * (stage["dit"] - stage["rope_cache"]),
-                                   "rope_cache": 1e3 * stage["rope_cache"], "vae_decode": 1e3 * stage["vae"],
-                                   "write_mp4_subtitles": 1e3 * stage["write"]},
+            "split_ms_per_block": None if overlapped else {
+                "dit_forward": 1e3 * (stage["dit"] - stage["rope_cache"]), "rope_cache": 1e3 * stage["rope_cache"],
+                "vae_decode": 1e3 * stage["vae"], "write_mp4_subtitles": 1e3 * stage["write"]},
             "mp4_close_s": run["close_s"], "pipeline_wall_s": [r["wall_s"] for r in runs],
             "frames_written": run["frames_written"],
             "pipeline_runs_block_s": [r["per_block"] for r in runs] if opts["per_block"] else None,

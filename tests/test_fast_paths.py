@@ -514,12 +514,52 @@ def test_failed_capture_leaves_the_layout_eager(tiny, monkeypatch, caplog):
     assert sum("clean pass" in w for w in warnings) == 1
 
 
-def test_cuda_graphs_on_a_cpu_is_a_config_error(tmp_path):
+@pytest.mark.parametrize("key", ["cuda_graphs", "decode_stream"])
+def test_cuda_only_switches_on_a_cpu_are_a_config_error(key):
     from utils.errors import ConfigError
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["cuda_graphs=true"])
-    with pytest.raises(ConfigError, match="cuda_graphs=true needs device: cuda"):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"{key}=true"])
+    with pytest.raises(ConfigError, match=f"{key}=true needs device: cuda"):
         build_models(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_stream_renders_the_same_video(tmp_path):
+    """The decode on a stream of its own, alongside the next block's DiT (bf16, a flush and a
+    cut, an image start, two videos on one generator): the same latents and the same frames,
+    byte for byte, as the decode in line."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.generate import VideoGenerator
+    from utils.video import VideoWriter
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["device=cuda", "dtype=bfloat16"])
+    models = build_models(cfg)
+    image = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (cfg.height, cfg.width, 3), dtype=np.uint8)).save(image)
+
+    def videos(gen):
+        out = []
+        for prompt, start in ((PROMPT, None), ("a door opens[2s] | it closes[2s#]", image)):
+            plan = gen.plan(prompt, image_start=start is not None)
+            contexts = gen.encode_texts(plan)
+            with VideoWriter(tmp_path / "v.mp4", fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height),
+                             background=True) as writer:
+                out += [(b.latents.cpu(), b.frames.numpy().copy()) for b in gen.render(
+                    plan_blocks(plan.block_events, plan.block_segment, contexts), writer, seed=0,
+                    subtitles=[seg.subtitle for seg in plan.segments], total_frames=plan.total_frames,
+                    image_latent=None if start is None else gen.image_latent(start))]
+        return out
+
+    in_line = videos(VideoGenerator(cfg, models))
+    gen = VideoGenerator(load_config(REPO / "configs" / "tiny.yaml", ["device=cuda", "dtype=bfloat16",
+                                                                       "decode_stream=true"]), models)
+    assert gen.decode_stream is not None
+    overlapped = videos(gen)
+    assert len(overlapped) == len(in_line) > 4
+    for (lat_a, frames_a), (lat_b, frames_b) in zip(in_line, overlapped):
+        assert torch.equal(lat_a, lat_b) and np.array_equal(frames_a, frames_b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -574,6 +614,23 @@ def test_bf16_rollout_close_to_fp32(tiny):
 
 
 # ----------------------------------------------------------------------------- benchmark
+def test_benchmark_times_the_render_path(tmp_path):
+    """The ``render`` variant times ``VideoGenerator.render`` itself (what ``decode_stream`` needs:
+    no stage boundaries): one time per block, every frame written, no split in the table."""
+    bench = benchmark_module()
+    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0, "out": str(tmp_path),
+            "warmup_blocks": 1, "repeats": 1, "pipeline_repeats": 1, "skip_pipeline": False, "per_block": False,
+            "keep_videos": False}
+    out = bench.run_variant(bench.parse_variant("render"), [2.0], opts)
+    run, = out["runs"]
+    assert run["frames_written"] == 32 and run["pipeline_video_fps"] > 0 and run["split_ms_per_block"] is None
+    assert math.isnan(run["dit_vae_video_fps"])
+    table = bench.markdown({"config_path": "configs/tiny.yaml", "command": "python scripts/benchmark.py ...",
+                            "video": "96x64", "variants": [out]})
+    assert "| render | 2 s | 3 |" in table
+    assert bench.parse_variant("decode_stream")["render"]
+
+
 def test_flop_formula_matches_flop_counter(tiny):
     cfg, models = tiny
     bench = benchmark_module()
