@@ -614,14 +614,19 @@ def test_bf16_rollout_close_to_fp32(tiny):
 
 
 # ----------------------------------------------------------------------------- benchmark
+def short_run(bench, variant: str, tmp_path) -> dict:
+    """One variant of the benchmark, a 2 s video of the tiny config, in this process."""
+    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0, "out": str(tmp_path),
+            "warmup_blocks": 1, "repeats": 1, "pipeline_repeats": 1, "skip_pipeline": False, "per_block": False,
+            "keep_videos": False}
+    return bench.run_variant(bench.parse_variant(variant), [2.0], opts)
+
+
 def test_benchmark_times_the_render_path(tmp_path):
     """The ``render`` variant times ``VideoGenerator.render`` itself (what ``decode_stream`` needs:
     no stage boundaries): one time per block, every frame written, no split in the table."""
     bench = benchmark_module()
-    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0, "out": str(tmp_path),
-            "warmup_blocks": 1, "repeats": 1, "pipeline_repeats": 1, "skip_pipeline": False, "per_block": False,
-            "keep_videos": False}
-    out = bench.run_variant(bench.parse_variant("render"), [2.0], opts)
+    out = short_run(bench, "render", tmp_path)
     run, = out["runs"]
     assert run["frames_written"] == 32 and run["pipeline_video_fps"] > 0 and run["split_ms_per_block"] is None
     assert math.isnan(run["dit_vae_video_fps"])
@@ -658,10 +663,7 @@ def test_full_size_floor_numbers():
 def test_benchmark_measures_a_short_video(tmp_path):
     """One variant, one length, every number the table shows (in this process)."""
     bench = benchmark_module()
-    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0, "out": str(tmp_path),
-            "warmup_blocks": 1, "repeats": 1, "pipeline_repeats": 1, "skip_pipeline": False, "per_block": False,
-            "keep_videos": False}
-    out = bench.run_variant(bench.parse_variant("fast"), [2.0], opts)
+    out = short_run(bench, "fast", tmp_path)
     run, = out["runs"]
     assert run["blocks"] == 3 and run["frames"] == 32 and run["frames_written"] == 32
     assert run["first_block_s"] > 0 and run["dit_video_fps"] > run["pipeline_video_fps"] > 0
