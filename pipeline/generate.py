@@ -72,13 +72,17 @@ class Models:
     device: torch.device
 
 
+def check_cuda_switches(cfg, device: torch.device) -> None:
+    for key in ("cuda_graphs", "decode_stream"):
+        if cfg[key] and device.type != "cuda":
+            raise ConfigError(f"{key}=true needs device: cuda (this run is on {device.type}); set {key}=false")
+
+
 def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None = None,
                  device: torch.device | None = None) -> Models:
     """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
     device = device or resolve_device(cfg.device)
-    for key in ("cuda_graphs", "decode_stream"):
-        if cfg[key] and device.type != "cuda":
-            raise ConfigError(f"{key}=true needs device: cuda (this run is on {device.type}); set {key}=false")
+    check_cuda_switches(cfg, device)  # before any weights load
     dtype = DTYPES[cfg.dtype]
     text_dtype = DTYPES[cfg.text_encoder_dtype]
     text_device = torch.device("cpu") if cfg.offload_text_encoder else device
@@ -159,6 +163,7 @@ class VideoGenerator:
         self.cache = self.settings.new_cache(models.dit, 1, self.latent_shape[1:])
         self.decoder = models.vae.streaming_decoder()
         # decode_stream: each block decoded on a stream of its own, while the DiT generates the next
+        check_cuda_switches(cfg, models.device)
         self.decode_stream = torch.cuda.Stream(models.device) if cfg.decode_stream else None
         self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height))
         self.lock = threading.Lock()  # held by a live session: one rollout at a time on this cache

@@ -515,12 +515,15 @@ def test_failed_capture_leaves_the_layout_eager(tiny, monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("key", ["cuda_graphs", "decode_stream"])
-def test_cuda_only_switches_on_a_cpu_are_a_config_error(key):
+def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
+    from pipeline.generate import VideoGenerator
     from utils.errors import ConfigError
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"{key}=true"])
     with pytest.raises(ConfigError, match=f"{key}=true needs device: cuda"):
         build_models(cfg)
+    with pytest.raises(ConfigError, match=f"{key}=true needs device: cuda"):
+        VideoGenerator(cfg, tiny[1])  # models built on the CPU elsewhere
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
