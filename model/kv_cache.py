@@ -350,15 +350,13 @@ class LayerKV:
     def attend(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values to attend to, ``[B, tokens, H, D]``: the held ones, then the current
         block's (``k`` raw, ``k_rot`` rotated, ``v``). Without autograd they are assembled in the
-        shared window; under autograd concatenated (the graph reaches the block's)."""
+        shared window; under autograd concatenated (the graph reaches the block's; a clean pass,
+        which writes the window back, never runs under autograd)."""
         held, stop = self.held, self.held + k.shape[1]
         if self.k_raw is not None:  # (not reading writes here: a compiled block then never guards on it)
             self._raw = k.detach()  # the oracle's raw keys of the block, for write_back
-        if k_rot.requires_grad or v.requires_grad:  # training: keep the graph
-            keys, values = torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
-            if self.writes:  # a clean pass under autograd: write_back reads the window
-                self.window[0][:, :stop], self.window[1][:, :stop] = keys.detach(), values.detach()
-            return keys, values
+        if k_rot.requires_grad or v.requires_grad:  # training's denoising steps: keep the graph
+            return torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
         keys, values = self.window[0][:, :stop], self.window[1][:, :stop]
         keys[:, :held], values[:, :held] = self.k[:, :held], self.v[:, :held]
         keys[:, held:], values[:, held:] = k_rot, v

@@ -261,6 +261,8 @@ class WanDiT(nn.Module):
             return self._core(x, t, text, rope_cur, mask, None)
 
         kv_cache.check_block(b, f)
+        if commit and torch.is_grad_enabled():
+            raise ValueError("the clean pass (commit=True) runs without autograd; wrap it in torch.no_grad()")
         if kv_cache.grid != (gh, gw):
             raise ValueError(f"cache grid {kv_cache.grid} does not match latents grid {(gh, gw)}")
         kv_cache.prepare()  # held keys to their current positions (once per layout)
@@ -272,8 +274,6 @@ class WanDiT(nn.Module):
             out = self.cuda_graphs(self._graphed_core, kv_cache, x, t, rope_cur)
         else:
             checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-            if checkpointing and commit:
-                raise ValueError("the clean pass (commit=True) runs without autograd; wrap it in torch.no_grad()")
             # A checkpointed block is recomputed in backward, after later blocks changed the cache:
             # it must see the cache as it was during this forward (PinnedKV).
             held = kv_cache.pinned() if checkpointing else kv_cache

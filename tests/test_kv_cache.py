@@ -235,3 +235,11 @@ def test_clean_pass_writes_only_the_frames_that_stay(tiny_dit):
     assert torch.equal(cache.k_rot[:, :, sink], before[0][:, :, sink]) and torch.equal(cache.v[:, :, sink],
                                                                                      before[1][:, :, sink])
     assert not torch.equal(cache.v[:, :, tokens:], before[1][:, :, tokens:])
+
+
+def test_a_clean_pass_under_autograd_is_refused(tiny_dit):
+    cache = cache_for(tiny_dit, "relativistic")
+    x, t, ctx = inputs(3)
+    with pytest.raises(ValueError, match="without autograd"):
+        tiny_dit(x, t, ctx, kv_cache=cache, commit=True)
+    assert cache.num_frames == 0
