@@ -336,10 +336,10 @@ class LayerKV:
 
     Plain tensors and ints, so that ``torch.compile`` traces a block straight through it (no
     graph break) and the same compiled block serves every layer: ``k``/``v`` are views of the
-    layer's held slots, ``held`` the tokens held before the current block and ``writes`` the clean
-    pass's copies into the held slots (the values compiled code guards on: a handful of
-    layouts), ``window`` the attention window shared by all layers, ``text`` the prompt's
-    keys/values (or None: computed in the block)."""
+    layer's held slots, ``held`` the tokens held before the current block (the value compiled
+    code guards on: a handful of layouts), ``window`` the attention window shared by all layers,
+    ``text`` the prompt's keys/values (or None: computed in the block), ``writes`` the clean
+    pass's copies into the held slots (made by :meth:`write_back`, outside the block)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, held: int, k_raw: torch.Tensor | None = None,
                  text: tuple[torch.Tensor, torch.Tensor] | None = None,
