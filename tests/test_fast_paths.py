@@ -526,18 +526,17 @@ def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
         VideoGenerator(cfg, tiny[1])  # models built on the CPU elsewhere
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_decode_stream_renders_the_same_video(tmp_path):
-    """The decode on a stream of its own, alongside the next block's DiT (bf16, a flush and a
-    cut, an image start, two videos on one generator): the same latents and the same frames,
-    byte for byte, as the decode in line."""
+def in_line_and_decode_stream_videos(overrides: list[str], tmp_path):
+    """Two videos (PROMPT's flushes and cuts; an image start with a cut) rendered by a generator
+    decoding in line and by one with ``decode_stream=true`` on the same models: per block, the
+    latents and the frames as written, for each."""
     import numpy as np
     from PIL import Image
 
     from pipeline.generate import VideoGenerator
     from utils.video import VideoWriter
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["device=cuda", "dtype=bfloat16"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     models = build_models(cfg)
     image = tmp_path / "start.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (cfg.height, cfg.width, 3), dtype=np.uint8)).save(image)
@@ -555,11 +554,50 @@ def test_cuda_decode_stream_renders_the_same_video(tmp_path):
                     image_latent=None if start is None else gen.image_latent(start))]
         return out
 
-    in_line = videos(VideoGenerator(cfg, models))
-    gen = VideoGenerator(load_config(REPO / "configs" / "tiny.yaml", ["device=cuda", "dtype=bfloat16",
-                                                                       "decode_stream=true"]), models)
+    gen = VideoGenerator(load_config(REPO / "configs" / "tiny.yaml", overrides + ["decode_stream=true"]), models)
     assert gen.decode_stream is not None
-    overlapped = videos(gen)
+    return videos(VideoGenerator(cfg, models)), videos(gen)
+
+
+def test_decode_stream_path_on_a_cpu_with_the_stream_calls_stubbed(tmp_path, monkeypatch):
+    """The decode-stream path of ``render`` where the CPU has no streams (CUDA's stream calls
+    stubbed, the switch's device check off): every decode, the image start's lead frame
+    included, waits for the main stream and takes its latents; the video is the in-line one.
+    The GPU check runs the same on real streams."""
+    import contextlib
+
+    import numpy as np
+
+    from pipeline import generate
+
+    waits, recorded = [], []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            waits.append(other)
+
+    monkeypatch.setattr(generate, "check_cuda_switches", lambda cfg, device: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "main")
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(self.shape))
+    in_line, overlapped = in_line_and_decode_stream_videos([], tmp_path)
+    assert len(overlapped) == len(in_line) > 4
+    assert all(torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(in_line, overlapped))
+    assert waits == ["main"] * (len(overlapped) + 1) and len(recorded) == len(waits)  # + the lead frame
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_stream_renders_the_same_video(tmp_path):
+    """The decode on a stream of its own, alongside the next block's DiT (bf16, a flush and a
+    cut, an image start, two videos on one generator): the same latents and the same frames,
+    byte for byte, as the decode in line."""
+    import numpy as np
+
+    in_line, overlapped = in_line_and_decode_stream_videos(["device=cuda", "dtype=bfloat16"], tmp_path)
     assert len(overlapped) == len(in_line) > 4
     for (lat_a, frames_a), (lat_b, frames_b) in zip(in_line, overlapped):
         assert torch.equal(lat_a, lat_b) and np.array_equal(frames_a, frames_b)
