@@ -30,8 +30,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from model.vae import compression_factors, config_of  # noqa: E402
-from pipeline.generate import DTYPES  # noqa: E402
+from pipeline.generate import DTYPES, resolve_device  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import user_errors_exit  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -62,6 +63,7 @@ class Peak:
         return _proc("VmHWM")
 
 
+@user_errors_exit
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default="configs/infinity_rope.yaml")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)  # one line if there is no such device
     if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
 

@@ -39,8 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-from pipeline.generate import DTYPES  # noqa: E402
+from pipeline.generate import DTYPES, resolve_device  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import user_errors_exit  # noqa: E402
 
 MIB = 2 ** 20
 ALLOCATOR_ROUND = 512  # CUDA's caching allocator hands out multiples of 512 bytes
@@ -122,15 +123,13 @@ class LiveBytes(TorchDispatchMode):
         return sum(seen.values())
 
 
-def tensors_in(obj, depth: int = 3):
-    """The tensors an object holds in its attributes (lists, tuples and dicts of them too)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth > 0:
-        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
-            vars(obj).values() if hasattr(obj, "__dict__") else ()
-        for item in items:
-            yield from tensors_in(item, depth - 1)
+def tensors_in(items):
+    """The tensors among ``items``, lists, tuples and Nones included (e.g. a cache's buffers)."""
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, (list, tuple)):
+            yield from tensors_in(item)
 
 
 def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None) -> dict:
@@ -221,6 +220,7 @@ def report(cfg, r: dict, config_path: str) -> str:
     return "\n".join(lines)
 
 
+@user_errors_exit
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default="configs/infinity_rope.yaml")
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
     start = time.perf_counter()
-    r = estimate(cfg, max(4, args.blocks), with_vae=not args.skip_vae, device=args.device)
+    device = str(resolve_device(args.device)) if args.device else None  # one line if there is no such device
+    r = estimate(cfg, max(4, args.blocks), with_vae=not args.skip_vae, device=device)
     print(report(cfg, r, args.config_path))
     print(f"({time.perf_counter() - start:.1f} s)")
     return 0

@@ -114,3 +114,12 @@ def test_peak_memory_script_prints_the_report():
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "cut before block 3" in out.stdout and "peak: " in out.stdout and "VAE decode" not in out.stdout
+
+
+def test_peak_memory_script_mistakes_are_one_line():
+    import subprocess
+
+    for args in (["--config_path", "nope.yaml"], ["--device", "cuda"] if not torch.cuda.is_available() else ["x=1"]):
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "peak_memory.py"), *args], capture_output=True,
+                             text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
