@@ -43,10 +43,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}; use cuda, cuda:N or cpu") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is 'cuda' but no CUDA GPU is available; pass device=cpu "
-                          "(or use configs/tiny.yaml to try the pipeline on a CPU)")
+        raise ConfigError("device is 'cuda' but no CUDA GPU is available; use the CPU (device=cpu in the config, "
+                          "--device cpu for the scripts), e.g. with configs/tiny.yaml")
     return device
 
 

@@ -9,16 +9,17 @@
 #                                        compile + CUDA graphs at 60 s), write the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE levers
 #                                        (cuDNN autotuning, channels-last, compiled decoder, the decode
-#                                        on its own stream) and the writer on the critical path, at 10 s
+#                                        on its own stream) and the writer on the critical path, at 10 s;
+#                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
 #   add --cpu to any of the three: the same plumbing on a CPU with configs/tiny.yaml (a dry run of
 #   this script; numbers meaningless, CUDA-graph variants skipped)
 #
 # Output (OUT, default benchmarks/gpu_check): env.txt, tests.log, the benchmark's <tag>.json/.md and
-# summary.md; --levers: summary_levers.md; --train: train.log + train_memory.md, ode.log + ode.md,
+# summary.md; --levers: summary_levers.md, text_encoder.md; --train: train.log + train_memory.md, ode.log + ode.md,
 # summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 480 s, --levers
-# 230 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
+# 305 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,6 +77,8 @@ else
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
     GRAPHS=(cuda_graphs compile+cuda_graphs); STREAMS=(decode_stream)
 fi
+# umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
+UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
 
 if [ "$PART" = levers ]; then  # the levers not yet on by default, against the default, at 10 s
     echo "==> levers: cuDNN autotuning, the channels-last VAE; the writer on the critical path; the compiled VAE;"
@@ -83,8 +86,15 @@ if [ "$PART" = levers ]; then  # the levers not yet on by default, against the d
     timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants fast \
         cudnn_benchmark vae_channels_last cudnn_benchmark+vae_channels_last sync_write compile_vae "${STREAMS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
+    echo "==> one prompt's encoding by umt5-xxl (random weights), on the GPU and offloaded to the CPU"
+    if [ "$MODE" = cpu ]; then TEXT=(--devices cpu "${CONFIG[@]}"); else
+        TEXT=(--devices cuda,cpu "${CONFIG[@]}" random_init=true tokenizer_path=tests/assets/tokenizer "$UMT5_XXL"); fi
+    timeout 75 $PY scripts/text_encoder_latency.py "${TEXT[@]}" --repeats 1 --out "$OUT/text_encoder.md" \
+        > "$OUT/text_encoder.log" 2>&1 || true
     { echo "# GPU check, levers ($(date -u +%Y-%m-%d), $MODE)"; echo; sed 's/^/    /' "$OUT/env.txt"; echo
-      cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; } > "$OUT/summary_levers.md"
+      cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; echo
+      cat "$OUT/text_encoder.md" 2>/dev/null || echo "(no text encoder table: see text_encoder.log)"; } \
+        > "$OUT/summary_levers.md"
     cat "$OUT/summary_levers.md"
     exit 0
 fi

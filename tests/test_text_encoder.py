@@ -75,6 +75,25 @@ def test_mask_is_used(encoder):
         assert torch.allclose(emb[b, :n], ref, atol=1e-5), (emb[b, :n] - ref).abs().max()
 
 
+def test_padding_is_not_encoded_yet_embeddings_equal_wans(encoder, monkeypatch):
+    """Oracle: Wan's (and diffusers' WanPipeline's) encode, all text_len positions with the mask,
+    then zeros past each prompt. Ours runs only the longest prompt's tokens through the encoder."""
+    ids, mask = encoder.tokenize([SHORT, LONG])
+    with torch.no_grad():
+        wan = encoder.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    wan = wan * mask[..., None]
+    seen = []
+    forward = encoder.encoder.forward
+    monkeypatch.setattr(encoder.encoder, "forward", lambda **kw: seen.append(kw["input_ids"].shape) or forward(**kw))
+    ours = encoder([SHORT, LONG])
+    assert seen == [(2, int(mask.sum(1).max()))] and seen[0][1] < 512 // 10
+    assert ours.shape == wan.shape
+    assert torch.count_nonzero(ours[~mask.bool()]) == 0
+    assert (ours - wan).abs().max() <= 1e-5 * wan.abs().max(), (ours - wan).abs().max()
+    # one prompt alone gives what it gives in a batch with a longer one (live and batch encode one at a time)
+    assert torch.allclose(encoder([SHORT])[0], ours[0], rtol=0, atol=1e-5 * wan.abs().max())
+
+
 def test_truncation_and_cleaning(spm_file):
     torch.manual_seed(0)
     enc = TextEncoder.from_config(TINY, spm_file, text_len=6)
@@ -182,3 +201,26 @@ def test_from_pretrained_weights_file_missing(tmp_path):
     with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "text_encoder"))) as err:
         TextEncoder.from_pretrained(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_latency_script_times_both_encodes_of_one_embedding(tmp_path):
+    """scripts/text_encoder_latency.py on the tiny config: one row per prompt, the two encodes
+    equal to float rounding; a prompt longer than text_len counts as text_len tokens."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "latency.md"
+    run = subprocess.run([sys.executable, str(repo / "scripts" / "text_encoder_latency.py"), "--config_path",
+                          str(repo / "configs" / "tiny.yaml"), "--repeats", "1", "--out", str(out)],
+                         capture_output=True, text=True, cwd=repo, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| cpu")]
+    text_len = OmegaConf.load(repo / "configs" / "tiny.yaml").model.text_len
+    tokens = [int(r[1]) for r in rows]
+    assert len(rows) == 3 and tokens[0] < tokens[1] and tokens[-1] == text_len
+    assert all(float(r[5]) < 1e-5 for r in rows) and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    for args in (["--devices", "gpu"], ["--devices", "cpu", "nokey=1"], ["--config_path", "nope.yaml"]):
+        bad = subprocess.run([sys.executable, str(repo / "scripts" / "text_encoder_latency.py"), *args],
+                             capture_output=True, text=True, cwd=repo, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr, bad.stderr
