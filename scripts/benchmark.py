@@ -244,6 +244,57 @@ def nominal_peak(device: torch.device) -> tuple[str, float] | None:
     return None
 
 
+# ----------------------------------------------------------------------------------- where the time goes
+# A kernel's name (GPU) or an ATen op's (CPU) → what it does. First match wins, so the specific
+# patterns come first: a dtype cast is an "elementwise" kernel, a layer norm a "vectorized" one,
+# an inductor matmul template a triton kernel.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "scaled_dot_product", "attention")),
+    ("convolution", ("conv3d", "conv2d", "convolution", "convolve", "slow_conv", "fprop")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "triton_tem_", "aten::mm", "aten::addmm", "aten::bmm",
+              "aten::baddbmm", "aten::_addmm_activation", "aten::linear")),
+    ("fused by inductor", ("triton_",)),
+    ("norm", ("layer_norm", "rms_norm", "group_norm", "norm_kernel")),
+    ("copy, cast, cat", ("copy", "aten::cat", "aten::clone", "aten::index", "aten::slice_scatter",
+                         "aten::constant_pad_nd", "aten::fill_", "aten::zero_")),
+    ("memcpy, memset", ("memcpy", "memset")),
+    ("elementwise", ("elementwise", "aten::add", "aten::mul", "aten::sub", "aten::div", "aten::gelu",
+                     "aten::silu", "aten::sigmoid", "aten::tanh", "aten::exp", "aten::rsqrt", "aten::pow",
+                     "aten::neg", "aten::where", "aten::masked_fill", "aten::lerp", "aten::clamp", "aten::sin",
+                     "aten::cos", "aten::randn", "aten::normal_", "aten::rand")),
+    ("reduction", ("reduce_kernel", "aten::sum", "aten::mean", "aten::amax", "aten::max", "aten::min")),
+    # no kernel of their own: the host's cost of an op (CPU profiles; on a GPU, no device time)
+    ("views, allocation", ("aten::view", "aten::as_strided", "aten::empty", "aten::transpose", "aten::t",
+                           "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select", "aten::to",
+                           "aten::unbind", "aten::unflatten", "aten::flatten", "aten::reshape", "aten::permute",
+                           "aten::alias", "aten::expand", "aten::contiguous", "aten::type_as", "aten::resolve_conj",
+                           "aten::resize_", "aten::result_type", "aten::detach", "aten::split", "aten::chunk",
+                           "aten::narrow", "aten::_unsafe_view", "aten::arange")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def time_by_kind(entries: list[tuple[str, float]], blocks: int, top: int = 8) -> dict:
+    """``(name, microseconds)`` of every kernel (or op) of ``blocks`` blocks → ms per block by kind
+    and the ``top`` names by time."""
+    kinds: dict[str, float] = {}
+    names: dict[str, list[float]] = {}
+    for name, us in entries:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+        acc = names.setdefault(name, [0.0, 0])
+        acc[0] += us
+        acc[1] += 1
+    total = sum(kinds.values())
+    return {"ms_per_block": total / 1e3 / blocks, "calls_per_block": len(entries) / blocks,
+            "by_kind_ms_per_block": {k: v / 1e3 / blocks for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n, "ms_per_block": us / 1e3 / blocks, "calls_per_block": c / blocks,
+                     "kind": kernel_kind(n)} for n, (us, c) in sorted(names.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
 class RegionTimer:
     """Time spent inside some functions (outermost calls only): CUDA events on a GPU (recorded
     on the stream, read after the caller's synchronisation), ``perf_counter`` on a CPU."""
@@ -505,6 +556,38 @@ class Bench:
             if i + 1 >= total:
                 break
         return times
+
+    def profile_pass(self, plan, contexts, blocks: int) -> dict:
+        """``torch.profiler`` over ``blocks`` steady blocks of a DiT rollout (the blocks before them
+        run unprofiled), as the variant runs them (compiled, replayed graphs and all): on a GPU
+        every kernel's device time, on a CPU every ATen op's own CPU time, by kind; and the host's
+        wall time per block, which above the kernels' time means the GPU waits for its launches."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        start = min(steady_start(self.cfg), plan.total_blocks - 1)
+        blocks = min(blocks, plan.total_blocks - start)
+        cuda = self.device.type == "cuda"
+        rollout = iter(self.blocks(plan, contexts))
+        for _ in range(start):
+            next(rollout)
+        synchronize(self.device)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            for _ in range(blocks):
+                next(rollout)
+            synchronize(self.device)
+            wall = time.perf_counter() - t0
+        rollout.close()
+        events = prof.events()
+        if cuda:
+            entries = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+        else:
+            entries = [(e.name, e.self_cpu_time_total) for e in events
+                       if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+        return dict(time_by_kind(entries, blocks), blocks=blocks, first_block=start,
+                    wall_ms_per_block=1e3 * wall / blocks, timed="kernels (device time)" if cuda
+                    else "ATen ops (own CPU time)")
 
     def pipeline_pass(self, plan, contexts, path: Path, max_blocks: int | None = None,
                       split: bool = True, desc: str = "pipeline") -> dict:
@@ -851,6 +934,9 @@ def run_variant(spec: dict, seconds_list: list[float], opts: dict) -> dict:
             for seconds in seconds_list:
                 log.info("%s: %g s of video", spec["name"], seconds)
                 out["runs"].append(measure(bench, seconds, opts, workdir))
+            if opts["profile_blocks"]:
+                plan = bench.gen.plan(bench_prompt(seconds_list[0]))
+                out["profile"] = bench.profile_pass(plan, bench.gen.encode_texts(plan), opts["profile_blocks"])
         finally:
             if not opts["keep_videos"]:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -1033,6 +1119,17 @@ def markdown(report: dict) -> str:
             if default:
                 lines.append("  (the timing processes, glibc's default allocator: "
                              + ", ".join(f"{b / 2 ** 20:,.0f}" for b in default) + " MiB)")
+    for v in variants:
+        prof = v.get("profile")
+        if prof:
+            total = prof["ms_per_block"]
+            lines.append(f"- `{v['variant']}` where a steady block's time goes (torch.profiler, {prof['blocks']} "
+                         f"blocks from block {prof['first_block']}; {prof['timed']}): {total:,.1f} ms in "
+                         f"{prof['calls_per_block']:,.0f} calls per block, host wall "
+                         f"{prof['wall_ms_per_block']:,.1f} ms (profiler on): "
+                         + ", ".join(f"{k} {100 * ms / total:.0f} %" for k, ms in prof["by_kind_ms_per_block"].items()))
+            lines.append("  top: " + "; ".join(f"{t['name'][:70]} {t['ms_per_block']:.2f} ms "
+                                               f"×{t['calls_per_block']:.0f}" for t in prof["top"][:5]))
     lines.append("")
     lines.append("Steady state = blocks after the attention window fills (all but the first). fps = video frames "
                  "per second (median of the repeats; best repeat in brackets); DiT = the rollout alone, DiT+VAE and "
@@ -1068,6 +1165,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--tag", default=None, help="output file stem (default: <config>_<device>)")
     p.add_argument("--per_block", action="store_true", help="store every per-block time in the JSON")
+    p.add_argument("--profile_blocks", type=int, default=0, metavar="N",
+                   help="profile N steady DiT blocks per variant (torch.profiler): time by kind of kernel")
     p.add_argument("--keep_videos", action="store_true")
     p.add_argument("--render", default=None, metavar="JSON", help="print the table of a stored JSON report and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1079,7 +1178,7 @@ def _opts(args) -> dict:
     return {"config_path": args.config_path, "overrides": list(args.overrides), "repeats": args.repeats,
             "pipeline_repeats": args.pipeline_repeats, "warmup_blocks": args.warmup_blocks,
             "skip_pipeline": args.skip_pipeline, "threads": args.threads, "out": str(args.out),
-            "per_block": args.per_block, "keep_videos": args.keep_videos}
+            "per_block": args.per_block, "keep_videos": args.keep_videos, "profile_blocks": args.profile_blocks}
 
 
 def measure_memory(spec: dict, seconds: float, opts: dict) -> dict:
@@ -1182,6 +1281,7 @@ def main(argv=None) -> int:
             + (["--skip_pipeline"] if args.skip_pipeline else []) + (["--interleave"] if args.interleave else [])
             + (["--no_memory_pass"] if args.no_memory_pass else [])
             + ([f"--threads {args.threads}"] if args.threads else [])
+            + ([f"--profile_blocks {args.profile_blocks}"] if args.profile_blocks else [])
             + [f"--out {args.out}"] + ([f"--tag {args.tag}"] if args.tag else []) + list(args.overrides))
         report = {"config_path": args.config_path, "overrides": opts["overrides"], "command": command,
                   "video": f"{cfg.width}x{cfg.height} @ {cfg.fps:g} fps, {len(cfg.denoising_step_list)} steps, "
@@ -1210,8 +1310,9 @@ def main(argv=None) -> int:
                 continue
             write_report(final=False)
             continue
-        for seconds in args.seconds:
-            job = {"variant": spec["name"], "seconds": [seconds], "opts": opts}
+        for k, seconds in enumerate(args.seconds):  # the first length's process also profiles
+            job = {"variant": spec["name"], "seconds": [seconds],
+                   "opts": dict(opts, profile_blocks=opts["profile_blocks"] if k == 0 else 0)}
             log.info("subprocess: variant %s, %g s (timing)", spec["name"], seconds)
             result = run_worker(job)
             if cfg.device == "cpu" and not args.no_memory_pass:

@@ -109,9 +109,10 @@ if [ "$PART" = main ]; then
     tests_rc=${PIPESTATUS[0]}
     set -e
 
-    echo "==> benchmark at ${SECONDS_[0]} s: eager (the default), CUDA graphs, compile, compile + CUDA graphs"
+    echo "==> benchmark at ${SECONDS_[0]} s: eager (the default), CUDA graphs, compile, compile + CUDA graphs;"
+    echo "    each profiled over 2 steady blocks (device time by kind of kernel)"
     timeout 210 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
-        --variants fast "${GRAPHS[@]:0:1}" compile "${GRAPHS[@]:1:1}" --out "$OUT" --tag "rows_$MODE" 2>&1 \
+        --variants fast "${GRAPHS[@]:0:1}" compile "${GRAPHS[@]:1:1}" --profile_blocks 2 --out "$OUT" --tag "rows_$MODE" 2>&1 \
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
     echo "==> peak memory of the eager pipeline, counted per tensor next to the allocator's own (6 blocks)"
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu

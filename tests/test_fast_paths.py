@@ -655,11 +655,11 @@ def test_bf16_rollout_close_to_fp32(tiny):
 
 
 # ----------------------------------------------------------------------------- benchmark
-def short_run(bench, variant: str, tmp_path) -> dict:
+def short_run(bench, variant: str, tmp_path, profile_blocks: int = 0) -> dict:
     """One variant of the benchmark, a 2 s video of the tiny config, in this process."""
     opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0, "out": str(tmp_path),
             "warmup_blocks": 1, "repeats": 1, "pipeline_repeats": 1, "skip_pipeline": False, "per_block": False,
-            "keep_videos": False}
+            "keep_videos": False, "profile_blocks": profile_blocks}
     return bench.run_variant(bench.parse_variant(variant), [2.0], opts)
 
 
@@ -675,6 +675,68 @@ def test_benchmark_times_the_render_path(tmp_path):
                             "video": "96x64", "variants": [out]})
     assert "| render | 2 s | 3 |" in table
     assert bench.parse_variant("decode_stream")["render"]
+
+
+# Kernel names as torch.profiler reports them on Hopper GPUs (torch 2.x, cuBLAS, cuDNN, inductor)
+KERNELS = {
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+    "cutlass::bfloat16_t>, false, false, false, true>(pytorch_flash::Flash_fwd_params)": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
+    "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_kernel__5x_cublas": "GEMM",
+    "nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNT": "GEMM",
+    "triton_tem_fused_addmm_0": "GEMM",
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+    "triton_poi_fused__to_copy_add_mul_3": "fused by inductor",
+    "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1": "fused by inductor",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>(int, float, float const*)":
+        "norm",
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+    "::{lambda()#3}::operator()() const::{lambda(float)#1}>": "copy, cast, cat",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>>":
+        "copy, cast, cat",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, "
+    "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>)": "elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&, "
+    "at::native::GeluType)::{lambda()#2}>": "elementwise",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>":
+        "reduction",
+    "Memcpy DtoD (Device -> Device)": "memcpy, memset",
+    "Memset (Device)": "memcpy, memset",
+    "void cudnn::ops::nchwToNhwcKernel<float, float, float, true, false>": "other",
+    # ATen ops, a CPU profile's names
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::addmm": "GEMM",
+    "aten::slow_conv3d_forward": "convolution", "aten::copy_": "copy, cast, cat", "aten::addcmul": "elementwise",
+    "aten::native_layer_norm": "norm", "aten::view": "views, allocation", "aten::empty_strided": "views, allocation",
+}
+
+
+def test_profile_kinds_of_kernels():
+    bench = benchmark_module()
+    assert {name: bench.kernel_kind(name) for name in KERNELS} == KERNELS
+    summary = bench.time_by_kind([("aten::addmm", 3000.0), ("aten::addmm", 1000.0), ("aten::view", 500.0),
+                                  ("Memset (Device)", 500.0)], blocks=2)
+    assert summary["ms_per_block"] == 2.5 and summary["calls_per_block"] == 2
+    assert summary["by_kind_ms_per_block"] == {"GEMM": 2.0, "views, allocation": 0.25, "memcpy, memset": 0.25}
+    assert summary["top"][0] == {"name": "aten::addmm", "ms_per_block": 2.0, "calls_per_block": 1.0, "kind": "GEMM"}
+
+
+def test_benchmark_profiles_steady_blocks(tmp_path):
+    """``--profile_blocks``: torch.profiler over steady DiT blocks; on a CPU each ATen op's own time,
+    by kind: the matmuls and attention are there, and the kinds add up to the total."""
+    bench = benchmark_module()
+    out = short_run(bench, "fast", tmp_path, profile_blocks=2)
+    prof = out["profile"]
+    assert prof["blocks"] == 2
+    assert prof["first_block"] == bench.steady_start(load_config(REPO / "configs" / "tiny.yaml"))
+    kinds = prof["by_kind_ms_per_block"]
+    assert kinds["GEMM"] > 0 and kinds["attention"] > 0 and kinds["elementwise"] > 0
+    assert math.isclose(sum(kinds.values()), prof["ms_per_block"], rel_tol=1e-9)
+    assert 0 < prof["ms_per_block"] <= prof["wall_ms_per_block"] and prof["calls_per_block"] > 100
+    assert kinds.get("other", 0) < 0.05 * prof["ms_per_block"], kinds  # the kinds cover what the model runs
+    table = bench.markdown({"config_path": "configs/tiny.yaml", "command": "python scripts/benchmark.py ...",
+                            "video": "96x64", "variants": [out]})
+    assert "`fast` where a steady block's time goes" in table and "GEMM" in table
 
 
 def test_flop_formula_matches_flop_counter(tiny):
