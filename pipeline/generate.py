@@ -75,6 +75,25 @@ class Models:
     device: torch.device
 
 
+def compile_cache_dir() -> Path:
+    """Where ``torch.compile`` keeps what it compiled (inductor's FX graph and autograd caches, the
+    Triton kernels): ``TORCHINDUCTOR_CACHE_DIR`` when the user set it, else
+    ``~/.cache/infinity-rope/torchinductor`` (``$XDG_CACHE_HOME`` if set). torch's own default is
+    under /tmp, which many machines clear at a reboot or after each job; here a later run finds
+    the kernels and skips most of the compile. (Importing diffusers already writes torch's
+    default into the variable, so that value counts as unset.)"""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # another torch layout: only an unset variable is replaced
+        torch_default = None
+    if not path or os.path.abspath(path) == torch_default:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "infinity-rope", "torchinductor")
+    return Path(path)
+
+
 def check_cuda_switches(cfg, device: torch.device) -> None:
     for key in ("cuda_graphs", "decode_stream"):
         if cfg[key] and device.type != "cuda":
@@ -114,6 +133,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
     vae = vae.to(device=device, dtype=dtype).eval()
+    if cfg.compile or cfg.compile_vae:
+        log.info("torch.compile: compiled kernels are cached in %s (TORCHINDUCTOR_CACHE_DIR)", compile_cache_dir())
     if cfg.compile:
         for block in dit.blocks:
             block.compile()

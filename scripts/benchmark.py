@@ -561,7 +561,9 @@ class Bench:
         """``torch.profiler`` over ``blocks`` steady blocks of a DiT rollout (the blocks before them
         run unprofiled), as the variant runs them (compiled, replayed graphs and all): on a GPU
         every kernel's device time, on a CPU every ATen op's own CPU time, by kind; and the host's
-        wall time per block, which above the kernels' time means the GPU waits for its launches."""
+        wall time per block, which above the kernels' time means the GPU waits for its launches.
+        (On a CPU a compiled variant's own C++ kernels are not ATen ops: only its extern calls,
+        the matmuls and attention, are seen.)"""
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
@@ -925,6 +927,9 @@ def run_variant(spec: dict, seconds_list: list[float], opts: dict) -> dict:
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    from torch._dynamo.utils import counters
+
+    cached = dict(counters["inductor"])  # inductor's FX graph cache lookups of this variant: the difference
     with runtime_context(spec):
         bench = Bench(cfg, spec)
         out = describe_bench(bench, spec)
@@ -940,6 +945,12 @@ def run_variant(spec: dict, seconds_list: list[float], opts: dict) -> dict:
         finally:
             if not opts["keep_videos"]:
                 shutil.rmtree(workdir, ignore_errors=True)
+        if cfg.compile or cfg.compile_vae:  # compiled kernels found on disk (an earlier run's) or compiled now
+            from pipeline.generate import compile_cache_dir
+
+            out["compile_cache"] = {"dir": str(compile_cache_dir()), **{
+                k: counters["inductor"][f"fxgraph_cache_{k}"] - cached.get(f"fxgraph_cache_{k}", 0)
+                for k in ("hit", "miss")}}
         # the matmul rate once more at the end: the better of the two (a busy moment only slows it)
         out["matmul"] = _best_matmul(out["matmul"], matmul_rate(bench.device, next(bench.models.dit.parameters()).dtype))
     device = bench.device
@@ -1095,7 +1106,10 @@ def markdown(report: dict) -> str:
                          f"{first['warmup_blocks']} blocks through the pipeline (kernels, compilation, graph "
                          f"capture, the VAE's cache, ffmpeg) {first['warmup_wall_s']:.3g} s"
                          + ("; CUDA graphs (forwards of the run, warm-up included): "
-                            + ", ".join(f"{k} {n}" for k, n in sorted(graphs.items())) if graphs else ""))
+                            + ", ".join(f"{k} {n}" for k, n in sorted(graphs.items())) if graphs else "")
+                         + (f"; inductor's FX graph cache ({v['compile_cache']['dir']}): "
+                            f"{v['compile_cache']['hit']} graphs found, {v['compile_cache']['miss']} compiled"
+                            if v.get("compile_cache") else ""))
     for v in variants:
         ops = v.get("ops_per_forward")
         if ops:
@@ -1187,6 +1201,9 @@ def measure_memory(spec: dict, seconds: float, opts: dict) -> dict:
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    from torch._dynamo.utils import counters
+
+    cached = dict(counters["inductor"])  # inductor's FX graph cache lookups of this variant: the difference
     with runtime_context(spec):
         bench = Bench(cfg, spec)
         plan = bench.gen.plan(bench_prompt(seconds))

@@ -322,6 +322,53 @@ def test_inductor_compiled_blocks_equal_eager(tiny):
     assert torch.allclose(compiled, eager, atol=1e-4, rtol=0), (compiled - eager).abs().max()
 
 
+COMPILED_RUN = """
+import json, os, torch
+from torch._dynamo.utils import counters
+from pipeline.generate import VideoGenerator, build_models
+from pipeline.rollout import plan_blocks, rollout
+from utils.config import load_config
+cfg = load_config("configs/tiny.yaml", ["compile=true"])
+gen = VideoGenerator(cfg, build_models(cfg))
+plan = gen.plan("a fox runs[2s]")
+blocks = rollout(gen.m.dit, gen.cache, gen.settings, plan_blocks(plan.block_events, plan.block_segment,
+                 gen.encode_texts(plan)), latent_shape=gen.latent_shape, generator=torch.Generator().manual_seed(0))
+for _ in zip(range(2), blocks):  # the first block and a later one: both graphs
+    pass
+print(json.dumps({"dir": os.environ["TORCHINDUCTOR_CACHE_DIR"], "hit": counters["inductor"]["fxgraph_cache_hit"],
+                  "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_kernels_are_cached_across_runs(tmp_path, monkeypatch):
+    """``compile=true``: the first run compiles into ~/.cache/infinity-rope/torchinductor (here
+    under $XDG_CACHE_HOME), not /tmp; a second process finds every graph there (inductor's FX
+    graph cache: hits, no miss). A TORCHINDUCTOR_CACHE_DIR the user set is kept."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", COMPILED_RUN], capture_output=True, text=True, cwd=REPO,
+                             env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(env), run(env)
+    assert first["dir"] == str(tmp_path / "xdg" / "infinity-rope" / "torchinductor")
+    assert first["miss"] >= 2 and first["hit"] == 0, first
+    assert second["hit"] == first["miss"] and second["miss"] == 0, second
+    assert any((tmp_path / "xdg" / "infinity-rope" / "torchinductor").rglob("*.py"))  # the generated kernels
+    from pipeline.generate import compile_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
     """The issue's GPU criterion: a bf16 rollout through a flush and a cut, blocks compiled with
