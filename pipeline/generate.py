@@ -90,7 +90,16 @@ def compile_cache_dir() -> Path:
         torch_default = None
     if not path or os.path.abspath(path) == torch_default:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "infinity-rope", "torchinductor")
+        ours = os.path.join(base, "infinity-rope", "torchinductor")
+        try:
+            os.makedirs(ours, exist_ok=True)
+            writable = os.access(ours, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # a read-only home: torch's default it is
+            log.warning("cannot write %s; torch.compile caches in %s", ours, path or torch_default)
+            return Path(path or torch_default or ours)
+        path = os.environ["TORCHINDUCTOR_CACHE_DIR"] = ours
     return Path(path)
 
 
