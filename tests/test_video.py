@@ -210,6 +210,80 @@ def test_sigterm_keeps_a_playable_file(tmp_path):
     assert probe_video(path)["frames"] == written
 
 
+def noise_frames(num: int, height: int = 64, width: int = 96) -> np.ndarray:
+    """Random frames: large to encode, so each second's fragment is tens of kilobytes."""
+    return np.random.default_rng(0).integers(0, 256, (num, height, width, 3), dtype=np.uint8)
+
+
+def fragments_of(path: Path) -> list[tuple[bytes, int, int]]:
+    """Top-level MP4 boxes (kind, offset, length), read independently of utils.video."""
+    data, boxes, end = path.read_bytes(), [], 0
+    while end + 8 <= len(data):
+        length = int.from_bytes(data[end:end + 4], "big")
+        boxes.append((data[end + 4:end + 8], end, length))
+        end += length
+    return boxes
+
+
+def test_whole_fragments_of_a_file_cut_anywhere(tmp_path):
+    """The box walk that decides what of a cut file plays: every frame of a whole file; of a
+    file cut at any byte, the fragments before the cut and the frames in them (ffmpeg agrees)."""
+    from utils.video import _whole_fragments
+
+    path = tmp_path / "v.mp4"
+    with VideoWriter(path, fps=16, width=96, height=64) as writer:
+        writer.write(noise_frames(40))  # 2.5 s: fragments of 16, 16 and 8 frames
+    assert _whole_fragments(path) == (path.stat().st_size, 40)
+    moofs = [offset for kind, offset, _ in fragments_of(path) if kind == b"moof"]
+    assert len(moofs) == 3
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for at, frames in ((moofs[0] + 100, 0), (moofs[1], 16), (moofs[1] + 5000, 16), (moofs[2] + 300, 32),
+                       (len(data) - 1, 40)):
+        cut.write_bytes(data[:at])
+        good, counted = _whole_fragments(cut)
+        assert counted == frames and good <= at, (at, good, counted)
+        if frames:
+            cut.write_bytes(data[:good])
+            assert probe_video(cut)["frames"] == frames
+
+
+FINAL_FLUSH = textwrap.dedent("""
+    import resource, sys
+    import numpy as np
+    from utils.video import VideoWriteError, VideoWriter
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+    writer = VideoWriter(sys.argv[1], 16, 96, 64)
+    writer.write(np.random.default_rng(0).integers(0, 256, (40, 64, 96, 3), dtype=np.uint8))
+    try:
+        writer.close()
+    except VideoWriteError as exc:
+        print(f"{exc.frames_kept} | {exc}")
+        sys.exit(2)
+""")
+
+
+def test_a_write_that_fails_at_close_is_reported_and_trimmed(tmp_path):
+    """ffmpeg writes the last fragment only at close; a file-size limit inside it (a disk that
+    fills at the very end) kills ffmpeg there, and imageio-ffmpeg does not report its exit
+    status. The writer notices from the file itself: VideoWriteError, the whole fragments kept
+    under the final name (playable), nothing partial left."""
+    reference = tmp_path / "reference" / "v.mp4"
+    with VideoWriter(reference, fps=16, width=96, height=64) as writer:
+        writer.write(noise_frames(40))
+    last = [offset for kind, offset, _ in fragments_of(reference) if kind == b"moof"][-1]
+    path = tmp_path / "cut" / "v.mp4"
+    child = subprocess.run([sys.executable, "-c", FINAL_FLUSH, str(path), str(last + 1000)], cwd=REPO_ROOT,
+                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 2, child.stderr
+    kept, message = child.stdout.strip().split(" | ", 1)
+    assert kept == "32" and "32 whole frames of the 40 sent" in message, message
+    assert folder_contents(path.parent) == ["v.mp4"] and path.stat().st_size == last
+    assert probe_video(path)["frames"] == 32
+
+
 # ---------------------------------------------------------------------------------- subtitles
 
 

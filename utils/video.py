@@ -12,7 +12,9 @@ What is left on disk:
 - any other error: nothing (the partial file is deleted); zero frames written: nothing;
 - ffmpeg failing to write (disk full, quota, file-size limit): :class:`VideoWriteError`, and the
   frames it had finished stay under the final name. The file is a fragmented MP4 (a fragment
-  per second), so a file cut short still plays up to its last complete fragment.
+  per second), so a file cut short still plays up to its last complete fragment. A failure
+  while ffmpeg finishes the file at close, whose exit status imageio-ffmpeg does not report, is
+  caught too: a closed file must hold every frame sent, in whole fragments (its box headers say).
 
 A *recording* (``VideoWriter(..., recording=True)``, what a live session uses) is written under
 its final name from the first frame and kept however the writing ends, an error included: a
@@ -360,6 +362,13 @@ class VideoWriter:
                 raise
             produced = self.partial_path.is_file() and self.partial_path.stat().st_size > 0
             if keep and self.frames_written and produced:
+                # imageio-ffmpeg does not report ffmpeg's exit status, so a write that failed as
+                # ffmpeg wrote its last fragment (at close: a disk that fills at the very end)
+                # would go unnoticed: the file must hold every frame that was sent, whole.
+                good, frames = _whole_fragments(self.partial_path)
+                if good < self.partial_path.stat().st_size or frames != self.frames_written:
+                    raise self._salvage(OSError(f"the file holds {frames} whole frames of the "
+                                                f"{self.frames_written} sent")) from None
                 os.replace(self.partial_path, self.path)
                 return
             self.partial_path.unlink(missing_ok=True)
@@ -401,24 +410,46 @@ class VideoWriter:
 FRAGMENT_MICROSECONDS = 1_000_000
 
 
-def _trim_to_whole_fragments(path: Path) -> None:
-    """Cut a fragmented MP4 that ffmpeg could not finish after its last complete fragment (a
-    ``moof`` box and the ``mdat`` after it): demuxers refuse a file whose last fragment is cut.
-    Truncating needs no free space."""
-    end, good, size = 0, 0, path.stat().st_size
+def _boxes(f, start: int, stop: int):
+    """``(kind, offset, length)`` of the MP4 boxes between two offsets of an open file; a box that
+    runs past ``stop`` (a file cut short) ends the walk."""
+    end = start
+    while end + 8 <= stop:
+        f.seek(end)
+        head = f.read(16)
+        length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        if length == 1 and len(head) == 16:
+            length = int.from_bytes(head[8:16], "big")
+        if length < 8 or end + length > stop:
+            return
+        yield kind, end, length
+        end += length
+
+
+def _whole_fragments(path: Path) -> tuple[int, int]:
+    """The bytes of a fragmented MP4 up to its last complete fragment (a ``moof`` box and the
+    ``mdat`` after it), and the frames those fragments hold (the sample counts of their ``trun``
+    boxes). Reads the box headers only."""
+    good = frames = pending = 0
     with open(path, "rb") as f:
-        while end + 8 <= size:
-            f.seek(end)
-            head = f.read(16)
-            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
-            if length == 1 and len(head) == 16:
-                length = int.from_bytes(head[8:16], "big")
-            if length < 8 or end + length > size:
-                break
-            end += length
-            if kind != b"moof":  # a fragment is whole once its mdat is; ftyp/moov are whole alone
-                good = end
-    if good < size:
+        for kind, offset, length in _boxes(f, 0, path.stat().st_size):
+            if kind == b"moof":
+                pending = 0
+                for traf in (b for b in _boxes(f, offset + 8, offset + length) if b[0] == b"traf"):
+                    for _, run, _ in (b for b in _boxes(f, traf[1] + 8, traf[1] + traf[2]) if b[0] == b"trun"):
+                        f.seek(run + 12)  # size, type, version + flags
+                        pending += int.from_bytes(f.read(4), "big")
+                continue
+            good = offset + length  # a fragment is whole once its mdat is; ftyp/moov are whole alone
+            frames, pending = frames + pending, 0
+    return good, frames
+
+
+def _trim_to_whole_fragments(path: Path) -> None:
+    """Cut a fragmented MP4 that ffmpeg could not finish after its last complete fragment:
+    demuxers refuse a file whose last fragment is cut. Truncating needs no free space."""
+    good, _ = _whole_fragments(path)
+    if good < path.stat().st_size:
         os.truncate(path, good)
 
 
