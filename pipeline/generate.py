@@ -237,19 +237,25 @@ class VideoGenerator:
         ``image_latent``'s frame is written first, as part of block 0."""
         generator = torch.Generator(device=self.m.device).manual_seed(int(seed))
         self.decoder.reset()
-        lead = None if image_latent is None else self._decode(image_latent).numpy()
-        written = 0
-        for index, (spec, latents) in enumerate(rollout(self.m.dit, self.cache, self.settings, blocks,
-                                                        latent_shape=self.latent_shape, generator=generator,
-                                                        image_latent=image_latent)):
-            # uint8 conversion and device→host copy queued on the GPU; the subtitle, and the waiting,
-            # happen where the frames are needed (the writer's thread for a batch render)
-            frames = self._decode(latents, lead=lead, stop=None if total_frames is None else total_frames - written,
-                                  finish=functools.partial(self.subtitles.render, text=subtitles[spec.segment]))
-            lead = None
-            writer.write(frames)
-            yield DecodedBlock(index, spec, latents, frames, written)
-            written += len(frames)
+        try:
+            lead = None if image_latent is None else self._decode(image_latent).numpy()
+            written = 0
+            for index, (spec, latents) in enumerate(rollout(self.m.dit, self.cache, self.settings, blocks,
+                                                            latent_shape=self.latent_shape, generator=generator,
+                                                            image_latent=image_latent)):
+                # uint8 conversion and device→host copy queued on the GPU; the subtitle, and the waiting,
+                # happen where the frames are needed (the writer's thread for a batch render)
+                frames = self._decode(latents, lead=lead, finish=functools.partial(
+                    self.subtitles.render, text=subtitles[spec.segment]),
+                    stop=None if total_frames is None else total_frames - written)
+                lead = None
+                writer.write(frames)
+                yield DecodedBlock(index, spec, latents, frames, written)
+                written += len(frames)
+        finally:
+            # the decoder's causal cache (1.8 GiB at full size) is this video's: freed when it ends,
+            # however it ends, not held until the next render (an idle live server, a DiT-only run)
+            self.decoder.reset()
 
     def _decode(self, latents: torch.Tensor, **pending) -> PendingFrames:
         """Decode a latent block and queue its frames' uint8 conversion and copy to the host.

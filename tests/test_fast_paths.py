@@ -611,6 +611,34 @@ def in_line_and_decode_stream_videos(overrides: list[str], tmp_path):
     return videos(VideoGenerator(cfg, models)), videos(gen)
 
 
+def test_render_frees_the_decoders_cache_when_the_video_ends(tiny, tmp_path):
+    """The VAE's causal cache (1.8 GiB at full size) belongs to one video: held while it renders,
+    freed when it ends, finished or stopped early, not kept until the next render."""
+    from pipeline.generate import VideoGenerator
+    from utils.video import VideoWriter
+
+    cfg, models = tiny
+    gen = VideoGenerator(cfg, models)
+    plan = gen.plan(PROMPT)
+    contexts = gen.encode_texts(plan)
+
+    def held():
+        return sum(t.numel() for t in gen.decoder._cache if isinstance(t, torch.Tensor))
+
+    for stop_after in (None, 1):
+        with VideoWriter(tmp_path / "v.mp4", fps=float(cfg.fps), width=int(cfg.width),
+                         height=int(cfg.height)) as writer:
+            blocks = gen.render(plan_blocks(plan.block_events, plan.block_segment, contexts), writer, seed=0,
+                                subtitles=[None] * len(plan.segments))
+            for block in blocks:
+                assert held() > 0  # the cache the next block's decode reads
+                if block.index + 1 == stop_after:
+                    blocks.close()
+                    break
+            assert block.index + 1 == (stop_after or plan.total_blocks)
+        assert held() == 0
+
+
 def test_decode_stream_path_on_a_cpu_with_the_stream_calls_stubbed(tmp_path, monkeypatch):
     """The decode-stream path of ``render`` where the CPU has no streams (CUDA's stream calls
     stubbed, the switch's device check off): every decode, the image start's lead frame
