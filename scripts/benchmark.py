@@ -1202,9 +1202,6 @@ def measure_memory(spec: dict, seconds: float, opts: dict) -> dict:
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + spec["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    from torch._dynamo.utils import counters
-
-    cached = dict(counters["inductor"])  # inductor's FX graph cache lookups of this variant: the difference
     with runtime_context(spec):
         bench = Bench(cfg, spec)
         plan = bench.gen.plan(bench_prompt(seconds))
