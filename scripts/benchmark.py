@@ -254,9 +254,10 @@ KERNEL_KINDS = (
     ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "triton_tem_", "aten::mm", "aten::addmm", "aten::bmm",
               "aten::baddbmm", "aten::_addmm_activation", "aten::linear")),
     ("fused by inductor", ("triton_",)),
-    ("norm", ("layer_norm", "rms_norm", "group_norm", "norm_kernel")),
+    ("norm", ("layer_norm", "rms_norm", "group_norm", "norm_kernel", "vector_norm", "normtwoops")),
     ("copy, cast, cat", ("copy", "aten::cat", "aten::clone", "aten::index", "aten::slice_scatter",
-                         "aten::constant_pad_nd", "aten::fill_", "aten::zero_")),
+                         "aten::constant_pad_nd", "aten::pad", "aten::stack", "upsample", "aten::fill_",
+                         "aten::zero_", "aten::ones")),
     ("memcpy, memset", ("memcpy", "memset")),
     ("elementwise", ("elementwise", "aten::add", "aten::mul", "aten::sub", "aten::div", "aten::gelu",
                      "aten::silu", "aten::sigmoid", "aten::tanh", "aten::exp", "aten::rsqrt", "aten::pow",
@@ -269,7 +270,8 @@ KERNEL_KINDS = (
                            "aten::unbind", "aten::unflatten", "aten::flatten", "aten::reshape", "aten::permute",
                            "aten::alias", "aten::expand", "aten::contiguous", "aten::type_as", "aten::resolve_conj",
                            "aten::resize_", "aten::result_type", "aten::detach", "aten::split", "aten::chunk",
-                           "aten::narrow", "aten::_unsafe_view", "aten::arange")),
+                           "aten::narrow", "aten::_unsafe_view", "aten::_reshape_alias", "aten::arange",
+                           "aten::dropout", "aten::_nnpack_available")),
 )
 
 
@@ -557,37 +559,51 @@ class Bench:
                 break
         return times
 
-    def profile_pass(self, plan, contexts, blocks: int) -> dict:
+    def profile_pass(self, plan, contexts, blocks: int, vae: bool = True) -> dict:
         """``torch.profiler`` over ``blocks`` steady blocks of a DiT rollout (the blocks before them
-        run unprofiled), as the variant runs them (compiled, replayed graphs and all): on a GPU
-        every kernel's device time, on a CPU every ATen op's own CPU time, by kind; and the host's
-        wall time per block, which above the kernels' time means the GPU waits for its launches.
-        (On a CPU a compiled variant's own C++ kernels are not ATen ops: only its extern calls,
-        the matmuls and attention, are seen.)"""
+        run unprofiled), as the variant runs them (compiled, replayed graphs and all), then over
+        the streaming VAE decode of the same blocks (``vae``; the blocks before them decoded
+        first, so the decoder's cache is full): on a GPU every kernel's device time, on a CPU
+        every ATen op's own CPU time, by kind; and the host's wall time per block, which above
+        the kernels' time means the GPU waits for its launches. (On a CPU a compiled variant's
+        own C++ kernels are not ATen ops: only its extern calls, the matmuls and attention, are
+        seen.) Returns ``{"dit": ..., "vae": ...}``."""
+        start = min(steady_start(self.cfg), plan.total_blocks - 1)
+        blocks = min(blocks, plan.total_blocks - start)
+        rollout = iter(self.blocks(plan, contexts))
+        latents = [next(rollout)[1] for _ in range(start)]
+        out = {"dit": self._profiled(lambda: latents.append(next(rollout)[1]), blocks, start)}
+        rollout.close()
+        if vae:
+            decoder = self.gen.decoder
+            decoder.reset()
+            for x in latents[:start]:
+                decoder.decode_block(x)
+            steady = iter(latents[start:])
+            out["vae"] = self._profiled(lambda: decoder.decode_block(next(steady)), blocks, start)
+            decoder.reset()
+        return out
+
+    def _profiled(self, step, blocks: int, first_block: int) -> dict:
+        """``step()`` ``blocks`` times under ``torch.profiler``: time by kind of kernel (op), per block."""
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
-        start = min(steady_start(self.cfg), plan.total_blocks - 1)
-        blocks = min(blocks, plan.total_blocks - start)
         cuda = self.device.type == "cuda"
-        rollout = iter(self.blocks(plan, contexts))
-        for _ in range(start):
-            next(rollout)
         synchronize(self.device)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             t0 = time.perf_counter()
             for _ in range(blocks):
-                next(rollout)
+                step()
             synchronize(self.device)
             wall = time.perf_counter() - t0
-        rollout.close()
         events = prof.events()
         if cuda:
             entries = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
         else:
             entries = [(e.name, e.self_cpu_time_total) for e in events
                        if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
-        return dict(time_by_kind(entries, blocks), blocks=blocks, first_block=start,
+        return dict(time_by_kind(entries, blocks), blocks=blocks, first_block=first_block,
                     wall_ms_per_block=1e3 * wall / blocks, timed="kernels (device time)" if cuda
                     else "ATen ops (own CPU time)")
 
@@ -942,7 +958,8 @@ def run_variant(spec: dict, seconds_list: list[float], opts: dict) -> dict:
                 out["runs"].append(measure(bench, seconds, opts, workdir))
             if opts["profile_blocks"]:
                 plan = bench.gen.plan(bench_prompt(seconds_list[0]))
-                out["profile"] = bench.profile_pass(plan, bench.gen.encode_texts(plan), opts["profile_blocks"])
+                out["profile"] = bench.profile_pass(plan, bench.gen.encode_texts(plan), opts["profile_blocks"],
+                                                    vae=not opts["skip_pipeline"])
         finally:
             if not opts["keep_videos"]:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -1134,11 +1151,11 @@ def markdown(report: dict) -> str:
             if default:
                 lines.append("  (the timing processes, glibc's default allocator: "
                              + ", ".join(f"{b / 2 ** 20:,.0f}" for b in default) + " MiB)")
-    for v in variants:
-        prof = v.get("profile")
+    for v, stage, prof in ((v, stage, prof) for v in variants for stage, prof in (v.get("profile") or {}).items()):
         if prof:
             total = prof["ms_per_block"]
-            lines.append(f"- `{v['variant']}` where a steady block's time goes (torch.profiler, {prof['blocks']} "
+            lines.append(f"- `{v['variant']}` where a steady block's {'DiT' if stage == 'dit' else 'VAE decode'} "
+                         f"time goes (torch.profiler, {prof['blocks']} "
                          f"blocks from block {prof['first_block']}; {prof['timed']}): {total:,.1f} ms in "
                          f"{prof['calls_per_block']:,.0f} calls per block, host wall "
                          f"{prof['wall_ms_per_block']:,.1f} ms (profiler on): "

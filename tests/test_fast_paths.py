@@ -781,6 +781,10 @@ KERNELS = {
     "at::native::GeluType)::{lambda()#2}>": "elementwise",
     "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>":
         "reduction",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, at::native::NormTwoOps<"
+    "c10::BFloat16, float, float>, unsigned int, c10::BFloat16, 4>>": "norm",
+    "void at::native::(anonymous namespace)::upsample_nearest2d_out_frame<c10::BFloat16, "
+    "&at::native::nearest_neighbor_exact_compute_source_index>": "copy, cast, cat",
     "Memcpy DtoD (Device -> Device)": "memcpy, memset",
     "Memset (Device)": "memcpy, memset",
     "void cudnn::ops::nchwToNhwcKernel<float, float, float, true, false>": "other",
@@ -788,6 +792,7 @@ KERNELS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::addmm": "GEMM",
     "aten::slow_conv3d_forward": "convolution", "aten::copy_": "copy, cast, cat", "aten::addcmul": "elementwise",
     "aten::native_layer_norm": "norm", "aten::view": "views, allocation", "aten::empty_strided": "views, allocation",
+    "aten::linalg_vector_norm": "norm", "aten::_upsample_nearest_exact2d": "copy, cast, cat",
 }
 
 
@@ -802,21 +807,26 @@ def test_profile_kinds_of_kernels():
 
 
 def test_benchmark_profiles_steady_blocks(tmp_path):
-    """``--profile_blocks``: torch.profiler over steady DiT blocks; on a CPU each ATen op's own time,
-    by kind: the matmuls and attention are there, and the kinds add up to the total."""
+    """``--profile_blocks``: torch.profiler over steady DiT blocks, then over the VAE decode of the
+    same blocks; on a CPU each ATen op's own time, by kind: the DiT's matmuls and attention, the
+    decoder's convolutions, and the kinds add up to the total."""
     bench = benchmark_module()
     out = short_run(bench, "fast", tmp_path, profile_blocks=2)
-    prof = out["profile"]
-    assert prof["blocks"] == 2
-    assert prof["first_block"] == bench.steady_start(load_config(REPO / "configs" / "tiny.yaml"))
-    kinds = prof["by_kind_ms_per_block"]
-    assert kinds["GEMM"] > 0 and kinds["attention"] > 0 and kinds["elementwise"] > 0
-    assert math.isclose(sum(kinds.values()), prof["ms_per_block"], rel_tol=1e-9)
-    assert 0 < prof["ms_per_block"] <= prof["wall_ms_per_block"] and prof["calls_per_block"] > 100
-    assert kinds.get("other", 0) < 0.05 * prof["ms_per_block"], kinds  # the kinds cover what the model runs
+    assert set(out["profile"]) == {"dit", "vae"}
+    for stage, prof in out["profile"].items():
+        assert prof["blocks"] == 2
+        assert prof["first_block"] == bench.steady_start(load_config(REPO / "configs" / "tiny.yaml"))
+        kinds = prof["by_kind_ms_per_block"]
+        assert math.isclose(sum(kinds.values()), prof["ms_per_block"], rel_tol=1e-9)
+        assert 0 < prof["ms_per_block"] <= prof["wall_ms_per_block"] and prof["calls_per_block"] > 100
+        assert kinds.get("other", 0) < 0.05 * prof["ms_per_block"], kinds  # the kinds cover what runs
+    dit, vae = out["profile"]["dit"]["by_kind_ms_per_block"], out["profile"]["vae"]["by_kind_ms_per_block"]
+    assert dit["GEMM"] > 0 and dit["attention"] > 0 and dit["elementwise"] > 0
+    assert max(vae, key=vae.get) == "convolution" and "GEMM" not in vae, vae  # its mid-block attention aside
     table = bench.markdown({"config_path": "configs/tiny.yaml", "command": "python scripts/benchmark.py ...",
                             "video": "96x64", "variants": [out]})
-    assert "`fast` where a steady block's time goes" in table and "GEMM" in table
+    assert "`fast` where a steady block's DiT time goes" in table
+    assert "`fast` where a steady block's VAE decode time goes" in table
 
 
 def test_flop_formula_matches_flop_counter(tiny):
