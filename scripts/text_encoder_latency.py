@@ -20,8 +20,9 @@ after a warm-up:
 and how far apart the two embeddings are (max absolute difference over the largest magnitude).
 Random weights are drawn once, on the first device, with T5's initialisation, and moved to the
 others (bf16 umt5-xxl: ~9 GB with a small vocabulary, which only changes an embedding lookup);
-speed does not depend on their values. In float32 the two embeddings agree to ~1e-6; in bf16 they differ by bf16 rounding
-(different matrix shapes round differently), as much as bf16 differs from float32 itself.
+speed does not depend on their values. In float32 the two embeddings agree to ~1e-6; in bf16
+they differ by bf16 rounding (different matrix shapes round differently), as much as bf16
+differs from float32 itself.
 """
 from __future__ import annotations
 
