@@ -1159,7 +1159,8 @@ def markdown(report: dict) -> str:
                          f"blocks from block {prof['first_block']}; {prof['timed']}): {total:,.1f} ms in "
                          f"{prof['calls_per_block']:,.0f} calls per block, host wall "
                          f"{prof['wall_ms_per_block']:,.1f} ms (profiler on): "
-                         + ", ".join(f"{k} {100 * ms / total:.0f} %" for k, ms in prof["by_kind_ms_per_block"].items()))
+                         + ", ".join(f"{k} {100 * ms / (total or 1):.0f} %"  # 0: no kernel seen
+                                     for k, ms in prof["by_kind_ms_per_block"].items()))
             lines.append("  top: " + "; ".join(f"{t['name'][:70]} {t['ms_per_block']:.2f} ms "
                                                f"×{t['calls_per_block']:.0f}" for t in prof["top"][:5]))
     lines.append("")
