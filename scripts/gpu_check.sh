@@ -104,7 +104,7 @@ if [ "$PART" = main ]; then
     # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA; -m "not slow"
     # leaves out the CPU-only inductor compiles (CI runs them), which would eat this step's time
     set +e
-    timeout 130 $PY -m pytest -q -rs -m "not slow" -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+    timeout 120 $PY -m pytest -q -rs -m "not slow" -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
         tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
     tests_rc=${PIPESTATUS[0]}
@@ -119,7 +119,7 @@ if [ "$PART" = main ]; then
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
     echo "==> peak memory of the eager pipeline, counted per tensor next to the allocator's own (6 blocks)"
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
-    timeout 30 $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
+    timeout 40 $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
     LONG=compile+cuda_graphs; [ "$MODE" = cpu ] && LONG=compile
     echo "==> benchmark at ${SECONDS_[1]} s: $LONG (steady speed and flat memory over a longer video)"
     timeout 110 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants "$LONG" \

@@ -19,7 +19,8 @@ largest tensors alive at that moment. Seconds on a CPU, so it can run in CI: a c
 adds a full-size temporary shows up here before it reaches a GPU. With ``--device cuda`` the
 models get random weights on the GPU and run for real under the same count, and the report
 adds ``torch.cuda.max_memory_allocated`` of the same blocks: the difference is what the count
-cannot see.
+cannot see. It also records CUDA's allocator history over those blocks and lists what is alive
+at the allocator's own peak, by the line of this repository that asked for it.
 """
 from __future__ import annotations
 
@@ -123,6 +124,47 @@ class LiveBytes(TorchDispatchMode):
         return sum(seen.values())
 
 
+def allocator_peak(trace: list[dict], top: int = 8) -> dict:
+    """The peak of one device's CUDA allocator history (``torch.cuda.memory._snapshot()
+    ["device_traces"][i]``: ``alloc`` / ``free_completed`` events with their size, address and
+    Python frames) above what was allocated when the history started, and what was alive at it,
+    summed by the innermost frame in this repository (the line that asked for the memory; the
+    library frame under it when there is one). Frees of older allocations are ignored."""
+    def name(frame: dict) -> str:
+        path = Path(frame["filename"])
+        path = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+        return f"{path}:{frame['line']} {frame['name']}"
+
+    def site(frames: list[dict]) -> str:  # innermost first
+        if not frames:
+            return "?"
+        ours = next((f for f in frames if Path(f["filename"]).is_relative_to(REPO)), None)
+        if ours is None or ours is frames[0]:
+            return name(ours or frames[0])
+        return f"{name(ours)} → {name(frames[0])}"
+
+    def replay(stop: int | None = None):
+        live, now, best, best_at = {}, 0, 0, -1
+        for i, e in enumerate(trace[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+                now += e["size"]
+            elif e["action"] == "free_completed" and e["addr"] in live:
+                now -= live.pop(e["addr"])["size"]
+            if now > best:
+                best, best_at = now, i
+        return live, best, best_at
+
+    _, peak, at = replay()
+    alive, _, _ = replay(at + 1)
+    sites: dict[str, int] = {}
+    for e in alive.values():
+        key = site(e.get("frames", []))
+        sites[key] = sites.get(key, 0) + e["size"]
+    return {"peak_above_start": peak, "events": len(trace),
+            "alive_at_peak": sorted(((n, k) for k, n in sites.items()), reverse=True)[:top]}
+
+
 def tensors_in(items):
     """The tensors among ``items``, lists, tuples and Nones included (e.g. a cache's buffers)."""
     for item in items:
@@ -130,6 +172,28 @@ def tensors_in(items):
             yield item
         elif isinstance(item, (list, tuple)):
             yield from tensors_in(item)
+
+
+def record_history():
+    """Start CUDA's allocator history (every allocation with its Python stack); the returned
+    call stops it and gives :func:`allocator_peak` of it, or the reason there is none."""
+    try:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: the measurement goes on without it
+        reason = f"{type(exc).__name__}: {exc}"
+        return lambda: {"error": reason}
+
+    base = torch.cuda.memory_allocated()
+
+    def stop() -> dict:
+        try:
+            snapshot = torch.cuda.memory._snapshot()
+            return dict(allocator_peak(snapshot["device_traces"][torch.cuda.current_device()]), base=base)
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+    return stop
 
 
 def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None) -> dict:
@@ -190,12 +254,15 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                    history = record_history()
             live.stage = "DiT"
-    measured = None
+    measured = history_peak = None
     if cuda:
         torch.cuda.synchronize()
         measured = torch.cuda.max_memory_allocated()
-    return {"measured": measured, "device": device or "fake", "resident": resident, "resident_bytes": start,
+        history_peak = history()
+    return {"measured": measured, "history": history_peak, "device": device or "fake", "resident": resident,
+            "resident_bytes": start,
             "peak": live.peak, "peak_at": live.peak_at, "stage_peaks": live.stage_peaks, "at_peak": live.at_peak[:8],
             "cache_bytes": cache.memory_bytes(), "events": events, "latent_shape": latent_shape, "dtype": dtype}
 
@@ -217,6 +284,15 @@ def report(cfg, r: dict, config_path: str) -> str:
     if r["measured"] is not None:
         lines.append(f"torch.cuda.max_memory_allocated of the same blocks: {r['measured'] / MIB:,.0f} MiB "
                      f"({(r['measured'] - r['peak']) / MIB:+,.0f} MiB: workspaces and what else the count misses)")
+    h = r.get("history")
+    if h and "error" in h:
+        lines.append(f"allocator history: none ({h['error']})")
+    elif h:
+        lines.append(f"allocator history of the same blocks ({h['events']:,} events): peak "
+                     f"{(h['base'] + h['peak_above_start']) / MIB:,.0f} MiB ({h['base'] / MIB:,.0f} allocated after "
+                     f"the first block + {h['peak_above_start'] / MIB:,.0f}); allocated since then and alive at that "
+                     f"peak, by the line that asked (ours → the library's): " + "; ".join(
+                         f"{n / MIB:,.1f} MiB {where}" for n, where in h["alive_at_peak"]))
     return "\n".join(lines)
 
 

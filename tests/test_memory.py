@@ -58,6 +58,33 @@ def test_live_bytes_counts_each_storage_once_rounded_like_the_allocator():
     assert pm.allocator_bytes(1) == 512 and pm.allocator_bytes(512) == 512 and pm.allocator_bytes(513) == 1024
 
 
+def test_allocator_history_peak_and_who_holds_it():
+    """The GPU diagnostic of ``--device cuda``: CUDA's allocator history (events as
+    ``torch.cuda.memory._snapshot()["device_traces"]`` lists them, innermost frame first) replayed
+    to its peak, what is alive there summed by the line of this repository that asked."""
+    def frame(path, line, name):
+        return {"filename": str(path), "line": line, "name": name}
+
+    wan = frame(REPO / "model" / "wan.py", 120, "forward")
+    vae = frame(REPO / "model" / "vae.py", 250, "decode_block")
+    conv = frame("/site-packages/diffusers/autoencoder_kl_wan.py", 60, "forward")
+
+    def alloc(addr, size, *frames):
+        return {"action": "alloc", "addr": addr, "size": size, "stream": 0, "frames": list(frames)}
+
+    def free(addr, action="free_completed"):
+        return {"action": action, "addr": addr, "size": 0, "stream": 0, "frames": []}
+
+    trace = [free(99),                                # an allocation from before the history: ignored
+             alloc(1, 100, wan), alloc(2, 300, conv, vae), free(1, "free_requested"), free(1),
+             alloc(3, 150, conv, vae), alloc(4, 20, conv),  # the peak: 300 + 150 + 20 (above 100 + 300)
+             free(2), alloc(5, 200, wan), {"action": "segment_alloc", "addr": 0, "size": 10 ** 9, "frames": []}]
+    got = pm.allocator_peak(trace)
+    assert got["peak_above_start"] == 470 and got["events"] == len(trace)
+    assert got["alive_at_peak"] == [(450, "model/vae.py:250 decode_block → autoencoder_kl_wan.py:60 forward"),
+                                    (20, "autoencoder_kl_wan.py:60 forward")]
+
+
 def test_fake_tensors_count_what_real_tensors_do():
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     fake = pm.estimate(cfg, 6)
