@@ -85,6 +85,32 @@ def test_allocator_history_peak_and_who_holds_it():
                                     (20, "autoencoder_kl_wan.py:60 forward")]
 
 
+def test_allocator_history_glue_and_report(monkeypatch):
+    """``record_history`` → its stop call → the report's line, with CUDA's calls stubbed (this CPU
+    has none); and a history that cannot be recorded is one line of the report, not a crash."""
+    calls = []
+    trace = [{"action": "alloc", "addr": 1, "size": 3 * 2 ** 20, "frames": []}]
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: {"device_traces": [trace]})
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 5 * 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    history = pm.record_history()()
+    assert history == {"peak_above_start": 3 * 2 ** 20, "events": 1, "alive_at_peak": [(3 * 2 ** 20, "?")],
+                       "base": 5 * 2 ** 20}
+    assert calls[-1] == ((), {"enabled": None})  # recording stopped
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    r = {"latent_shape": (16, 8, 12), "events": ["start", "flush", "cut", None], "dtype": torch.float32,
+         "device": "cuda", "resident_bytes": 2 ** 20, "resident": {}, "stage_peaks": {}, "peak": 2 ** 21,
+         "peak_at": "x", "at_peak": [], "measured": 9 * 2 ** 20, "history": history}
+    assert "peak 8 MiB (5 allocated after the first block + 3)" in pm.report(cfg, r, "tiny.yaml")
+
+    def refuse(*a, **k):
+        raise RuntimeError("no history here")
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", refuse)
+    r["history"] = pm.record_history()()
+    assert "allocator history: none (RuntimeError: no history here)" in pm.report(cfg, r, "tiny.yaml")
+
+
 def test_fake_tensors_count_what_real_tensors_do():
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     fake = pm.estimate(cfg, 6)
