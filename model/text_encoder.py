@@ -3,9 +3,10 @@
 Wan2.1 (and diffusers' ``WanPipeline``) tokenize to a fixed ``text_len`` (512), run the
 umt5-xxl encoder with the attention mask, and then set every embedding past the prompt's true
 token count to exactly 0. The DiT's cross-attention attends all ``text_len`` positions with no
-mask, so those zeros matter: they become ``text_embedding``'s bias after projection. Here the
-encoder runs on the prompt's tokens only and the zeros are padded on after: the same embeddings
-to float rounding, without 512 positions of work for a 20-token prompt.
+mask, so those zeros matter: they become ``text_embedding``'s bias after projection. On the
+CPU the encoder runs on the prompt's tokens only and the zeros are padded on after: the same
+embeddings to float rounding, without 512 positions of work for a 20-token prompt
+(:meth:`TextEncoder.encoded_positions`).
 
 Two ways to build one:
 
@@ -119,7 +120,7 @@ class TextEncoder(torch.nn.Module):
             raise ConfigError(f"model.text_len must be >= 1, not {text_len}")
         self.encoder = encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "right"  # as Wan: the prompt first, padding after (forward trims it)
+        self.tokenizer.padding_side = "right"  # as Wan: the prompt first, padding after (which may be trimmed)
         self.text_len = int(text_len)
 
     @property
@@ -148,16 +149,28 @@ class TextEncoder(torch.nn.Module):
         the encoder reads only the first ``text_len``."""
         return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True).input_ids)
 
+    def encoded_positions(self, mask: torch.Tensor, trim: bool | None = None) -> int:
+        """How many positions go through the encoder. Wan encodes all ``text_len`` with the mask;
+        a masked key adds exactly nothing to attention (its score is the dtype's minimum, exp()
+        of it 0) and the padded outputs are zeroed, so the prompt's own tokens alone give the same
+        embeddings to float rounding, at n/text_len of the cost (a 20-token prompt: 4 % of 512).
+        On the CPU (``offload_text_encoder``) that is the difference between ~16 s and ~1.4 s per
+        prompt for umt5-xxl, what a live action waits for (docs/PERFORMANCE.md §14), so only the
+        longest prompt's tokens are encoded there. On a GPU the padded encode takes milliseconds,
+        so it stays as Wan runs it, bit for bit. ``trim`` overrides the rule (the benchmark times
+        both ways)."""
+        return int(mask.sum(1).max()) if (self.trims if trim is None else trim) else self.text_len
+
+    @property
+    def trims(self) -> bool:
+        """Whether :meth:`forward` leaves the padding out here: on the CPU (see
+        :meth:`encoded_positions`)."""
+        return self.device.type == "cpu"
+
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> torch.Tensor:
+    def forward(self, prompts: list[str], trim: bool | None = None) -> torch.Tensor:
         ids, mask = self.tokenize(prompts)
-        # Only the tokens go through the encoder, not the padding. Wan encodes all text_len
-        # positions with the mask; a masked key adds exactly nothing to attention (its score is
-        # the dtype's minimum, exp() of it 0) and the padded outputs are zeroed below, so the
-        # embeddings are the same to float rounding, at n/text_len of the cost (a 20-token prompt:
-        # 4 % of 512). That is what makes an offloaded encoder (on the CPU) fast enough for a
-        # live action: docs/PERFORMANCE.md §14.
-        n = int(mask.sum(1).max())
+        n = self.encoded_positions(mask, trim)
         ids, mask = ids[:, :n].to(self.device), mask[:, :n].to(self.device)
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         # Exactly zero past each prompt's length (masked_fill, not a multiply: 0 * nan is nan).

@@ -94,6 +94,21 @@ def test_padding_is_not_encoded_yet_embeddings_equal_wans(encoder, monkeypatch):
     assert torch.allclose(encoder([SHORT])[0], ours[0], rtol=0, atol=1e-5 * wan.abs().max())
 
 
+def test_on_a_gpu_the_padding_is_encoded_as_wan_does(encoder, monkeypatch):
+    """Off the CPU the padded encode takes milliseconds, so it stays Wan's, bit for bit; either
+    way can be asked for (the latency script times both)."""
+    _, mask = encoder.tokenize([SHORT, LONG])
+    assert encoder.trims and encoder.encoded_positions(mask) == int(mask.sum(1).max()) < 512
+    assert encoder.encoded_positions(mask, trim=False) == 512
+    ids, _ = encoder.tokenize([SHORT, LONG])
+    with torch.no_grad():
+        wan = encoder.encoder(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+    assert torch.equal(encoder([SHORT, LONG], trim=False), wan)
+    monkeypatch.setattr(TextEncoder, "device", property(lambda self: torch.device("cuda")))
+    assert not encoder.trims and encoder.encoded_positions(mask) == 512
+    assert encoder.encoded_positions(mask, trim=True) < 512
+
+
 def test_truncation_and_cleaning(spm_file):
     torch.manual_seed(0)
     enc = TextEncoder.from_config(TINY, spm_file, text_len=6)
@@ -220,6 +235,7 @@ def test_latency_script_times_both_encodes_of_one_embedding(tmp_path):
     tokens = [int(r[1]) for r in rows]
     assert len(rows) == 3 and tokens[0] < tokens[1] and tokens[-1] == text_len
     assert all(float(r[5]) < 1e-5 for r in rows) and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(r[6].strip() == "prompt only" for r in rows)  # what the pipeline runs on the CPU
     for args in (["--devices", "gpu"], ["--devices", "cpu", "nokey=1"], ["--config_path", "nope.yaml"]):
         bad = subprocess.run([sys.executable, str(repo / "scripts" / "text_encoder_latency.py"), *args],
                              capture_output=True, text=True, cwd=repo, timeout=120)
