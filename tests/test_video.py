@@ -246,6 +246,14 @@ def test_whole_fragments_of_a_file_cut_anywhere(tmp_path):
         if frames:
             cut.write_bytes(data[:good])
             assert probe_video(cut)["frames"] == frames
+    # an MP4 that is not fragmented (no mvex in its moov: an ffmpeg that ignored the flags) cannot
+    # be counted this way: whole, frames unknown, so closing it is not taken for a failure
+    plain = tmp_path / "plain.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-c", "copy", str(plain)],
+                   check=True)
+    assert _whole_fragments(plain) == (plain.stat().st_size, None)
+    cut.write_bytes(data[:[offset for kind, offset, _ in fragments_of(path) if kind == b"moov"][0]])  # ftyp alone
+    assert _whole_fragments(cut) == (cut.stat().st_size, 0)  # nothing plays: not taken for whole
 
 
 FINAL_FLUSH = textwrap.dedent("""

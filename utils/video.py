@@ -366,7 +366,7 @@ class VideoWriter:
                 # ffmpeg wrote its last fragment (at close: a disk that fills at the very end)
                 # would go unnoticed: the file must hold every frame that was sent, whole.
                 good, frames = _whole_fragments(self.partial_path)
-                if good < self.partial_path.stat().st_size or frames != self.frames_written:
+                if good < self.partial_path.stat().st_size or frames not in (None, self.frames_written):
                     raise self._salvage(OSError(f"the file holds {frames} whole frames of the "
                                                 f"{self.frames_written} sent")) from None
                 os.replace(self.partial_path, self.path)
@@ -426,13 +426,17 @@ def _boxes(f, start: int, stop: int):
         end += length
 
 
-def _whole_fragments(path: Path) -> tuple[int, int]:
+def _whole_fragments(path: Path) -> tuple[int, int | None]:
     """The bytes of a fragmented MP4 up to its last complete fragment (a ``moof`` box and the
     ``mdat`` after it), and the frames those fragments hold (the sample counts of their ``trun``
-    boxes). Reads the box headers only."""
+    boxes; None if the ``moov`` does not announce fragments: an ffmpeg that ignored the
+    fragmenting flags). Reads the box headers only."""
     good = frames = pending = 0
+    fragmented = True  # until a moov says otherwise (a file without one holds no playable frame)
     with open(path, "rb") as f:
         for kind, offset, length in _boxes(f, 0, path.stat().st_size):
+            if kind == b"moov":
+                fragmented = any(b[0] == b"mvex" for b in _boxes(f, offset + 8, offset + length))
             if kind == b"moof":
                 pending = 0
                 for traf in (b for b in _boxes(f, offset + 8, offset + length) if b[0] == b"traf"):
@@ -442,7 +446,7 @@ def _whole_fragments(path: Path) -> tuple[int, int]:
                 continue
             good = offset + length  # a fragment is whole once its mdat is; ftyp/moov are whole alone
             frames, pending = frames + pending, 0
-    return good, frames
+    return good, frames if fragmented else None
 
 
 def _trim_to_whole_fragments(path: Path) -> None:
