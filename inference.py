@@ -160,10 +160,13 @@ def live(args, cfg, rank: int, world: int) -> int:
 
     import asyncio
 
-    from pipeline.generate import VideoGenerator, build_models
+    from pipeline.generate import VideoGenerator, build_models, needs_warm_up
 
     checkpoint = args.checkpoint_path or cfg.checkpoint_path
     gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
+    if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
+        log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")
+        log.info("live: warmed up in %.1f s", gen.warm_up())
     if use_stdin:
         from pipeline.live_terminal import run_terminal
         from utils.video import sigterm_as_interrupt

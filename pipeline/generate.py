@@ -8,6 +8,7 @@ block of frames, whatever the length of the video.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -103,9 +104,42 @@ def compile_cache_dir() -> Path:
     return Path(path)
 
 
-def check_cuda_switches(cfg, device: torch.device) -> None:
-    for key in ("cuda_graphs", "decode_stream"):
-        if cfg[key] and device.type != "cuda":
+# Speed switches that take ``auto``: on where the device can run them, off elsewhere.
+AUTO_SWITCHES = ("compile", "cuda_graphs", "decode_stream")
+
+
+def compile_unsupported(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot generate kernels for ``device``, or None. On a GPU inductor
+    writes Triton kernels, so it needs Triton and a GPU that Triton supports (compute capability
+    7.0 or newer); on a CPU it writes C++ and only needs a compiler, which a failed compile names."""
+    if device.type != "cuda":
+        return None
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (torch's Linux CUDA wheels bring it: pip install triton)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; "
+                f"Triton needs 7.0 or newer")
+    return None
+
+
+def resolve_switches(cfg, device: torch.device) -> None:
+    """Turn each ``auto`` speed switch into true or false for ``device``, in place (so everything
+    downstream, the run's sidecar included, sees what ran), and refuse an explicit ``true`` the
+    device cannot run: ``compile`` needs Triton on a GPU, ``cuda_graphs`` and ``decode_stream``
+    a GPU. Idempotent. ``auto`` turns ``compile`` on for a GPU only: on a CPU the first blocks
+    would spend minutes compiling C++ for a gain that the GPU numbers are about."""
+    why_not_compile = compile_unsupported(device)
+    for key in AUTO_SWITCHES:
+        value = cfg[key]
+        possible = why_not_compile is None if key == "compile" else device.type == "cuda"
+        if value == "auto":
+            cfg[key] = device.type == "cuda" and possible
+            if device.type == "cuda" and not possible:
+                log.info("%s=auto: off, %s", key, why_not_compile)
+        elif value and not possible:
+            if key == "compile":
+                raise ConfigError(f"compile=true cannot run on {device}: {why_not_compile}; set compile=false")
             raise ConfigError(f"{key}=true needs device: cuda (this run is on {device.type}); set {key}=false")
 
 
@@ -113,7 +147,7 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
                  device: torch.device | None = None) -> Models:
     """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
     device = device or resolve_device(cfg.device)
-    check_cuda_switches(cfg, device)  # before any weights load
+    resolve_switches(cfg, device)  # before any weights load
     dtype = DTYPES[cfg.dtype]
     text_dtype = DTYPES[cfg.text_encoder_dtype]
     text_device = torch.device("cpu") if cfg.offload_text_encoder else device
@@ -142,8 +176,11 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
     vae = vae.to(device=device, dtype=dtype).eval()
+    log.info("on %s: compile=%s, cuda_graphs=%s, decode_stream=%s, compile_vae=%s", device,
+             *(str(bool(cfg[k])).lower() for k in (*AUTO_SWITCHES, "compile_vae")))
     if cfg.compile or cfg.compile_vae:
-        log.info("torch.compile: compiled kernels are cached in %s (TORCHINDUCTOR_CACHE_DIR)", compile_cache_dir())
+        log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
+                 "TORCHINDUCTOR_CACHE_DIR, for later runs)", compile_cache_dir())
     if cfg.compile:
         for block in dit.blocks:
             block.compile()
@@ -182,6 +219,20 @@ def output_name(folder: Path, index: int, prompt: str, seed: int) -> Path:
     return path
 
 
+def needs_warm_up(cfg, device: torch.device) -> bool:
+    """Whether a live session should warm up first (:meth:`VideoGenerator.warm_up`): on a GPU
+    (kernel plans, and the compile and captures of the defaults) or when anything compiles."""
+    return device.type == "cuda" or bool(cfg.compile or cfg.cuda_graphs or cfg.compile_vae)
+
+
+class _DiscardFrames:
+    """A writer for the warm-up: finishes each block's frames (the uint8 conversion and the copy
+    to the host, as a real writer's thread would) and keeps nothing."""
+
+    def write(self, frames: PendingFrames) -> None:
+        frames.numpy()
+
+
 class VideoGenerator:
     def __init__(self, cfg, models: Models):
         self.cfg, self.m = cfg, models
@@ -196,7 +247,7 @@ class VideoGenerator:
         self.cache = self.settings.new_cache(models.dit, 1, self.latent_shape[1:])
         self.decoder = models.vae.streaming_decoder()
         # decode_stream: each block decoded on a stream of its own, while the DiT generates the next
-        check_cuda_switches(cfg, models.device)
+        resolve_switches(cfg, models.device)
         self.decode_stream = torch.cuda.Stream(models.device) if cfg.decode_stream else None
         self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height))
         self.lock = threading.Lock()  # held by a live session: one rollout at a time on this cache
@@ -256,6 +307,27 @@ class VideoGenerator:
             # the decoder's causal cache (1.8 GiB at full size) is this video's: freed when it ends,
             # however it ends, not held until the next render (an idle live server, a DiT-only run)
             self.decoder.reset()
+
+    def warm_up(self) -> float:
+        """Run every kind of block this rollout has through the whole path (rollout, decode,
+        frames), each at least twice, so that what a process does once (``torch.compile``'s
+        compiling, a CUDA graph's capture, cuBLAS's and cuDNN's plans, the decoder's first frames)
+        happens now instead of in a user's first blocks; a live session's first action then
+        takes the steady time. The layouts: the first block, the blocks until the window is full
+        and a steady one, after a KV Flush and after a RoPE Cut, and the first block's clean pass
+        of a second video. Nothing is written, and every render starts from a reset cache and
+        decoder anyway, so the videos after it are the ones without it. Returns its seconds."""
+        start = time.perf_counter()
+        context = self.encode_text("warm-up")
+        first = ["start"] + [None] * (self.settings.first_steady_block + 1)
+        events = ["flush", None, "flush", None, "cut", None, "cut", None]
+        for video in (first + events, ["start"]):
+            for _ in self.render((BlockSpec(e, context) for e in video), _DiscardFrames(), seed=0,
+                                 subtitles=[None]):
+                pass
+        if self.m.device.type == "cuda":
+            torch.cuda.synchronize(self.m.device)
+        return time.perf_counter() - start
 
     def _decode(self, latents: torch.Tensor, **pending) -> PendingFrames:
         """Decode a latent block and queue its frames' uint8 conversion and copy to the host.

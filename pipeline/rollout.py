@@ -12,6 +12,7 @@ self-rollout (``pipeline/self_forcing.py``): training and inference share one co
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -45,6 +46,12 @@ class RolloutSettings:
                    cut_offset=int(cfg.rope_cut_offset), denoising_steps=tuple(int(s) for s in cfg.denoising_step_list),
                    warp=bool(cfg.warp_denoising_step), shift=float(cfg.timestep_shift),
                    num_train_timestep=int(cfg.num_train_timestep), context_noise=float(cfg.context_noise))
+
+    @property
+    def first_steady_block(self) -> int:
+        """Index of the first block that attends to a full window (sink + context + itself): from
+        there on every block sees the same cache layout, until an event changes it."""
+        return max(1, math.ceil((self.local_attn_size - self.block_frames) / self.block_frames))
 
     def scheduler(self) -> FlowMatchScheduler:
         return FlowMatchScheduler(self.shift, self.num_train_timestep)

@@ -73,13 +73,15 @@ log = logging.getLogger("benchmark")
 # Named variants: config overrides and runtime switches. Combine with "+", e.g.
 # naive_rope+rope_f64 (the reference's re-rotation of the whole window in float64 at every forward).
 VARIANTS = {
-    "fast": {},
+    "fast": {},  # the defaults, as `bash inference.sh` runs them (compile=auto: compiled on a GPU, eager on a CPU)
+    "eager": {"overrides": ["compile=false", "cuda_graphs=false"]},  # the DiT without compile or CUDA graphs
     # the "before" of each fast path (runtime switches that restore the plain code path):
     "naive_rope": {"naive_rope": True},       # re-rotate every cached key at every forward (the oracle)
     "rope_f64": {"legacy": ["rope_f64"]},     # rotate in float64 (the reference implementation)
     "real_rope": {"legacy": ["real_rope"]},   # real-valued rotation formula instead of one complex multiply
     "text_kv_per_forward": {"legacy": ["text_kv_per_forward"]},  # text keys/values projected at every forward
     "sync_write": {"sync_write": True},       # frames piped to ffmpeg on the critical path (no writer thread)
+    # later parts override earlier ones: eager+cuda_graphs is CUDA graphs of eager blocks
     "compile": {"overrides": ["compile=true"]},
     "cuda_graphs": {"overrides": ["cuda_graphs=true"]},  # cached forwards replayed as CUDA graphs (GPU only)
     "fp32": {"overrides": ["dtype=float32"]},
@@ -772,8 +774,9 @@ class Bench:
 
 def steady_start(cfg) -> int:
     """Index of the first block that attends to a full window (sink + context + block)."""
-    fpb, window = int(cfg.num_frame_per_block), int(cfg.local_attn_size)
-    return max(1, math.ceil((window - fpb) / fpb))
+    from pipeline.rollout import RolloutSettings
+
+    return RolloutSettings.from_config(cfg).first_steady_block
 
 
 def steady_blocks(plan, cfg) -> tuple[range, int]:
@@ -1111,6 +1114,11 @@ def markdown(report: dict) -> str:
             lines.append(f"  VAE decode {fl['vae_per_block_steady'] / 1e12:.4g} TFLOP per steady block "
                          f"(torch.utils.flop_counter, meta device) → DiT + VAE floor {1e3 * both:.4g} ms/block = "
                          f"{frames / both:,.1f} video fps ceiling at the measured rate")
+    def switched_on(v):  # the speed switches as run (compile=auto resolved for the device)
+        on = [k for k in ("compile", "cuda_graphs", "compile_vae", "decode_stream") if v["config"].get(k) is True]
+        return f"`{v['variant']}` " + (", ".join(on) or "none")
+
+    lines.append("- speed switches on: " + "; ".join(map(switched_on, variants)))
     ops = {v["variant"]: ", ".join(v["sdpa_ops"]) or "—" for v in variants}
     if len(set(ops.values())) == 1:
         lines.append(f"- SDPA kernel: {next(iter(ops.values()))}")

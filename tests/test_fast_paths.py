@@ -509,6 +509,46 @@ def test_cuda_graph_dry_run_catches_a_clean_pass_run_twice(tiny, monkeypatch):
     assert all(same[:3]) and not any(same[3:]), same
 
 
+def test_warm_up_leaves_nothing_once_per_process_for_the_first_video(tiny, tmp_path):
+    """``VideoGenerator.warm_up`` (a live server's, before its first action): afterwards the first
+    real video, with flushes and cuts, captures nothing and runs no forward eagerly (CUDA graphs'
+    dry run, which counts them; without the warm-up the same video does both), leaves no trace in
+    the output (every block equal to a generator that never warmed up), and holds no decoder
+    cache."""
+    from pipeline.generate import VideoGenerator, needs_warm_up
+    from utils.video import VideoWriter
+
+    cfg = tiny[0]
+
+    def first_video(warm: bool):
+        models = build_models(cfg)
+        models.dit.use_cuda_graphs(capture=False)
+        gen = VideoGenerator(cfg, models)
+        if warm:
+            assert gen.warm_up() > 0
+            assert models.dit.cuda_graphs.stats["failed"] == 0
+            assert not any(isinstance(t, torch.Tensor) for t in gen.decoder._cache)
+        models.dit.cuda_graphs.stats.clear()
+        plan = gen.plan(PROMPT)
+        with VideoWriter(tmp_path / f"{warm}.mp4", fps=float(cfg.fps), width=int(cfg.width),
+                         height=int(cfg.height)) as writer:
+            latents = [b.latents for b in gen.render(plan_blocks(plan.block_events, plan.block_segment,
+                                                                 gen.encode_texts(plan)), writer, seed=3,
+                                                     subtitles=[None] * len(plan.segments))]
+        return latents, dict(models.dit.cuda_graphs.stats)
+
+    cold, cold_stats = first_video(False)
+    warm, warm_stats = first_video(True)
+    assert cold_stats["eager"] > 0 and cold_stats["captured"] > 0
+    assert warm_stats == {"replayed": warm_stats["replayed"]} and warm_stats["replayed"] > 0
+    assert len(warm) == len(cold) and all(torch.equal(a, b) for a, b in zip(warm, cold))
+
+    assert not needs_warm_up(cfg, torch.device("cpu"))  # tiny: eager on a CPU, nothing to warm
+    assert needs_warm_up(cfg, torch.device("cuda"))
+    assert all(needs_warm_up(load_config(REPO / "configs" / "tiny.yaml", [f"{k}=true"]), torch.device("cpu"))
+               for k in ("compile", "compile_vae"))
+
+
 def test_cuda_graphs_dropped_when_the_weights_or_the_cache_change(tiny):
     cfg = tiny[0]
     models = build_models(cfg)
@@ -576,6 +616,68 @@ def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
         build_models(cfg)
     with pytest.raises(ConfigError, match=f"{key}=true needs device: cuda"):
         VideoGenerator(cfg, tiny[1])  # models built on the CPU elsewhere
+
+
+def test_auto_switches_resolve_per_device(monkeypatch, caplog):
+    """``auto`` (compile's default): on a GPU that can run it, off elsewhere; resolved in place,
+    once; an explicit ``true`` the device cannot run is a one-line config error. CUDA is simulated:
+    Triton present or not, a GPU new or old enough for it."""
+    import importlib.util
+
+    from pipeline import generate
+    from utils.errors import ConfigError
+
+    cfg = load_config(REPO / "configs" / "infinity_rope.yaml", ["cuda_graphs=auto", "decode_stream=auto"])
+    assert load_config(REPO / "configs" / "infinity_rope.yaml").compile == "auto"  # the default
+
+    def resolved(overrides, device):
+        c = cfg.copy()
+        for item in overrides:
+            key, value = item.split("=")
+            c[key] = {"true": True, "false": False}.get(value, value)
+        generate.resolve_switches(c, torch.device(device))
+        return {k: c[k] for k in generate.AUTO_SWITCHES}
+
+    everything_off = dict.fromkeys(generate.AUTO_SWITCHES, False)
+    assert resolved([], "cpu") == everything_off
+    assert resolved(["compile=true"], "cpu") == {**everything_off, "compile": True}  # inductor's C++ backend
+
+    find_spec = importlib.util.find_spec
+    triton = {"present": True}
+
+    def find_triton(name, *args):
+        if name == "triton":
+            return object() if triton["present"] else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_triton)
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
+    assert resolved([], "cuda") == dict.fromkeys(generate.AUTO_SWITCHES, True)
+    assert resolved(["compile=false", "decode_stream=false"], "cuda") == {**everything_off, "cuda_graphs": True}
+
+    triton["present"] = False
+    with caplog.at_level("INFO", logger="pipeline.generate"):
+        assert resolved([], "cuda") == {**dict.fromkeys(generate.AUTO_SWITCHES, True), "compile": False}
+    assert any("compile=auto: off" in r.getMessage() and "Triton is not installed" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ConfigError, match="compile=true cannot run on cuda: Triton is not installed.*compile=false"):
+        resolved(["compile=true"], "cuda")
+
+    triton["present"], capability["value"] = True, (6, 1)
+    assert resolved([], "cuda")["compile"] is False
+    with pytest.raises(ConfigError, match="Old GPU has compute capability 6.1; Triton needs 7.0"):
+        resolved(["compile=true"], "cuda")
+
+    capability["value"] = (9, 0)
+    c = cfg.copy()
+    generate.resolve_switches(c, torch.device("cuda"))
+    generate.resolve_switches(c, torch.device("cuda"))  # a second call (VideoGenerator's) changes nothing
+    assert [c[k] for k in generate.AUTO_SWITCHES] == [True] * 3
+    for bad in ("compile=maybe", "decode_stream=2"):
+        with pytest.raises(ConfigError, match=f"{bad.split('=')[0]} must be true, false or auto"):
+            load_config(REPO / "configs" / "tiny.yaml", [bad])
 
 
 def in_line_and_decode_stream_videos(overrides: list[str], tmp_path):
@@ -659,7 +761,14 @@ def test_decode_stream_path_on_a_cpu_with_the_stream_calls_stubbed(tmp_path, mon
         def wait_stream(self, other):
             waits.append(other)
 
-    monkeypatch.setattr(generate, "check_cuda_switches", lambda cfg, device: None)
+    resolve = generate.resolve_switches
+
+    def resolve_as_if_the_cpu_had_streams(cfg, device):
+        wanted, cfg.decode_stream = cfg.decode_stream, False
+        resolve(cfg, device)
+        cfg.decode_stream = wanted
+
+    monkeypatch.setattr(generate, "resolve_switches", resolve_as_if_the_cpu_had_streams)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "main")
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
@@ -677,7 +786,8 @@ def test_cuda_decode_stream_renders_the_same_video(tmp_path):
     byte for byte, as the decode in line."""
     import numpy as np
 
-    in_line, overlapped = in_line_and_decode_stream_videos(["device=cuda", "dtype=bfloat16"], tmp_path)
+    in_line, overlapped = in_line_and_decode_stream_videos(["device=cuda", "dtype=bfloat16", "compile=false"],
+                                                           tmp_path)
     assert len(overlapped) == len(in_line) > 4
     for (lat_a, frames_a), (lat_b, frames_b) in zip(in_line, overlapped):
         assert torch.equal(lat_a, lat_b) and np.array_equal(frames_a, frames_b)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from pipeline.generate import VideoGenerator, build_models
@@ -150,3 +151,26 @@ def test_image_start_shows_the_image_first(tmp_path):
     assert rec["complete"] and rec["image"].endswith("start.png")
     assert probe_video(tmp_path / "i2v.mp4")["frames"] == rec["plan"]["total_frames"] == 16
     assert rec["plan"]["total_blocks"] == 2   # 1 image frame + 12 per block covers 16 frames
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["eager-cpu", "compiled-or-gpu"])
+def test_live_warms_up_before_the_first_action_when_something_compiles(tmp_path, monkeypatch, caplog, warm):
+    """``inference.py --live`` warms the generator up (compile, graph capture, kernel plans) before
+    it takes actions, where there is something to warm (``needs_warm_up``: a GPU, or a compile);
+    tiny on a CPU, all eager, starts at once."""
+    import importlib
+
+    import pipeline.generate as generate
+    import pipeline.live_terminal as live_terminal
+
+    monkeypatch.syspath_prepend(str(REPO))
+    inference = importlib.import_module("inference")
+    order = []
+    monkeypatch.setattr(generate, "needs_warm_up", lambda cfg, device: warm)
+    monkeypatch.setattr(generate.VideoGenerator, "warm_up", lambda self: order.append("warm-up") or 0.5)
+    monkeypatch.setattr(live_terminal, "run_terminal", lambda gen, stream, **kw: order.append("session"))
+    with caplog.at_level("INFO", logger="inference"):
+        assert inference.main(["--live", "--stdin", *TINY, "--output_folder", str(tmp_path)]) == 0
+    assert order == (["warm-up", "session"] if warm else ["session"])
+    assert any("warmed up in 0.5 s" in r.getMessage() for r in caplog.records) == warm
+

@@ -114,6 +114,9 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.text_encoder_dtype in ("bfloat16", "float16", "float32"),
          f"text_encoder_dtype must be bfloat16, float16 or float32, not '{cfg.text_encoder_dtype}'")
     need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
+    for key in ("compile", "cuda_graphs", "decode_stream"):
+        need(cfg[key] in (True, False, "auto"), f"{key} must be true, false or auto, not {cfg[key]!r}")
+    need(isinstance(cfg.compile_vae, bool), f"compile_vae must be true or false, not {cfg.compile_vae!r}")
     need(cfg.live.ahead_blocks >= 1, f"live.ahead_blocks ({cfg.live.ahead_blocks}) must be >= 1")
     need(0 <= cfg.live.port <= 65535, f"live.port ({cfg.live.port}) must be between 0 and 65535")
     need(1 <= cfg.live.jpeg_quality <= 95, f"live.jpeg_quality ({cfg.live.jpeg_quality}) must be between 1 and 95")
