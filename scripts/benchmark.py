@@ -105,6 +105,11 @@ VARIANTS = {
 NOMINAL_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0,
                        "L40S": 362.0, "RTX 4090": 165.0}
 
+# The real-time issue's targets on one H100/H200 in bf16 (docs/PERFORMANCE.md §0): (label, what
+# a run holds, ≥ or ≤, bound); checked for runs on a GPU
+REALTIME_TARGETS = (("DiT", "dit_video_fps", "≥", 60.0, "fps"), ("first block", "first_block_s", "≤", 0.25, "s"),
+                    ("pipeline", "pipeline_video_fps", "≥", 30.0, "fps"), ("peak", "peak_gib", "≤", 8.0, "GiB"))
+
 TEXTS = ("a red fox trots through a snowy forest", "the fox pounces into deep snow",
          "a quiet harbour at sunrise", "fishing boats rock gently on the water")
 
@@ -1062,6 +1067,20 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+def realtime_check(run: dict) -> str:
+    """``DiT 52.1 fps (≥ 60: no), first block 0.21 s (≤ 0.25: yes), …`` for one run."""
+    values = dict(run, peak_gib=run["memory"]["peak_bytes"] / 2 ** 30 if run.get("memory") else None)
+    parts = []
+    for label, key, sense, bound, unit in REALTIME_TARGETS:
+        value = values.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            parts.append(f"{label} not measured")
+            continue
+        met = value >= bound if sense == "≥" else value <= bound
+        parts.append(f"{label} {_fmt(value)} {unit} ({sense} {bound:g}: {'yes' if met else 'NO'})")
+    return ", ".join(parts)
+
+
 def markdown(report: dict) -> str:
     variants = report["variants"]
     first = variants[0]
@@ -1089,6 +1108,9 @@ def markdown(report: dict) -> str:
                 f"{100 * r['floor_fraction']:.3g}",
                 f"{100 * r['dit_vae_floor_fraction']:.3g}" if r.get("dit_vae_floor_fraction") else "—"]) + " |")
     lines.append("")
+    if cuda:
+        lines += [f"- `{v['variant']}` {r['seconds']:g} s against the real-time targets: {realtime_check(r)}"
+                  for v in variants for r in v["runs"]]
     groups: dict = {}
     for v in variants:  # one floor line per distinct (FLOPs, matmul rate)
         groups.setdefault((v["flops"]["per_block_steady"], v["matmul"]["flops_per_s"]), []).append(v)

@@ -867,6 +867,29 @@ def test_benchmark_times_the_render_path(tmp_path):
     assert bench.parse_variant("decode_stream")["render"]
 
 
+def test_benchmark_checks_gpu_runs_against_the_realtime_targets():
+    """A GPU run's table says, per run, which of the issue's targets it meets (DiT ≥ 60 fps, first
+    block ≤ 0.25 s, pipeline ≥ 30 fps, peak ≤ 8 GiB); a CPU run's does not."""
+    bench = benchmark_module()
+    run = {"seconds": 10.0, "blocks": 14, "first_block_s": 0.21, "dit_blocks_per_s": 4.3, "dit_video_fps": 52.1,
+           "dit_video_fps_best": 53.0, "pipeline_video_fps": float("nan"), "split_ms_per_block": None,
+           "memory": {"peak_bytes": int(7.5 * 2 ** 30)}, "floor_fraction": 0.6}
+    assert bench.realtime_check(run) == ("DiT 52.1 fps (≥ 60: NO), first block 0.21 s (≤ 0.25: yes), "
+                                         "pipeline not measured, peak 7.5 GiB (≤ 8: yes)")
+    assert "peak not measured" in bench.realtime_check(dict(run, memory=None))
+    variant = {"variant": "fast", "dtype": "bfloat16", "dit_parameters": 1, "runs": [run], "sdpa_ops": [],
+               "flops": {"per_block_steady": 1e12, "per_forward_first_counted": None,
+                         "per_forward_first_formula": 1e11}, "geometry": {"forwards_per_block": 5, "q_tokens": 1,
+                                                                          "kv_tokens_steady": 1},
+               "matmul": {"flops_per_s": 1e15, "dtype": "bfloat16", "n": 8192}, "nominal_peak": None,
+               "config": {"num_frame_per_block": 3, "compile": True}, "build_s": 1.0}
+    for device, expected in (("cuda", 1), ("cpu", 0)):
+        variant["device"] = {"type": device, "name": "X", "torch": "2", "threads": 1}
+        table = bench.markdown({"config_path": "c.yaml", "command": "…", "video": "v", "variants": [variant]})
+        assert table.count("`fast` 10 s against the real-time targets: DiT 52.1 fps (≥ 60: NO)") == expected
+        assert "speed switches on: `fast` compile" in table
+
+
 # Kernel names as torch.profiler reports them on Hopper GPUs (torch 2.x, cuBLAS, cuDNN, inductor)
 KERNELS = {
     "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
