@@ -174,3 +174,25 @@ def test_live_warms_up_before_the_first_action_when_something_compiles(tmp_path,
     assert order == (["warm-up", "session"] if warm else ["session"])
     assert any("warmed up in 0.5 s" in r.getMessage() for r in caplog.records) == warm
 
+
+def test_generator_keeps_recent_text_embeddings(monkeypatch):
+    """A text encoded again (a live action sent a second time) comes from the kept embeddings,
+    equal bit for bit and without running the encoder; the least recently used text goes first
+    once more than ``TEXTS_KEPT`` are kept."""
+    cfg = load_config("configs/tiny.yaml")
+    gen = VideoGenerator(cfg, build_models(cfg))
+    encoded = []
+    encode = gen.m.text_encoder.forward
+    monkeypatch.setattr(gen.m.text_encoder, "forward", lambda texts, **kw: encoded.append(texts[0]) or
+                        encode(texts, **kw))
+    monkeypatch.setattr(VideoGenerator, "TEXTS_KEPT", 2)
+    walk = gen.encode_text("the fox walks")
+    assert torch.equal(gen.encode_text("the fox walks"), walk) and encoded == ["the fox walks"]
+    gen.encode_text("the fox runs")
+    gen.encode_text("the fox walks")  # used again: now the most recent
+    gen.encode_text("a harbour")      # a third text: "the fox runs" goes
+    gen.encode_text("the fox walks")
+    assert encoded == ["the fox walks", "the fox runs", "a harbour"]
+    gen.encode_text("the fox runs")
+    assert encoded[-1] == "the fox runs" and len(encoded) == 4
+    assert torch.equal(gen.encode_text("the fox walks"), walk)

@@ -157,7 +157,10 @@ def test_one_session_per_generator(gen, tmp_path):
     list(blocks)
 
 
-def test_memory_is_flat_over_a_long_session(gen, tmp_path):
+def test_memory_is_flat_over_a_long_session(gen, tmp_path, monkeypatch):
+    # the generator keeps the embeddings of its last TEXTS_KEPT texts (64: 256 MiB of host memory at
+    # full size, then flat); 2 here, so that it is full before the first mark
+    monkeypatch.setattr(gen, "TEXTS_KEPT", 2)
     session = LiveSession(gen, "a long walk", seed=0, output_folder=tmp_path)
     marks = {}
 
@@ -172,6 +175,7 @@ def test_memory_is_flat_over_a_long_session(gen, tmp_path):
         each(block)
     assert len(session.segments) == 9
     assert marks[75] <= marks[12] * 1.01, marks
+    assert len(gen._kept) == 2
     assert sum(a.context is not None for a in session.segments) == 0  # all freed at the end
 
 
