@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import sysconfig
 import threading
 import time
 from collections import OrderedDict
@@ -111,8 +113,10 @@ AUTO_SWITCHES = ("compile", "cuda_graphs", "decode_stream")
 
 def compile_unsupported(device: torch.device) -> str | None:
     """Why ``torch.compile`` cannot generate kernels for ``device``, or None. On a GPU inductor
-    writes Triton kernels, so it needs Triton and a GPU that Triton supports (compute capability
-    7.0 or newer); on a CPU it writes C++ and only needs a compiler, which a failed compile names."""
+    writes Triton kernels, so it needs Triton, a GPU that Triton supports (compute capability 7.0
+    or newer), and what Triton builds its kernel launcher with: a C compiler (``$CC``, gcc or
+    clang) and Python's headers. On a CPU it writes C++, and a failed compile names what is
+    missing."""
     if device.type != "cuda":
         return None
     if importlib.util.find_spec("triton") is None:
@@ -121,6 +125,12 @@ def compile_unsupported(device: torch.device) -> str | None:
     if major < 7:
         return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; "
                 f"Triton needs 7.0 or newer")
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler found, which Triton builds its kernel launcher with (install gcc, or set CC)"
+    headers = sysconfig.get_paths()["include"]
+    if not os.path.isfile(os.path.join(headers, "Python.h")):
+        return (f"Python's headers are missing ({headers}/Python.h), which Triton builds its kernel launcher "
+                f"with (install python{sysconfig.get_python_version()}-dev or your distribution's equivalent)")
     return None
 
 

@@ -618,11 +618,14 @@ def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
         VideoGenerator(cfg, tiny[1])  # models built on the CPU elsewhere
 
 
-def test_auto_switches_resolve_per_device(monkeypatch, caplog):
+def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     """``auto`` (compile's default): on a GPU that can run it, off elsewhere; resolved in place,
     once; an explicit ``true`` the device cannot run is a one-line config error. CUDA is simulated:
-    Triton present or not, a GPU new or old enough for it."""
+    Triton present or not, a GPU new or old enough for it, a C compiler and Python's headers
+    (Triton's launcher build) there or not."""
     import importlib.util
+    import shutil
+    import sysconfig
 
     from pipeline import generate
     from utils.errors import ConfigError
@@ -654,6 +657,12 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog):
     capability = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
+    compilers = {"gcc": "/usr/bin/gcc"}
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **kw: compilers.get(name))
+    monkeypatch.delenv("CC", raising=False)
+    (tmp_path / "Python.h").touch()
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **kw: dict(paths, include=str(tmp_path)))
     assert resolved([], "cuda") == dict.fromkeys(generate.AUTO_SWITCHES, True)
     assert resolved(["compile=false", "decode_stream=false"], "cuda") == {**everything_off, "cuda_graphs": True}
 
@@ -671,6 +680,17 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog):
         resolved(["compile=true"], "cuda")
 
     capability["value"] = (9, 0)
+    compilers.clear()
+    assert resolved([], "cuda")["compile"] is False
+    with pytest.raises(ConfigError, match="no C compiler found, which Triton builds its kernel launcher with"):
+        resolved(["compile=true"], "cuda")
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert resolved([], "cuda")["compile"] is True
+    (tmp_path / "Python.h").unlink()
+    with pytest.raises(ConfigError, match=r"Python's headers are missing \(.*Python.h\).*-dev"):
+        resolved(["compile=true"], "cuda")
+    (tmp_path / "Python.h").touch()
+
     c = cfg.copy()
     generate.resolve_switches(c, torch.device("cuda"))
     generate.resolve_switches(c, torch.device("cuda"))  # a second call (VideoGenerator's) changes nothing
