@@ -139,7 +139,7 @@ def resolve_switches(cfg, device: torch.device) -> None:
     downstream, the run's sidecar included, sees what ran), and refuse an explicit ``true`` the
     device cannot run: ``compile`` needs Triton on a GPU, ``cuda_graphs`` and ``decode_stream``
     a GPU. Idempotent. ``auto`` turns ``compile`` on for a GPU only: on a CPU the first blocks
-    would spend minutes compiling C++ for a gain that the GPU numbers are about."""
+    would spend seconds to minutes compiling C++ for a gain that the GPU numbers are about."""
     why_not_compile = compile_unsupported(device)
     for key in AUTO_SWITCHES:
         value = cfg[key]
@@ -336,22 +336,26 @@ class VideoGenerator:
             # however it ends, not held until the next render (an idle live server, a DiT-only run)
             self.decoder.reset()
 
-    def warm_up(self) -> float:
+    def warm_up(self, image: str | Path | None = None) -> float:
         """Run every kind of block this rollout has through the whole path (rollout, decode,
         frames), each at least twice, so that what a process does once (``torch.compile``'s
         compiling, a CUDA graph's capture, cuBLAS's and cuDNN's plans, the decoder's first frames)
         happens now instead of in a user's first blocks; a live session's first action then
         takes the steady time. The layouts: the first block, the blocks until the window is full
-        and a steady one, after a KV Flush and after a RoPE Cut, and the first block's clean pass
-        of a second video. Nothing is written, and every render starts from a reset cache and
-        decoder anyway, so the videos after it are the ones without it. Returns its seconds."""
+        and a steady one, after a KV Flush and after a RoPE Cut, the first block's clean pass of a
+        second video, and with ``image`` (the sessions' start picture) the picture's frame
+        committed alone and the first block attending to it. Nothing is written, and every render
+        starts from a reset cache and decoder anyway, so the videos after it are the ones without
+        it. Returns its seconds."""
         start = time.perf_counter()
         context = self.encode_text("warm-up")
         first = ["start"] + [None] * (self.settings.first_steady_block + 1)
-        events = ["flush", None, "flush", None, "cut", None, "cut", None]
-        for video in (first + events, ["start"]):
-            for _ in self.render((BlockSpec(e, context) for e in video), _DiscardFrames(), seed=0,
-                                 subtitles=[None]):
+        videos = [(first + ["flush", None, "flush", None, "cut", None, "cut", None], None), (["start"], None)]
+        if image is not None:
+            videos += [(["start"], self.image_latent(image))] * 2
+        for events, image_latent in videos:
+            for _ in self.render((BlockSpec(e, context) for e in events), _DiscardFrames(), seed=0,
+                                 subtitles=[None], image_latent=image_latent):
                 pass
         if self.m.device.type == "cuda":
             torch.cuda.synchronize(self.m.device)

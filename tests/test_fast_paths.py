@@ -514,27 +514,33 @@ def test_warm_up_leaves_nothing_once_per_process_for_the_first_video(tiny, tmp_p
     real video, with flushes and cuts, captures nothing and runs no forward eagerly (CUDA graphs'
     dry run, which counts them; without the warm-up the same video does both), leaves no trace in
     the output (every block equal to a generator that never warmed up), and holds no decoder
-    cache."""
+    cache. With the sessions' start picture, the same for a video that starts from it (a warm-up
+    without the picture leaves that video's own layouts to it)."""
+    import numpy as np
+    from PIL import Image
+
     from pipeline.generate import VideoGenerator, needs_warm_up
     from utils.video import VideoWriter
 
     cfg = tiny[0]
+    picture = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (cfg.height, cfg.width, 3), dtype=np.uint8)).save(picture)
 
-    def first_video(warm: bool):
+    def first_video(warm: bool, image=None, warm_image=None, prompt=PROMPT):
         models = build_models(cfg)
         models.dit.use_cuda_graphs(capture=False)
         gen = VideoGenerator(cfg, models)
         if warm:
-            assert gen.warm_up() > 0
+            assert gen.warm_up(image=warm_image) > 0
             assert models.dit.cuda_graphs.stats["failed"] == 0
             assert not any(isinstance(t, torch.Tensor) for t in gen.decoder._cache)
         models.dit.cuda_graphs.stats.clear()
-        plan = gen.plan(PROMPT)
-        with VideoWriter(tmp_path / f"{warm}.mp4", fps=float(cfg.fps), width=int(cfg.width),
+        plan = gen.plan(prompt, image_start=image is not None)
+        with VideoWriter(tmp_path / "v.mp4", fps=float(cfg.fps), width=int(cfg.width),
                          height=int(cfg.height)) as writer:
-            latents = [b.latents for b in gen.render(plan_blocks(plan.block_events, plan.block_segment,
-                                                                 gen.encode_texts(plan)), writer, seed=3,
-                                                     subtitles=[None] * len(plan.segments))]
+            latents = [b.latents for b in gen.render(
+                plan_blocks(plan.block_events, plan.block_segment, gen.encode_texts(plan)), writer, seed=3,
+                subtitles=[None] * len(plan.segments), image_latent=image and gen.image_latent(image))]
         return latents, dict(models.dit.cuda_graphs.stats)
 
     cold, cold_stats = first_video(False)
@@ -542,6 +548,12 @@ def test_warm_up_leaves_nothing_once_per_process_for_the_first_video(tiny, tmp_p
     assert cold_stats["eager"] > 0 and cold_stats["captured"] > 0
     assert warm_stats == {"replayed": warm_stats["replayed"]} and warm_stats["replayed"] > 0
     assert len(warm) == len(cold) and all(torch.equal(a, b) for a, b in zip(warm, cold))
+
+    short = "a door opens[1s] | it closes[1s#]"
+    _, stats = first_video(True, image=picture, warm_image=picture, prompt=short)
+    assert stats == {"replayed": stats["replayed"]} and stats["replayed"] > 0
+    _, stats = first_video(True, image=picture, prompt=short)
+    assert stats["eager"] > 0
 
     assert not needs_warm_up(cfg, torch.device("cpu"))  # tiny: eager on a CPU, nothing to warm
     assert needs_warm_up(cfg, torch.device("cuda"))

@@ -165,13 +165,14 @@ def test_live_warms_up_before_the_first_action_when_something_compiles(tmp_path,
 
     monkeypatch.syspath_prepend(str(REPO))
     inference = importlib.import_module("inference")
+    picture = str(REPO / "docs" / "live.png")
     order = []
     monkeypatch.setattr(generate, "needs_warm_up", lambda cfg, device: warm)
-    monkeypatch.setattr(generate.VideoGenerator, "warm_up", lambda self: order.append("warm-up") or 0.5)
+    monkeypatch.setattr(generate.VideoGenerator, "warm_up", lambda self, image: order.append(("warm-up", image)) or 0.5)
     monkeypatch.setattr(live_terminal, "run_terminal", lambda gen, stream, **kw: order.append("session"))
     with caplog.at_level("INFO", logger="inference"):
-        assert inference.main(["--live", "--stdin", *TINY, "--output_folder", str(tmp_path)]) == 0
-    assert order == (["warm-up", "session"] if warm else ["session"])
+        assert inference.main(["--live", "--stdin", *TINY, "--output_folder", str(tmp_path), "--image", picture]) == 0
+    assert order == ([("warm-up", picture), "session"] if warm else ["session"])  # the sessions' picture too
     assert any("warmed up in 0.5 s" in r.getMessage() for r in caplog.records) == warm
 
 
