@@ -73,7 +73,8 @@ log = logging.getLogger("benchmark")
 # Named variants: config overrides and runtime switches. Combine with "+", e.g.
 # naive_rope+rope_f64 (the reference's re-rotation of the whole window in float64 at every forward).
 VARIANTS = {
-    "fast": {},  # the defaults, as `bash inference.sh` runs them (compile=auto: compiled on a GPU, eager on a CPU)
+    "default": {},  # the defaults, as `bash inference.sh` runs them (compile=auto: compiled on a GPU, eager on a CPU)
+    "fast": {},     # the same (its older name: every fast path on, against the "before" variants below)
     "eager": {"overrides": ["compile=false", "cuda_graphs=false"]},  # the DiT without compile or CUDA graphs
     # the "before" of each fast path (runtime switches that restore the plain code path):
     "naive_rope": {"naive_rope": True},       # re-rotate every cached key at every forward (the oracle)

@@ -71,12 +71,12 @@ EOF
 
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
-    ROWS=(eager fast compile); STREAMS=()  # CUDA graphs and streams need a GPU; on a CPU the default is eager
+    ROWS=(eager default compile); STREAMS=()  # CUDA graphs and streams need a GPU; on a CPU the default is eager
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
-    ROWS=(eager fast fast+cuda_graphs eager+cuda_graphs); STREAMS=(decode_stream)
+    ROWS=(eager default default+cuda_graphs eager+cuda_graphs); STREAMS=(decode_stream)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
@@ -86,7 +86,7 @@ if [ "$PART" = levers ]; then  # the levers not yet on by default, against the d
     # variant's process would otherwise trace the compiled DiT again
     echo "==> levers (DiT eager): cuDNN autotuning, the channels-last VAE; the writer on the critical path;"
     echo "    the compiled VAE; the decode on its own stream alongside the next block's DiT"
-    timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" compile=false --variants fast \
+    timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" compile=false --variants default \
         cudnn_benchmark vae_channels_last cudnn_benchmark+vae_channels_last sync_write compile_vae "${STREAMS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     echo "==> one prompt's encoding by umt5-xxl (random weights), on the GPU and offloaded to the CPU"
@@ -114,7 +114,7 @@ if [ "$PART" = main ]; then
     set -e
 
     # the baseline and the default first: if the step runs out of time, it is the candidates' rows
-    # that are lost (fast = the defaults: compile=auto compiles on a GPU)
+    # that are lost (default: compile=auto compiles on a GPU)
     echo "==> benchmark at ${SECONDS_[0]} s: ${ROWS[*]};"
     echo "    each profiled over 2 steady blocks (device time by kind of kernel)"
     timeout 210 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
@@ -124,7 +124,7 @@ if [ "$PART" = main ]; then
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
     timeout 40 $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
     echo "==> benchmark at ${SECONDS_[1]} s: the default (steady speed and flat memory over a longer video)"
-    timeout 110 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants fast \
+    timeout 110 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants default \
         --out "$OUT" --tag "rows_long_$MODE" 2>&1 | tee "$OUT/benchmark_long.log" | grep -v "it/s\]$" || true
 
     {

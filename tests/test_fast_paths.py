@@ -509,6 +509,7 @@ def test_cuda_graph_dry_run_catches_a_clean_pass_run_twice(tiny, monkeypatch):
     assert all(same[:3]) and not any(same[3:]), same
 
 
+@pytest.mark.slow  # ~15 s on 2 cores: CI runs it, the GPU check's test step leaves it out
 def test_warm_up_leaves_nothing_once_per_process_for_the_first_video(tiny, tmp_path):
     """``VideoGenerator.warm_up`` (a live server's, before its first action): afterwards the first
     real video, with flushes and cuts, captures nothing and runs no forward eagerly (CUDA graphs'
