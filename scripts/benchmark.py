@@ -1069,7 +1069,7 @@ def _count(n: int) -> str:
 
 
 def realtime_check(run: dict) -> str:
-    """``DiT 52.1 fps (≥ 60: no), first block 0.21 s (≤ 0.25: yes), …`` for one run."""
+    """``DiT 52.1 fps (≥ 60: NO), first block 0.21 s (≤ 0.25: yes), …`` for one run."""
     values = dict(run, peak_gib=run["memory"]["peak_bytes"] / 2 ** 30 if run.get("memory") else None)
     parts = []
     for label, key, sense, bound, unit in REALTIME_TARGETS:
@@ -1137,6 +1137,7 @@ def markdown(report: dict) -> str:
             lines.append(f"  VAE decode {fl['vae_per_block_steady'] / 1e12:.4g} TFLOP per steady block "
                          f"(torch.utils.flop_counter, meta device) → DiT + VAE floor {1e3 * both:.4g} ms/block = "
                          f"{frames / both:,.1f} video fps ceiling at the measured rate")
+
     def switched_on(v):  # the speed switches as run (compile=auto resolved for the device)
         on = [k for k in ("compile", "cuda_graphs", "compile_vae", "decode_stream") if v["config"].get(k) is True]
         return f"`{v['variant']}` " + (", ".join(on) or "none")
