@@ -166,7 +166,11 @@ def live(args, cfg, rank: int, world: int) -> int:
     gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
     if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
         log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")
-        log.info("live: warmed up in %.1f s", gen.warm_up(image=args.image))
+        try:
+            log.info("live: warmed up in %.1f s", gen.warm_up(image=args.image))
+        except KeyboardInterrupt:
+            log.warning("interrupted while warming up; nothing was written")
+            return 130
     if use_stdin:
         from pipeline.live_terminal import run_terminal
         from utils.video import sigterm_as_interrupt

@@ -176,6 +176,25 @@ def test_live_warms_up_before_the_first_action_when_something_compiles(tmp_path,
     assert any("warmed up in 0.5 s" in r.getMessage() for r in caplog.records) == warm
 
 
+def test_live_stopped_while_warming_up_exits_quietly(tmp_path, monkeypatch):
+    """Ctrl-C during the live warm-up (a minute of compiling on a first start) ends the run with
+    130 and one line, no traceback and no session, and nothing written."""
+    import importlib
+
+    import pipeline.generate as generate
+    import pipeline.live_terminal as live_terminal
+
+    def interrupted(self, image):
+        raise KeyboardInterrupt
+
+    monkeypatch.syspath_prepend(str(REPO))
+    inference = importlib.import_module("inference")
+    monkeypatch.setattr(generate, "needs_warm_up", lambda cfg, device: True)
+    monkeypatch.setattr(generate.VideoGenerator, "warm_up", interrupted)
+    monkeypatch.setattr(live_terminal, "run_terminal", lambda *a, **kw: pytest.fail("no session after an interrupt"))
+    assert inference.main(["--live", "--stdin", *TINY, "--output_folder", str(tmp_path)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
 def test_generator_keeps_recent_text_embeddings(monkeypatch):
     """A text encoded again (a live action sent a second time) comes from the kept embeddings,
     equal bit for bit and without running the encoder; the least recently used text goes first
