@@ -187,7 +187,7 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
     vae = vae.to(device=device, dtype=dtype).eval()
-    log.info("on %s: compile=%s, cuda_graphs=%s, decode_stream=%s, compile_vae=%s", device,
+    log.info("speed switches on %s: compile=%s, cuda_graphs=%s, decode_stream=%s, compile_vae=%s", device,
              *(str(bool(cfg[k])).lower() for k in (*AUTO_SWITCHES, "compile_vae")))
     if cfg.compile or cfg.compile_vae:
         log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
