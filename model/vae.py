@@ -71,6 +71,15 @@ def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) 
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def decoder_compiles_whole() -> bool:
+    """Whether Dynamo traces diffusers' Wan decoder as one graph per cache state: from torch 2.13.
+    The decoder compares its cache entries, tensors from the second latent frame on, with the
+    marker string ``"Rep"``; torch 2.11 and 2.12 break the graph at that comparison, and a break
+    inside the decoder's loop over its up blocks makes Dynamo skip the decoder's own frame and
+    compile the frames it calls one by one (``tests/test_vae.py``)."""
+    return torch.__version__ >= "2.13"
+
+
 class WanVAE(torch.nn.Module):
     """``AutoencoderKLWan`` behind the project's shapes and latent normalisation."""
 
@@ -215,10 +224,15 @@ class WanVAE(torch.nn.Module):
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":
         """``torch.compile`` the decoder in place. The streaming decode calls it once per latent
-        frame with the causal cache (a list it reads and refills) and traces without a graph
-        break: one graph for the first frame, one while the cache fills, one for every later
-        frame, then no recompilation. Off by default (``compile_vae``): ``scripts/benchmark.py
-        --variants compile_vae`` measures it."""
+        frame with the causal cache (a list it reads and refills); from torch 2.13 it traces
+        without a graph break: one graph for the first frame, one while the cache fills, one for
+        every later frame, then no recompilation. On an older torch it compiles in pieces, with a
+        warning (:func:`decoder_compiles_whole`). Off by default (``compile_vae``):
+        ``scripts/benchmark.py --variants compile_vae`` measures it."""
+        if not decoder_compiles_whole():
+            log.warning("compile_vae: torch %s compiles the VAE decoder in pieces, each block on its own, "
+                        "recompiling as the cache fills (Dynamo before torch 2.13 cannot trace diffusers' "
+                        "cache marker); torch >= 2.13 compiles it whole", torch.__version__)
         self.vae.decoder.compile(**compile_kwargs)
         return self
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 
-from model.vae import WanVAE
+from model.vae import WanVAE, decoder_compiles_whole
 from utils.errors import ConfigError, WeightsMissingError
 
 log = logging.getLogger(__name__)
@@ -167,10 +167,12 @@ def test_channels_last_decoder_equals_the_default_layout(vae):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae):
-    """``compile_vae``: the decoder traces through its causal cache without a graph break (Dynamo
-    with the quick "eager" backend; inductor is the GPU check's business), three graphs (first
-    frame, cache filling, steady), equal output, and no recompilation after the first blocks."""
+def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae, caplog):
+    """``compile_vae``: from torch 2.13 the decoder traces through its causal cache without a
+    graph break (Dynamo with the quick "eager" backend; inductor is the GPU check's business):
+    three graphs (first frame, cache filling, steady), equal output, and no recompilation after
+    the first blocks. Before 2.13 it compiles in pieces, says so, and still equals eager; the
+    graph break that the warning is about must really be there (torch 2.11, 2.12.1)."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -181,15 +183,21 @@ def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae):
     want = [plain.decode_block(z[:, i:i + 3]) for i in range(0, 12, 3)]
     torch._dynamo.reset()
     counters.clear()
-    compiled = copy.deepcopy(vae).compile_decoder(backend="eager")
+    whole = decoder_compiles_whole()
+    with caplog.at_level(logging.WARNING, logger="model.vae"):
+        compiled = copy.deepcopy(vae).compile_decoder(backend="eager")
+    assert ("compiles the VAE decoder in pieces" in caplog.text) is not whole
     stream = compiled.streaming_decoder()
     got = [stream.decode_block(z[:, i:i + 3]) for i in (0, 3)]
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=whole):
         got += [stream.decode_block(z[:, i:i + 3]) for i in (6, 9)]
         stream.reset()  # a new video: the same graphs
         assert torch.equal(stream.decode_block(z[:, :3]), got[0])
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     torch._dynamo.reset()
-    assert (graphs, breaks) == (3, 0), (graphs, dict(counters["graph_break"]))
+    if whole:
+        assert (graphs, breaks) == (3, 0), (graphs, dict(counters["graph_break"]))
+    else:
+        assert breaks > 0, f"torch {torch.__version__} traced the decoder whole: move decoder_compiles_whole's bound"
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
