@@ -72,12 +72,14 @@ def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) 
 
 
 def decoder_compiles_whole() -> bool:
-    """Whether Dynamo traces diffusers' Wan decoder as one graph per cache state: from torch 2.13.
-    The decoder compares its cache entries, tensors from the second latent frame on, with the
-    marker string ``"Rep"``; torch 2.11 and 2.12 break the graph at that comparison, and a break
-    inside the decoder's loop over its up blocks makes Dynamo skip the decoder's own frame and
-    compile the frames it calls one by one (``tests/test_vae.py``)."""
-    return torch.__version__ >= "2.13"
+    """Whether Dynamo traces diffusers' Wan decoder as one graph per cache state. The decoder
+    compares its cache entries, tensors from the second latent frame on, with the marker string
+    ``"Rep"``; torch 2.8 to 2.12 break the graph at that comparison, and a break inside the
+    decoder's loop over its up blocks makes Dynamo skip the decoder's own frame and compile the
+    frames it calls one by one. Tried on the CPU: whole with 2.6.0, 2.7.1 and 2.13.0; in pieces
+    with 2.8.0, 2.9.1, 2.10.0, 2.11.0 and 2.12.1 (``tests/test_vae.py`` checks the torch it runs on)."""
+    version = torch.__version__  # a TorchVersion: compares as a version, not as a string
+    return not (version >= "2.8" and version < "2.13")
 
 
 class WanVAE(torch.nn.Module):
@@ -224,14 +226,14 @@ class WanVAE(torch.nn.Module):
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":
         """``torch.compile`` the decoder in place. The streaming decode calls it once per latent
-        frame with the causal cache (a list it reads and refills); from torch 2.13 it traces
-        without a graph break: one graph for the first frame, one while the cache fills, one for
-        every later frame, then no recompilation. On an older torch it compiles in pieces, with a
+        frame with the causal cache (a list it reads and refills) and traces without a graph
+        break: one graph for the first frame, one while the cache fills, one for every later
+        frame, then no recompilation. Torch 2.8 to 2.12 compile it in pieces instead, with a
         warning (:func:`decoder_compiles_whole`). Off by default (``compile_vae``):
         ``scripts/benchmark.py --variants compile_vae`` measures it."""
         if not decoder_compiles_whole():
             log.warning("compile_vae: torch %s compiles the VAE decoder in pieces, each block on its own, "
-                        "recompiling as the cache fills (Dynamo before torch 2.13 cannot trace diffusers' "
+                        "recompiling as the cache fills (Dynamo of torch 2.8 to 2.12 cannot trace diffusers' "
                         "cache marker); torch >= 2.13 compiles it whole", torch.__version__)
         self.vae.decoder.compile(**compile_kwargs)
         return self

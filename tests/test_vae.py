@@ -168,11 +168,11 @@ def test_channels_last_decoder_equals_the_default_layout(vae):
 
 
 def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae, caplog):
-    """``compile_vae``: from torch 2.13 the decoder traces through its causal cache without a
-    graph break (Dynamo with the quick "eager" backend; inductor is the GPU check's business):
-    three graphs (first frame, cache filling, steady), equal output, and no recompilation after
-    the first blocks. Before 2.13 it compiles in pieces, says so, and still equals eager; the
-    graph break that the warning is about must really be there (torch 2.11, 2.12.1)."""
+    """``compile_vae``: the decoder traces through its causal cache without a graph break
+    (Dynamo with the quick "eager" backend; inductor is the GPU check's business): three graphs
+    (first frame, cache filling, steady), equal output, and no recompilation after the first
+    blocks. With torch 2.8 to 2.12 it compiles in pieces, says so, and still equals eager; the
+    graph break that the warning is about must really be there, and absent where it is not."""
     import copy
 
     from torch._dynamo.utils import counters
