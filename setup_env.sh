@@ -38,7 +38,7 @@ python -m pip install --quiet --upgrade pip
 
 # torch first, pinned: on this project's CPU machines the pin resolves to the local CPU wheel; on
 # GPU machines PyPI's CUDA build of the same version. Set TORCH_VERSION, or preinstall torch into
-# .venv, to use another build (any torch >= 2.6 works).
+# .venv, to use another build (torch >= 2.8: the tests pass with 2.8.0, 2.9.1, 2.11.0 and 2.13.0).
 if [ -z "${TORCH_VERSION:-}" ] && python -c "import torch" 2>/dev/null; then
     echo "==> keeping the installed torch $(python -c 'import torch; print(torch.__version__)')"
 else
