@@ -195,6 +195,7 @@ def test_live_stopped_while_warming_up_exits_quietly(tmp_path, monkeypatch):
     assert inference.main(["--live", "--stdin", *TINY, "--output_folder", str(tmp_path)]) == 130
     assert list(tmp_path.iterdir()) == []
 
+
 def test_generator_keeps_recent_text_embeddings(monkeypatch):
     """A text encoded again (a live action sent a second time) comes from the kept embeddings,
     equal bit for bit and without running the encoder; the least recently used text goes first
