@@ -4,16 +4,19 @@
     the fox pounces                         next action (KV Flush, same shot)
     # a quiet harbour at sunrise            new scene (RoPE Cut)
     the boats rock ; the harbour            '; subtitle' adds a subtitle (\\; is a literal ';')
-    (empty line or end of input)            stop
+    (empty line or end of input)            stop, once the actions already sent have landed
 
-Generation is paced like the page's: at most ``live.ahead_blocks`` blocks ahead of real-time
-playback, so an action typed now shows about a second of video later. Each event is one log line.
+A file or a pipe that delivers its lines at once (``--live < actions.txt``) therefore gives each
+action one block before the session stops. Generation is paced like the page's: at most
+``live.ahead_blocks`` blocks ahead of real-time playback, so an action typed now shows about a
+second of video later. Each event is one log line.
 """
 from __future__ import annotations
 
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -47,7 +50,8 @@ def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed:
     """Run one live session steered by ``lines`` (stdin); returns it once stopped (None if no
     action was given). Bad lines are reported and skipped; the session goes on."""
     log.info("type the first action and press Enter; then one line per action ('text': next action, "
-             "'# text': new scene, 'text ; subtitle'); an empty line or end of input stops")
+             "'# text': new scene, 'text ; subtitle'); an empty line or end of input stops "
+             "(after the actions already sent)")
     session = None
     for line in iter(lines.readline, ""):
         parsed = parse_line(line)
@@ -83,6 +87,12 @@ def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed:
                 continue
             log.info("queued action %d (%s): %r", action.id, "new scene" if kind == CUT else "next action",
                      action.text)
+        # the actions already queued land first (one block each), as the lines of a file would
+        # otherwise all be dropped by the stop that the end of the file sends at once
+        if session.pending:
+            log.info("end of input: stopping once the %d queued action(s) have landed", len(session.pending))
+        while session.pending and not session.finished:
+            time.sleep(0.02)
         log.info("stopping after the block being generated")
         session.stop()
         clock.wake()

@@ -1,6 +1,7 @@
 """Live action control through the Python API and the terminal (configs/tiny.yaml, CPU): actions
 land on the next block boundary, the transcript replays bit for bit, memory stays flat, pacing
 holds generation to playback, and a piped terminal session is recorded and replayable."""
+import io
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from pipeline.generate import VideoGenerator, build_models
 from pipeline.live import LiveError, LiveSession, PlaybackClock, paced, transcript
-from pipeline.live_terminal import parse_line
+from pipeline.live_terminal import parse_line, run_terminal
 from pipeline.plan import plan_prompt
 from tests.test_rollout import live_tensor_bytes
 from utils.config import load_config
@@ -243,6 +244,19 @@ def test_stop_wakes_a_paused_session(gen, tmp_path):
 ])
 def test_terminal_lines(line, parsed):
     assert parse_line(line) == parsed
+
+
+def test_terminal_input_that_ends_at_once_generates_every_action_first(gen, tmp_path, caplog):
+    """A file of actions (every line there at once, then its end): each action lands, one block
+    each, before the end of input stops the session; none is dropped."""
+    lines = io.StringIO("a fox runs ; run\n# a harbour at dawn ; harbour\nthe boats rock\n")
+    session = run_terminal(gen, lines, ahead_blocks=1000, seed=3, output_folder=tmp_path)
+    assert [(a.kind, a.text, a.block) for a in session.segments] == [
+        ("start", "a fox runs", 0), ("cut", "a harbour at dawn", 1), ("flush", "the boats rock", 2)]
+    assert session.blocks_done == 3 and session.complete
+    assert "was not generated" not in caplog.text
+    record = json.loads(session.path.with_suffix(".json").read_text())
+    assert [a["kind"] for a in record["live"]["actions"]] == ["start", "cut", "flush"]
 
 
 @pytest.mark.slow
