@@ -73,7 +73,8 @@ def test_bad_prompt_exits_2_with_one_line(prompt, fragment):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "sink_sizee=2"], "sink_sizee"),
+    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "sink_sizee=2"], "did you mean 'sink_size'?"),
+    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "model.num_layer=2"], "'model.num_layers'?"),
     (["--prompt", "a[1s]", "--config_path", "configs/nope.yaml"], "configs/nope.yaml"),
     (["--data_path", "does/not/exist.txt", "--config_path", "configs/tiny.yaml"], "does/not/exist.txt"),
     (["--prompt", "a[1s]", "--checkpoint_path", "missing.pt", "device=cpu", "dtype=float32"], "missing.pt"),

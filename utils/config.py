@@ -6,6 +6,7 @@ from, so nothing silently falls back to a default.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Iterable
 
@@ -41,9 +42,11 @@ def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
     for key in cfg.keys():
         dotted = f"{prefix}{key}"
         if key not in reference:
-            known = ", ".join(sorted(str(k) for k in reference.keys()))
-            raise ConfigError(f"unknown config key '{dotted}' in {source}; "
-                              f"known keys here: {known} (documented in configs/default.yaml)")
+            names = sorted(str(k) for k in reference.keys())
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{dotted}' in {source}; {hint}"
+                              f"known keys here: {', '.join(names)} (documented in configs/default.yaml)")
         sub, ref = cfg[key], reference[key]
         # Recurse only where the default is itself a mapping with fixed keys; a default of null
         # admits any mapping (e.g. tiny_vae) whose keys the consumer validates.
