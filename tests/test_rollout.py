@@ -115,3 +115,54 @@ def test_context_noise_renoises_the_cache_write(tiny):
     assert torch.equal(runs["clean"][0], runs["noisy"][0])
     assert not torch.allclose(runs["clean"][1], runs["noisy"][1])
     assert all(torch.equal(a, b) for a, b in zip(runs["noisy"], runs["noisy2"]))
+
+
+@pytest.mark.parametrize("context_noise", [0, 200])
+def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
+    """The rollout yields a block as soon as it is denoised and runs its clean pass when the next
+    block is asked for: the first block comes after its denoising steps alone (one forward
+    sooner), every later one after the previous block's clean pass and its own steps, and the last
+    block of a rollout has no clean pass. The latents (through a flush and a cut, with the clean
+    pass's random re-noising too) are those of the plain order: each block denoised, committed,
+    then handed out."""
+    from pipeline.rollout import apply_event, commit_block, denoise_block
+
+    cfg = load_config("configs/tiny.yaml", [f"context_noise={context_noise}"])
+    models = tiny[1]
+    prompt = "walks[1.5s] | runs[1s] | a new place[1.5s#]"
+    plan = plan_prompt(prompt, cfg, models.vae.temporal_factor)
+    settings = RolloutSettings.from_config(cfg)
+    steps = len(settings.denoising_steps)
+    latent = models.vae.latent_shape(cfg.height, cfg.width)
+    texts = [models.text_encoder([s.text]) for s in plan.segments]
+
+    forwards = []  # True for a clean pass
+    hook = models.dit.register_forward_pre_hook(lambda m, a, kw: forwards.append(bool(kw.get("commit"))),
+                                                with_kwargs=True)
+    try:
+        cache = settings.new_cache(models.dit, 1, latent[1:])
+        gen = torch.Generator().manual_seed(5)
+        got, seen = [], []
+        for _, block in rollout(models.dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
+                                latent_shape=latent, generator=gen):
+            got.append(block)
+            seen.append(list(forwards))
+    finally:
+        hook.remove()
+    blocks = plan.total_blocks
+    assert seen[0] == [False] * steps
+    for i in range(1, blocks):
+        assert seen[i] == seen[i - 1] + [True] + [False] * steps
+    assert forwards == seen[-1] and forwards.count(True) == blocks - 1
+
+    cache = settings.new_cache(models.dit, 1, latent[1:])
+    gen = torch.Generator().manual_seed(5)
+    timesteps, scheduler = settings.timesteps(), settings.scheduler()
+    with torch.no_grad():
+        for i, event in enumerate(plan.block_events):
+            apply_event(cache, event, settings.flush_keep)
+            context = texts[plan.block_segment[i]]
+            noise = torch.randn((1, settings.block_frames, *latent), generator=gen)
+            clean = denoise_block(models.dit, cache, noise, context, timesteps, scheduler, generator=gen)
+            commit_block(models.dit, cache, clean, context, settings.context_noise, gen, scheduler)
+            assert torch.equal(clean, got[i]), i
