@@ -1,11 +1,12 @@
 """The Infinity-RoPE self-rollout: latent blocks, one after another, over one KV cache.
 
-For each block: apply its event to the cache (``flush``: KV Flush; ``cut``: KV Flush
-then RoPE Cut), denoise the block with the few-step list and yield it, then (when the next block
-is asked for) run the clean block once more to write it into the cache. Nothing is kept but the cache (preallocated) and the block in
-hand, so memory does not depend on the length of the video. The blocks' events and prompts are
-read one at a time, as they are needed: a plan (batch inference) and a live session (actions
-steered while the video plays, ``pipeline/live.py``) drive this same loop.
+For each block: apply its event to the cache (``flush``: KV Flush; ``cut``: KV Flush then RoPE
+Cut), denoise the block with the few-step list and yield it, then, when the next block is asked
+for, run the clean block once more to write it into the cache. Nothing is kept but the cache
+(preallocated) and the block in hand, so memory does not depend on the length of the video. The
+blocks' events and prompts are read one at a time, as they are needed: a plan (batch inference)
+and a live session (actions steered while the video plays, ``pipeline/live.py``) drive this
+same loop.
 
 The same two functions, :func:`denoise_block` and :func:`commit_block`, drive the training-time
 self-rollout (``pipeline/self_forcing.py``): training and inference share one code path.
