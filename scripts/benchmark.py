@@ -1221,7 +1221,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default="configs/tiny.yaml")
     p.add_argument("--seconds", type=float, nargs="+", default=[10, 60, 240])
-    p.add_argument("--variants", nargs="+", default=["fast"],
+    p.add_argument("--variants", nargs="+", default=["default"],
                    help=f"named variants ({', '.join(VARIANTS)}), combined with '+'")
     p.add_argument("--repeats", type=int, default=3, help="DiT-only rollouts per length (median)")
     p.add_argument("--pipeline_repeats", type=int, default=1, help="full-pipeline rollouts per length (median)")
