@@ -350,10 +350,9 @@ class VideoGenerator:
         start = time.perf_counter()
         context = self.encode_text("warm-up")
         first = ["start"] + [None] * (self.settings.first_steady_block + 1)
-        # (a block's clean pass runs when the next block is asked for: the second video has two blocks)
-        videos = [(first + ["flush", None, "flush", None, "cut", None, "cut", None], None), (["start", None], None)]
+        videos = [(first + ["flush", None, "flush", None, "cut", None, "cut", None], None), (["start"], None)]
         if image is not None:
-            videos += [(["start", None], self.image_latent(image))] * 2
+            videos += [(["start"], self.image_latent(image))] * 2
         for events, image_latent in videos:
             for _ in self.render((BlockSpec(e, context) for e in events), _DiscardFrames(), seed=0,
                                  subtitles=[None], image_latent=image_latent):

@@ -13,6 +13,7 @@ self-rollout (``pipeline/self_forcing.py``): training and inference share one co
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -151,22 +152,26 @@ def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, blocks: It
     and the first generated block continues from it.
 
     A block is yielded as soon as it is denoised; its clean pass (which writes it into the cache)
-    runs when the next block is asked for, so the block's frames can be decoded one forward
-    sooner (the first frames, and a live action's, come a fifth of a block earlier with four
-    steps), and the last block of a rollout needs none. The DiT's forwards and the random draws
-    are the same, in the same order; the consumer must not change a yielded block in place
-    before it asks for the next."""
+    runs when the next block is asked for, before the next spec is read. So the frames of a block
+    can be decoded one forward sooner after its spec was read: 4 forwards with four steps, not 5
+    (the first block's frames, and a live action's, come a fifth of a block's DiT time earlier).
+    The DiT's forwards and the random draws are the same, in the same order; the consumer must
+    not change a yielded block in place before it asks for the next."""
     model_param = next(model.parameters())
     device, dtype = model_param.device, model_param.dtype
     batch = cache.batch_size
     timesteps = settings.timesteps(device)
     scheduler = settings.scheduler()
     cache.reset()
+    specs = iter(blocks)
     last = None  # (clean block, its prompt) yielded, whose clean pass is still to run
-    for i, spec in enumerate(blocks):
-        if last is not None:
+    for i in itertools.count():
+        if last is not None:  # the consumer asked for another block: the last one goes into the cache
             commit_block(model, cache, *last, settings.context_noise, generator, scheduler)
-        elif i == 0 and image_latent is not None:
+        spec = next(specs, None)  # read now, at the last moment before its denoising steps
+        if spec is None:
+            return
+        if i == 0 and image_latent is not None:
             commit_block(model, cache, image_latent.to(device, dtype), spec.context, settings.context_noise,
                          generator, scheduler)
         apply_event(cache, spec.event, settings.flush_keep)

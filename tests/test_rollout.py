@@ -120,11 +120,11 @@ def test_context_noise_renoises_the_cache_write(tiny):
 @pytest.mark.parametrize("context_noise", [0, 200])
 def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
     """The rollout yields a block as soon as it is denoised and runs its clean pass when the next
-    block is asked for: the first block comes after its denoising steps alone (one forward
-    sooner), every later one after the previous block's clean pass and its own steps, and the last
-    block of a rollout has no clean pass. The latents (through a flush and a cut, with the clean
-    pass's random re-noising too) are those of the plain order: each block denoised, committed,
-    then handed out."""
+    block is asked for, before it reads that block's spec: the first block comes after its
+    denoising steps alone (one forward sooner), and from the moment a block's spec is read (a
+    live action lands) to its latents there are only its own steps. The latents (through a flush
+    and a cut, with the clean pass's random re-noising too) are those of the plain order: each
+    block denoised, committed, then handed out."""
     from pipeline.rollout import apply_event, commit_block, denoise_block
 
     cfg = load_config("configs/tiny.yaml", [f"context_noise={context_noise}"])
@@ -136,24 +136,28 @@ def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
     latent = models.vae.latent_shape(cfg.height, cfg.width)
     texts = [models.text_encoder([s.text]) for s in plan.segments]
 
-    forwards = []  # True for a clean pass
+    forwards = []  # True for a clean pass; "spec" where the rollout read a block's spec
     hook = models.dit.register_forward_pre_hook(lambda m, a, kw: forwards.append(bool(kw.get("commit"))),
                                                 with_kwargs=True)
+
+    def specs():
+        for spec in plan_blocks(plan.block_events, plan.block_segment, texts):
+            forwards.append("spec")
+            yield spec
     try:
         cache = settings.new_cache(models.dit, 1, latent[1:])
         gen = torch.Generator().manual_seed(5)
         got, seen = [], []
-        for _, block in rollout(models.dit, cache, settings, plan_blocks(plan.block_events, plan.block_segment, texts),
-                                latent_shape=latent, generator=gen):
+        for _, block in rollout(models.dit, cache, settings, specs(), latent_shape=latent, generator=gen):
             got.append(block)
             seen.append(list(forwards))
     finally:
         hook.remove()
     blocks = plan.total_blocks
-    assert seen[0] == [False] * steps
+    assert seen[0] == ["spec"] + [False] * steps
     for i in range(1, blocks):
-        assert seen[i] == seen[i - 1] + [True] + [False] * steps
-    assert forwards == seen[-1] and forwards.count(True) == blocks - 1
+        assert seen[i] == seen[i - 1] + [True, "spec"] + [False] * steps
+    assert forwards == seen[-1] + [True]  # asked for more: the last clean pass, then the end of the specs
 
     cache = settings.new_cache(models.dit, 1, latent[1:])
     gen = torch.Generator().manual_seed(5)
