@@ -105,9 +105,11 @@ fi
 if [ "$PART" = main ]; then
     echo "==> tests that need CUDA, and the test fixtures on this machine's library versions" | tee "$OUT/tests.log"
     # -rs lists skips: on the GPU nothing of these may be skipped for want of CUDA; -m "not slow"
-    # leaves out the CPU-only inductor compiles (CI runs them), which would eat this step's time
+    # leaves out the CPU-only inductor compiles (CI runs them), which would eat this step's time, and
+    # -k the CPU tests of the benchmark and the scripts (~50 s on 2 cores): the steps below run them
     set +e
-    timeout 120 $PY -m pytest -q -rs -m "not slow" -p no:cacheprovider tests/test_fast_paths.py tests/test_text_encoder.py \
+    timeout 120 $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
+        tests/test_fast_paths.py tests/test_text_encoder.py \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
         tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
     tests_rc=${PIPESTATUS[0]}
