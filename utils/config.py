@@ -2,11 +2,14 @@
 
 Every key a run may use is documented in ``configs/default.yaml``. A key that is not there (a
 typo, a key from another project) is a :class:`ConfigError` naming the key and the file it came
-from, so nothing silently falls back to a default.
+from, so nothing silently falls back to a default. A value must have its default's kind (an
+integer where the default is one, a finite number where it is a float, a mapping, a list...), so
+a quoted number or a misspelt boolean is an error here, not a traceback later.
 """
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -37,8 +40,52 @@ def _read_yaml(path: Path) -> DictConfig:
     return cfg
 
 
+# Keys whose default is not null but that take null too (documented in default.yaml).
+NULLABLE = {"train.generator_ckpt"}
+# Keys that take true, false or auto (pipeline.generate.AUTO_SWITCHES).
+SWITCHES = {"compile", "cuda_graphs", "decode_stream"}
+# Keys whose default is a whole number but that take any number (fps: 23.976 works).
+FRACTIONAL = {"fps"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _kind_problem(value, default, dotted: str) -> str | None:
+    """What ``value`` must be where ``default`` stands, or None when it has the default's kind."""
+    if dotted in SWITCHES:
+        return None if value in (True, False, "auto") else "true, false or auto"
+    if default is None or (value is None and dotted in NULLABLE):
+        return None  # a null default admits any value; its consumer validates it
+    if isinstance(default, DictConfig):
+        return None if isinstance(value, DictConfig) else "a mapping of keys to values"
+    if isinstance(default, ListConfig):
+        if not isinstance(value, ListConfig):
+            return "a list"
+        if len(default) and _is_number(default[0]) and not all(_is_number(v) for v in value):
+            return "a list of numbers"
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, float) or dotted in FRACTIONAL:
+        return None if _is_number(value) else "a finite number"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string (quote it in YAML)"
+    return None
+
+
+def _shown(value) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return str(OmegaConf.to_container(value))
+    return "null" if value is None else repr(value)
+
+
 def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
-    """Raise ConfigError for the first key of ``cfg`` that ``reference`` does not have."""
+    """Raise ConfigError for the first key of ``cfg`` that ``reference`` does not have, or whose
+    value is not of the reference value's kind (an integer, a number, a mapping...)."""
     for key in cfg.keys():
         dotted = f"{prefix}{key}"
         if key not in reference:
@@ -48,6 +95,11 @@ def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{dotted}' in {source}; {hint}"
                               f"known keys here: {', '.join(names)} (documented in configs/default.yaml)")
         sub, ref = cfg[key], reference[key]
+        problem = _kind_problem(sub, ref, dotted)
+        if problem is not None:
+            default = f"default: {_shown(ref)}; " if isinstance(ref, (int, float, ListConfig)) else ""
+            raise ConfigError(f"config key '{dotted}' in {source} must be {problem}, not {_shown(sub)} "
+                              f"({default}see configs/default.yaml)")
         # Recurse only where the default is itself a mapping with fixed keys; a default of null
         # admits any mapping (e.g. tiny_vae) whose keys the consumer validates.
         if isinstance(sub, DictConfig) and isinstance(ref, DictConfig):
@@ -113,6 +165,8 @@ def validate(cfg: DictConfig) -> None:
     need(all(0 < s <= cfg.num_train_timestep for s in cfg.denoising_step_list),
          f"denoising_step_list values must lie in (0, num_train_timestep={cfg.num_train_timestep}]")
     need(cfg.fps > 0, "fps must be > 0")
+    need(cfg.height > 0 and cfg.width > 0, f"height ({cfg.height}) and width ({cfg.width}) must be > 0")
+    need(-2**63 <= cfg.seed < 2**63, f"seed ({cfg.seed}) must fit in 64 bits (between -2**63 and 2**63 - 1)")
     need(cfg.dtype in ("bfloat16", "float16", "float32"), f"dtype must be bfloat16, float16 or float32, not '{cfg.dtype}'")
     need(cfg.text_encoder_dtype in ("bfloat16", "float16", "float32"),
          f"text_encoder_dtype must be bfloat16, float16 or float32, not '{cfg.text_encoder_dtype}'")
