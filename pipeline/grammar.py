@@ -184,6 +184,11 @@ def parse(prompt: str, default_seconds: float) -> Script:
             and default_seconds > 0):
         raise ConfigError(f"default_segment_seconds must be a positive number of seconds, "
                           f"got {default_seconds!r}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8 (a Latin-1 terminal or file)
+        raise _fail("the prompt is not valid UTF-8 text (a byte of another encoding, such as Latin-1?); "
+                    "write it in UTF-8", exc.start, None) from None
     chars = _lex(prompt)
     semicolons = [c.pos for c in chars if _is(c, ";")]
     if len(semicolons) > 1:

@@ -22,7 +22,7 @@ Rules.
 - Shorter than a block: every segment gets at least one block. When the prompt has more
   segments than the fewest covering blocks (say ``a[0.1s] | b[0.1s]``), each segment still gets
   one block and ``total_frames`` grows to every frame of those blocks, so no segment has an
-  empty frame range (and each is reported as differing from its request).
+  empty frame range; the longer video is reported.
 """
 from __future__ import annotations
 
@@ -190,8 +190,13 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
     lead = lead_frames
     covering = blocks_for_frames(total_frames, fpb, tf, lead)
     total_blocks = max(covering, num)
+    warnings = []
     if total_blocks > covering:  # more segments than blocks
-        total_frames = video_frames_after(total_blocks, fpb, tf, lead)
+        requested, total_frames = total_frames, video_frames_after(total_blocks, fpb, tf, lead)
+        warnings.append(f"{num} segment(s) need a block each: the video is {total_frames} frames "
+                        f"({total_frames / fps:g} s), not the requested {requested} ({requested / fps:g} s); "
+                        f"a block is {tf * fpb / fps:g} s, so make the segments at least that long")
+        logger.warning("%s", warnings[-1])
 
     end_blocks, previous = [], 0
     for k, seconds in enumerate(cumulative):
@@ -204,7 +209,7 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
         previous = end
 
     half_block = tf * fpb / fps / 2
-    segments, warnings, first = [], [], 0
+    segments, first = [], 0
     for k, (seg, end) in enumerate(zip(script.segments, end_blocks)):
         frames = (0 if k == 0 else video_frames_after(first, fpb, tf, lead),
                   total_frames if k == num - 1 else min(video_frames_after(end, fpb, tf, lead),

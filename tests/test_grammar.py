@@ -108,6 +108,8 @@ INVALID = [
     ("", 0, None, "no action"),
     ("   \n ", 0, None, "no action"),
     (" ; just a subtitle", 0, None, "no action"),
+    ("caf\udce9 au lait[5s]", 3, None, "not valid UTF-8"),  # Latin-1 bytes, as Python's argv keeps them
+    ("a[1s] ; sub\ud800", 11, None, "not valid UTF-8"),  # a lone surrogate (a browser's JSON can send one)
 ]
 
 

@@ -122,7 +122,16 @@ def test_more_segments_than_blocks_grow_the_video():
     plan = plan_of("a[0.1s] | b[0.1s]")
     assert (plan.total_blocks, plan.total_frames) == (2, 21)
     assert summary(plan) == [(0, 1, START, (0, 9)), (1, 1, FLUSH, (9, 21))]
-    assert len(plan.warnings) == 2
+    assert len(plan.warnings) == 3 and "the video is 21 frames (1.3125 s), not the requested 3" in plan.warnings[0]
+
+
+def test_a_video_longer_than_requested_is_reported_even_when_no_segment_moved_far():
+    """Four half-second segments: each is off by at most a quarter second (within half a block),
+    but the video is 45 frames, not the 32 requested; that is reported."""
+    plan = plan_of("a[0.5s] | b[0.5s] | c[0.5s] | d[0.5s]")
+    assert (plan.total_blocks, plan.total_frames) == (4, 45)
+    assert len(plan.warnings) == 1 and "45 frames (2.8125 s), not the requested 32 (2 s)" in plan.warnings[0]
+    assert not plan_of("a[1s] | b[1s]").warnings  # a video of the requested length says nothing
 
 
 def test_tiny_single_segment_has_at_least_one_frame():
