@@ -419,10 +419,13 @@ def write_sidecar(video: Path, record: dict) -> None:
     """The record of a video as ``<video>.json``, replaced atomically (a reader never sees half)."""
     target = video.with_suffix(".json")
     tmp = target.with_name(f".{target.name}.tmp")
+    data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")  # fails before any file is opened
     try:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        tmp.write_bytes(data)
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         raise OutputError(f"cannot write {target}: {reason(exc)}; free some space or pass another "
                           f"--output_folder") from exc

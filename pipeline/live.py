@@ -165,6 +165,12 @@ class LiveSession:
         subtitle = " ".join(str(subtitle).split()) if subtitle is not None else ""
         if not text:
             raise LiveError("the action is empty; describe what should happen next, e.g. 'the fox jumps'")
+        for what, value in (("action", text), ("subtitle", subtitle)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: undecodable input, or a split emoji
+                raise LiveError(f"the {what} has a character that is not valid text (at character {exc.start + 1}); "
+                                f"type it again in UTF-8") from None
         encoder = self.gen.m.text_encoder
         tokens, limit = encoder.count_tokens(text), encoder.text_len
         warning = None
@@ -221,7 +227,7 @@ class LiveSession:
                     self.blocks_done = block.index + 1
                     self.frames_written = block.first_frame + len(block.frames)
                     self._check_positions()
-                    self._write_record()  # every block: a killed process leaves a sidecar that is at most a block behind
+                    self._write_record()  # every block: a killed process leaves a sidecar at most a block behind
                     yield LiveBlock(block.index, block.frames.numpy(), block.latents, block.first_frame, action,
                                     landed, now - t)
                     t = time.perf_counter()
@@ -237,13 +243,16 @@ class LiveSession:
                 log.warning("action %r was not generated: the session stopped first", action.text)
             for action in self.segments:
                 action.context = None
-            if self.path.exists():
-                try:
+            try:
+                if self.path.exists():
                     self._write_record()
-                except OutputError as exc:
-                    log.error("%s", exc)
-            self._finished.set()
-            self.gen.lock.release()
+            except OutputError as exc:
+                log.error("%s", exc)
+            except Exception as exc:  # noqa: BLE001 - the generator must be freed whatever happens
+                log.error("cannot write the record of %s: %s: %s", self.path, type(exc).__name__, exc)
+            finally:
+                self._finished.set()
+                self.gen.lock.release()
 
     # --------------------------------------------------------------------------- the record
     @property
@@ -361,16 +370,19 @@ class PlaybackClock:
         with self._cond:
             self._cond.notify_all()
 
+    STOP_POLL_S = 0.1  # how soon a waiter notices ``stop``, paused or not
+
     def wait_for_room(self, max_buffered: float, stop: threading.Event) -> None:
         """Block while ``max_buffered`` frames or more wait to be played (or while paused),
-        until ``stop`` is set."""
+        until ``stop`` is set: noticed within :attr:`STOP_POLL_S` (nobody has to wake the
+        clock), at once after :meth:`wake`."""
         with self._cond:
             while not stop.is_set():
                 self._advance()
                 excess = self.generated - self._played - max_buffered
                 if not self.paused and excess < 0:
                     return
-                self._cond.wait(None if self.paused else min(1.0, excess / self.fps + 1e-3))
+                self._cond.wait(self.STOP_POLL_S if self.paused else min(self.STOP_POLL_S, excess / self.fps + 1e-3))
 
 
 def paced(session: LiveSession, clock: PlaybackClock, ahead_blocks: int) -> Iterator[LiveBlock]:

@@ -9,7 +9,8 @@
 A file or a pipe that delivers its lines at once (``--live < actions.txt``) therefore gives each
 action one block before the session stops. Generation is paced like the page's: at most
 ``live.ahead_blocks`` blocks ahead of real-time playback, so an action typed now shows about a
-second of video later. Each event is one log line.
+second of video later. Each event is one log line; a bad line is reported and skipped; input that
+is not UTF-8 counts as its end (before the first action: a one-line error).
 """
 from __future__ import annotations
 
@@ -45,6 +46,36 @@ def parse_line(line: str) -> tuple[str, str, str | None] | None:
     return kind, text.replace("\\;", ";").strip(), subtitle.replace("\\;", ";").strip() or None
 
 
+def read_line(lines: TextIO) -> str:
+    """The next line ("" at the end); input that cannot be decoded raises :class:`LiveError`."""
+    try:
+        return lines.readline()
+    except UnicodeDecodeError as exc:
+        raise LiveError(f"the input is not UTF-8 text ({exc.reason}); send the actions in UTF-8") from None
+
+
+def steer_from(session: LiveSession, lines: TextIO) -> None:
+    """Queue one action per line until an empty line, the end of input or of the session; a bad
+    line is reported in one log line and skipped."""
+    for line in iter(lambda: read_line(lines), ""):
+        parsed = parse_line(line)
+        if parsed is None:
+            return
+        kind, text, subtitle = parsed
+        steer = session.new_scene if kind == CUT else session.next_action
+        try:
+            action = steer(text, subtitle)
+        except LiveError as exc:
+            log.error("%s", exc)
+            if session.stopping.is_set():
+                return
+            continue
+        except Exception as exc:  # noqa: BLE001 - one line must not leave the session running unsteered
+            log.error("line skipped: %s: %s", type(exc).__name__, exc)
+            continue
+        log.info("queued action %d (%s): %r", action.id, "new scene" if kind == CUT else "next action", action.text)
+
+
 def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed: int, output_folder: Path,
                  checkpoint: str | None = None, image: str | None = None) -> LiveSession | None:
     """Run one live session steered by ``lines`` (stdin); returns it once stopped (None if no
@@ -53,7 +84,7 @@ def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed:
              "'# text': new scene, 'text ; subtitle'); an empty line or end of input stops "
              "(after the actions already sent)")
     session = None
-    for line in iter(lines.readline, ""):
+    for line in iter(lambda: read_line(lines), ""):  # input that is not UTF-8 ends the run (LiveError)
         parsed = parse_line(line)
         if parsed is None:
             break
@@ -72,30 +103,21 @@ def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed:
     clock = PlaybackClock(float(gen.cfg.fps))
 
     def read_actions():
-        for line in iter(lines.readline, ""):
-            parsed = parse_line(line)
-            if parsed is None:
-                break
-            kind, text, subtitle = parsed
-            try:
-                steer = session.new_scene if kind == CUT else session.next_action
-                action = steer(text, subtitle)
-            except LiveError as exc:
-                log.error("%s", exc)
-                if session.stopping.is_set():
-                    return
-                continue
-            log.info("queued action %d (%s): %r", action.id, "new scene" if kind == CUT else "next action",
-                     action.text)
-        # the actions already queued land first (one block each), as the lines of a file would
-        # otherwise all be dropped by the stop that the end of the file sends at once
-        if session.pending:
-            log.info("end of input: stopping once the %d queued action(s) have landed", len(session.pending))
-        while session.pending and not session.finished:
-            time.sleep(0.02)
-        log.info("stopping after the block being generated")
-        session.stop()
-        clock.wake()
+        try:
+            steer_from(session, lines)
+        except LiveError as exc:  # input that is not UTF-8
+            log.error("%s; taken as the end of input", exc)
+        finally:  # whatever ends the input, the session stops
+            # the actions already queued land first (one block each), as the lines of a file would
+            # otherwise all be dropped by the stop that the end of the file sends at once
+            if session.pending:
+                log.info("end of input: stopping once the %d queued action(s) have landed", len(session.pending))
+            while session.pending and not session.finished:
+                time.sleep(0.02)
+            if not session.stopping.is_set():
+                log.info("stopping after the block being generated")
+            session.stop()
+            clock.wake()
 
     threading.Thread(target=read_actions, name="live-stdin", daemon=True).start()
     fps = float(gen.cfg.fps)

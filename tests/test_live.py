@@ -3,6 +3,7 @@ land on the next block boundary, the transcript replays bit for bit, memory stay
 holds generation to playback, and a piped terminal session is recorded and replayable."""
 import io
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.generate import VideoGenerator, build_models
+from pipeline.generate import VideoGenerator, build_models, write_sidecar
 from pipeline.live import LiveError, LiveSession, PlaybackClock, paced, transcript
 from pipeline.live_terminal import parse_line, run_terminal
 from pipeline.plan import plan_prompt
@@ -141,6 +142,44 @@ def test_bad_actions_are_refused_and_the_session_goes_on(gen, tmp_path, caplog):
         next(iter(session))
 
 
+@pytest.mark.parametrize("text, subtitle", [("caf\udce9", None), ("a fox", "\ud800 run")])
+def test_text_that_is_not_utf8_is_refused_in_one_line(gen, tmp_path, text, subtitle):
+    """Lone surrogates (undecodable stdin, a page's split emoji): refused, for the first action and later ones."""
+    with pytest.raises(LiveError, match="not valid text"):
+        LiveSession(gen, text, seed=0, subtitle=subtitle, output_folder=tmp_path)
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    for steer in (session.next_action, session.new_scene):
+        with pytest.raises(LiveError, match="not valid text") as exc:
+            steer(text, subtitle)
+        assert "\n" not in str(exc.value)
+    session.stop()
+    assert list(session) == [] and session.pending == []
+
+
+def test_a_record_that_cannot_be_written_still_frees_the_generator(gen, tmp_path, caplog):
+    """The final sidecar write fails with something other than an OSError: logged in one line, no
+    temporary file left, and the generator is free for the next session."""
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    blocks = iter(session)
+    next(blocks)
+    session.segments[0].subtitle = "caf\udce9"  # past _make_action's check, as a bug would let it through
+    session.stop()
+    assert list(blocks) == []
+    assert session.finished and not gen.lock.locked()
+    assert [r.getMessage() for r in caplog.records if "cannot write the record" in r.getMessage()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [session.path.with_suffix(".json").name, session.path.name]
+    second = LiveSession(gen, "a harbour", seed=0, output_folder=tmp_path, index=1)
+    steer_at(second, {0: lambda s: s.stop()})
+    assert second.complete and second.blocks_done == 1
+
+
+def test_a_sidecar_that_cannot_be_serialised_leaves_no_file(tmp_path):
+    for record, error in (({"prompt": "caf\udce9"}, UnicodeEncodeError), ({"seed": object()}, TypeError)):
+        with pytest.raises(error):
+            write_sidecar(tmp_path / "v.mp4", record)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stop_before_the_first_block_leaves_nothing(gen, tmp_path):
     session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
     session.stop()
@@ -231,9 +270,8 @@ def test_stop_wakes_a_paused_session(gen, tmp_path):
         time.sleep(0.05)
     time.sleep(0.5)
     assert not done.is_set() and session.blocks_done == 1  # paused: one block made, then waiting
-    session.stop()
-    clock.wake()
-    assert done.wait(30) and session.finished and session.complete
+    session.stop()  # from another thread, and nobody wakes the clock: the paused wait notices it
+    assert done.wait(5) and session.finished and session.complete
 
 
 @pytest.mark.parametrize("line, parsed", [
@@ -257,6 +295,49 @@ def test_terminal_input_that_ends_at_once_generates_every_action_first(gen, tmp_
     assert "was not generated" not in caplog.text
     record = json.loads(session.path.with_suffix(".json").read_text())
     assert [a["kind"] for a in record["live"]["actions"]] == ["start", "cut", "flush"]
+
+
+def run_terminal_within(gen, lines, tmp_path, timeout=60):
+    """run_terminal in a thread: fails (instead of hanging) if the session never stops."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(
+        run_terminal(gen, lines, ahead_blocks=1000, seed=3, output_folder=tmp_path)), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "the session never stopped"
+    return result[0]
+
+
+def test_terminal_skips_a_line_that_is_not_utf8_and_still_stops(gen, tmp_path, caplog):
+    """stdin decoded with surrogateescape (a C locale): the bad line is one error line, the others land."""
+    lines = io.TextIOWrapper(io.BytesIO(b"a fox runs\ncaf\xe9 au lait\nthe fox jumps\n"), encoding="utf-8",
+                             errors="surrogateescape")
+    session = run_terminal_within(gen, lines, tmp_path)
+    assert [a.text for a in session.segments] == ["a fox runs", "the fox jumps"] and session.complete
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "not valid text" in errors[0], errors
+
+
+class UndecodableAfter(io.StringIO):
+    """Lines, then a line that strict UTF-8 decoding refuses (as sys.stdin raises)."""
+
+    def readline(self, *args):
+        line = super().readline(*args)
+        if line.startswith("BAD"):
+            raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+        return line
+
+
+def test_terminal_input_that_cannot_be_decoded_ends_it_in_one_line(gen, tmp_path, caplog, monkeypatch):
+    encode = gen.encode_text
+    monkeypatch.setattr(gen, "encode_text", lambda text: encode(text) if text != "boom" else 1 / 0)  # a bug
+    lines = UndecodableAfter("a fox runs\nboom\nthe fox jumps\nBAD\nnever read\n")
+    session = run_terminal_within(gen, lines, tmp_path)
+    assert [a.text for a in session.segments] == ["a fox runs", "the fox jumps"] and session.complete
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and "ZeroDivisionError" in errors[0] and "not UTF-8" in errors[1], errors
+    with pytest.raises(LiveError, match="not UTF-8"):  # before the first action: the run ends with one line
+        run_terminal(gen, UndecodableAfter("BAD\n"), ahead_blocks=1, seed=0, output_folder=tmp_path)
 
 
 @pytest.mark.slow

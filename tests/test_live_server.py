@@ -88,6 +88,8 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
             ({"type": "start", "text": "   "}, "empty"), ({"type": "start"}, "missing"),
             ({"type": "start", "text": 5}, "must be text"), ({"type": "start", "text": "a", "seed": "x"}, "seed"),
             ({"type": "start", "text": "a", "seed": -1}, "seed"),
+            ({"type": "start", "text": "caf\udce9"}, "not valid text"),  # JSON "\udce9": a lone surrogate
+            ({"type": "start", "text": "a", "subtitle": "\ud800"}, "not valid text"),
         ]
         for payload, fragment in cases:
             message = await error_for(ws, payload)
@@ -99,6 +101,8 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
         assert "already running" in await error_for(ws, {"type": "start", "text": "again"})
         assert "kind" in await error_for(ws, {"type": "action", "kind": "jump", "text": "x"})
         assert "empty" in await error_for(ws, {"type": "action", "kind": "next", "text": ""})
+        for bad in ({"text": "caf\udce9"}, {"text": "a", "subtitle": "\ud800"}):
+            assert "not valid text" in await error_for(ws, {"type": "action", "kind": "scene", **bad})
         await ws.send_str(json.dumps({"type": "action", "kind": "next", "text": "word " * 100, "ref": 7}))
         queued = await recv(ws, "queued")   # tiny text_len 64: accepted, truncated, with a warning
         assert queued["ref"] == 7 and "64" in queued["action"]["warning"]
