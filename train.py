@@ -16,7 +16,7 @@ import os
 import sys
 
 from utils.config import load_config
-from utils.errors import user_errors_exit
+from utils.errors import EXIT_USER_ERROR, user_errors_exit
 from utils.fs import ensure_writable_dir
 
 log = logging.getLogger("train")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Cheap checks first: a user mistake ends the run before any process group or model exists.
     from pipeline.trainer import DMDTrainer, read_prompts, validate_train_config
-    from utils.distributed import cleanup, init_distributed
+    from utils.distributed import AnotherRankFailed, cleanup, init_distributed
 
     validate_train_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if cfg.train.objective == "ode":
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer = trainer_class(cfg, args.logdir, dist_info, data, resume=args.resume,
                                 use_wandb=bool(cfg.train.use_wandb) and not args.disable_wandb)
         trainer.train()
+    except AnotherRankFailed as exc:  # that rank prints the error line; one line here, not a second error
+        log.warning("stopping: %s", exc)
+        sys.exit(EXIT_USER_ERROR)
     finally:
         if trainer is not None:
             trainer.close()

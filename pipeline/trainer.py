@@ -41,18 +41,19 @@ from model.wan import WanDiT
 from pipeline.rollout import RolloutSettings
 from pipeline.self_forcing import draw_exit_steps, self_forcing_rollout
 from utils.checkpoint import load_dit_state_dict, load_dit_weights
-from utils.distributed import (DistInfo, all_reduce_mean, derive_seed, mixed_precision, seeded_generator,
-                               shard_dit)
+from utils.distributed import (DistInfo, all_reduce_mean, derive_seed, mixed_precision, on_main_rank,
+                               seeded_generator, shard_dit)
 from utils.errors import CheckpointError, ConfigError, OutputError
 from utils.fs import reason
-from utils.train_checkpoint import (ModelAndOptimizer, full_state_dict, latest_checkpoint, load_checkpoint,
-                                    read_trainer_state, resumable_checkpoints, save_checkpoint)
+from utils.train_checkpoint import (CheckpointLoadError, ModelAndOptimizer, full_state_dict, latest_checkpoint,
+                                    load_checkpoint, read_trainer_state, resumable_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
 OBJECTIVES = ("dmd", "ode")
 PROMPTS_HINT = ("the reference prompts download with `python -m utils.hub --optional train_prompts`; or point "
                 "train.data_path at a UTF-8 text file with one prompt per line")
@@ -202,17 +203,21 @@ class MetricsLog:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("step %d | %s", step, shown)
+        self.append({"step": step, **metrics})
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def append(self, record: dict) -> None:
+        """One line of ``metrics.jsonl``; a failed write is a warning (once per run of failures)."""
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json.dumps(record) + "\n")
             self.write_failed = False
         except OSError as exc:  # a full disk must not stop training here; the next checkpoint will say
             if not self.write_failed:
                 log.warning("cannot append to %s (%s); the metrics still go to the console and wandb",
                             self.path, reason(exc))
             self.write_failed = True
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
 
 
 def start_wandb(cfg: DictConfig, logdir: Path, run_id: str | None):
@@ -320,15 +325,11 @@ class Trainer:
 
         candidates = self._checkpoints_to_resume(resume)
         trainer_state = read_trainer_state(candidates[0]) if candidates else {}
-        if dist.is_main:
-            try:
-                self.logdir.mkdir(parents=True, exist_ok=True)
-                OmegaConf.save(cfg, self.logdir / "config.yaml")
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.logdir / 'config.yaml'}: {reason(exc)}; free some space "
-                                  f"or pass another --logdir") from exc
-        self.wandb_run = start_wandb(cfg, self.logdir, trainer_state.get("wandb_run_id")) \
-            if use_wandb and dist.is_main else None
+        # Rank-0-only steps go through on_main_rank: when one fails, every rank stops with it.
+        if not candidates:  # a resumed run's config.yaml stays the checkpoints' own until one loads
+            on_main_rank(self._write_config, f"to write {self.logdir / CONFIG_FILE}")
+        self.wandb_run = on_main_rank(lambda: start_wandb(cfg, self.logdir, trainer_state.get("wandb_run_id")),
+                                      "to start wandb") if use_wandb else None
         self.metrics = MetricsLog(self.logdir, self.wandb_run) if dist.is_main else None
 
         torch.manual_seed(derive_seed(self.seed, "global", dist.rank))
@@ -341,11 +342,22 @@ class Trainer:
         self.step = 0
         if candidates:
             self._resume(candidates)
+            on_main_rank(self._write_config, f"to write {self.logdir / CONFIG_FILE}")
         log.info("%s training: world %d, %d micro-batch(es) of %d per rank per step (total %d), clip %d frames "
                  "(%d blocks) of %s, window %d, compute %s, generator %.4gM params", self.tc.objective.upper(),
                  dist.world_size, self.accum, self.tc.batch_size, self.tc.total_batch_size, self.num_frames,
                  self.num_blocks, "x".join(map(str, self.latent_shape)), self.settings.local_attn_size,
                  self.compute_dtype, sum(p.numel() for p in self.generator.parameters()) / 1e6)
+
+    def _write_config(self) -> None:
+        """``<logdir>/config.yaml``: the config (overrides included) that the checkpoints fit."""
+        path = self.logdir / CONFIG_FILE
+        try:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {reason(exc)}; free some space or pass another --logdir") \
+                from exc
 
     # ------------------------------------------------------------------ what an objective defines
     def build(self) -> None:
@@ -472,15 +484,17 @@ class Trainer:
 
     def _resume(self, candidates: list[Path]) -> None:
         """Load the newest of ``candidates`` that loads; a failure moves on to the one before."""
-        failures = []
+        failures, mismatched = [], 0
         for path in candidates:
             trainer_state = read_trainer_state(path)
             self.ema = ShardedEMA(self.generator, self.tc.ema_weight) if trainer_state.get("has_ema") else None
             try:
                 load_checkpoint(path, self._state(), rank=self.dist.rank)
-            except CheckpointError as exc:
-                failures.append(f"{path.name}: {exc.__cause__ or exc}".splitlines()[0][:300])
-                log.warning("--resume: %s cannot be loaded; trying the checkpoint before it", path.name)
+            except CheckpointLoadError as exc:
+                failures.append(f"{path.name}: {exc.reason}")
+                mismatched += exc.mismatch
+                log.warning("--resume: %s cannot be loaded (%s); trying the checkpoint before it", path.name,
+                            exc.reason)
                 continue
             saved_world = trainer_state.get("world_size")
             if saved_world != self.dist.world_size:
@@ -491,6 +505,12 @@ class Trainer:
             self.data.position = int(trainer_state["data_position"])
             log.info("resumed from %s at step %d", path, self.step)
             return
+        if mismatched == len(failures):  # whole checkpoints of another model/config: keep them
+            saved = self.logdir / CONFIG_FILE
+            config = f"its config, `--config_path {saved}`" if saved.is_file() else "the config it was written with"
+            raise CheckpointError(f"--resume: the checkpoints in {self.ckpt_root} were written by a different "
+                                  f"model/config than this one ({failures[0]}); to continue that run resume with "
+                                  f"{config}, or choose another --logdir to start a new one")
         raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_root} loads ({'; '.join(failures)}); "
                               f"delete them to start this run over, or choose another --logdir")
 
@@ -586,6 +606,5 @@ class DMDTrainer(Trainer):
         log.info("real score checksum: start %.17g end %.17g (%s)", self.real_checksum, end,
                  "unchanged" if end == self.real_checksum else "CHANGED")
         if self.metrics is not None:
-            with open(self.metrics.path, "a") as f:
-                f.write(json.dumps({"step": self.step, "real_score_checksum_start": self.real_checksum,
-                                    "real_score_checksum_end": end}) + "\n")
+            self.metrics.append({"step": self.step, "real_score_checksum_start": self.real_checksum,
+                                 "real_score_checksum_end": end})

@@ -14,15 +14,17 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,6 +87,28 @@ def all_ranks_ok(ok: bool) -> bool:
     flag = torch.tensor([int(ok)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+class AnotherRankFailed(UserError):
+    """Raised on the ranks that did their part when a step failed on another rank (whose own
+    error says why), so that every rank stops instead of waiting in the next collective."""
+
+
+def on_main_rank(fn: Callable[[], T], what: str) -> T | None:
+    """Run ``fn`` on rank 0 only, then agree on the outcome (a collective: every rank calls it).
+    Returns ``fn``'s result on rank 0 and None elsewhere; when ``fn`` raised, rank 0 re-raises
+    its error and the other ranks raise :class:`AnotherRankFailed` (``what``: what rank 0 did)."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = exc
+    if not all_ranks_ok(error is None):
+        if error is not None:
+            raise error
+        raise AnotherRankFailed(f"rank 0 failed {what}; its error line says why")
+    return result
 
 
 def mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None = torch.float32

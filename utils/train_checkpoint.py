@@ -15,8 +15,11 @@ A save writes everything into ``.tmp_step_N`` and then renames it to ``step_N`` 
 untouched. A save that fails (disk full, quota) removes its ``.tmp_step_N`` and stops the run
 with one line: the previous checkpoint is what ``--resume`` picks. On resume, each checkpoint is
 checked before it is loaded (state file, DCP metadata, every shard as long as the metadata says);
-a damaged one is reported and the one before it is tried (:func:`resumable_checkpoints`). Only the newest ``keep`` complete checkpoints are kept; older ones are renamed away
-before they are deleted, so a crash while pruning never leaves a half-deleted ``step_N``.
+a damaged one is reported and the one before it is tried (:func:`resumable_checkpoints`). A
+checkpoint that is whole but does not fit the model/config being trained (a missing or extra
+key, another shape) is reported as such, not as damage. Only the newest ``keep`` complete
+checkpoints are kept; older ones are renamed away before they are deleted, so a crash while
+pruning never leaves a half-deleted ``step_N``.
 The sharded state is resharded on load by DCP, so it can be read by a different world size
 (the data position and the per-rank RNG streams then continue only approximately).
 """
@@ -46,6 +49,32 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"step_(\d+)\Z")
 STATE_FILE = "trainer_state.json"
 EXPORT_FILE = "model.pt"
+
+
+# DCP's own words (and _StrictLoadPlanner's) for a checkpoint whose keys or shapes differ from the state loaded
+MISMATCH = ("Missing key in checkpoint state_dict", "Size mismatch between saved", "Unexpected key in checkpoint")
+
+
+class _StrictLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP's planner that also refuses checkpoint entries the state lacks: DCP skips them, so a
+    model with fewer blocks would silently resume from a part of a bigger one."""
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        extra = sorted(set(self.metadata.state_dict_metadata) - set(self.state_dict))
+        if extra:
+            raise RuntimeError(f"Unexpected key in checkpoint state_dict: {extra[0]} (and {len(extra) - 1} more)"
+                               if len(extra) > 1 else f"Unexpected key in checkpoint state_dict: {extra[0]}")
+        return plan
+
+
+class CheckpointLoadError(CheckpointError):
+    """A checkpoint that passed :func:`checkpoint_problem` but did not load. ``reason``: one line
+    (DCP's first failure); ``mismatch``: the checkpoint is whole but holds another model/config."""
+
+    def __init__(self, message: str, reason: str, mismatch: bool):
+        super().__init__(message)
+        self.reason, self.mismatch = reason, mismatch
 
 
 class ModelAndOptimizer(Stateful):
@@ -263,18 +292,34 @@ def _failure_reason(exc: BaseException) -> str:
     return first
 
 
+def _load_failure(exc: BaseException) -> tuple[str, bool]:
+    """One line on why ``dcp.load`` failed (the lowest rank's own error, not DCP's wrapper whose
+    text is a traceback), and whether it is a key or shape mismatch rather than damage."""
+    failures = getattr(exc, "failures", None) or {}
+    inner = failures[min(failures)] if failures else exc
+    inner = inner[0] if isinstance(inner, tuple) else inner
+    text = str(inner).strip()
+    line = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""  # its first sentence
+    if line.startswith(MISMATCH):
+        return line[:300], True
+    line = f"{type(inner).__name__}: {line}" if line else type(inner).__name__
+    return (line if len(line) <= 200 else line[:199] + "…"), False
+
+
 def load_checkpoint(path: str | Path, state: dict[str, Any], *, rank: int) -> dict[str, Any]:
     """Load ``state`` (the same structure as saved) in place from checkpoint ``path``, restore this
     rank's RNG states; returns the trainer state."""
     path = Path(path)
     trainer_state = read_trainer_state(path)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), planner=_StrictLoadPlanner())
     except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - DCP's own is a BaseException
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load the training checkpoint {path} ({first}); it was written by a "
-                              f"different model/config, or it is damaged: delete it to resume from the "
-                              f"one before it") from exc
+        why, mismatch = _load_failure(exc)
+        if mismatch:
+            raise CheckpointLoadError(f"the training checkpoint {path} does not fit this model/config ({why}); "
+                                      f"resume with the config it was written with", why, True) from exc
+        raise CheckpointLoadError(f"cannot load the training checkpoint {path} ({why}); it is damaged: delete it "
+                                  f"to resume from the one before it", why, False) from exc
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
