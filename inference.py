@@ -52,7 +52,7 @@ def read_prompts(args) -> list[str]:
         return [args.prompt]
     path = Path(args.data_path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not text
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read prompt file {path}: {exc.strerror or exc}; pass a UTF-8 text "
                           f"file with one prompt per line") from exc
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    checkpoint = args.checkpoint_path or cfg.checkpoint_path
+    checkpoint = checkpoint_of(args, cfg)
     models: Models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
                                   device=device)
     gen = VideoGenerator(cfg, models)
@@ -124,6 +124,15 @@ def main(argv=None) -> int:
         log.warning("interrupted: the video being written was closed and stays playable")
         return 128 + getattr(exc, "signum", 2)
     return 0
+
+
+def checkpoint_of(args, cfg) -> str:
+    """The generator checkpoint to load: ``--checkpoint_path``, else the config's. A checkpoint
+    named on the command line of a random-weights run would silently not be read: an error."""
+    if cfg.random_init and args.checkpoint_path:
+        raise ConfigError(f"--checkpoint_path {args.checkpoint_path} is not read with random_init=true (random "
+                          f"weights); add random_init=false to render it")
+    return args.checkpoint_path or cfg.checkpoint_path
 
 
 def output_folder(args) -> Path:
@@ -162,7 +171,7 @@ def live(args, cfg, rank: int, world: int) -> int:
 
     from pipeline.generate import VideoGenerator, build_models, needs_warm_up
 
-    checkpoint = args.checkpoint_path or cfg.checkpoint_path
+    checkpoint = checkpoint_of(args, cfg)
     gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
     if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
         log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")

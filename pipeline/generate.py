@@ -154,6 +154,9 @@ def resolve_switches(cfg, device: torch.device) -> None:
             raise ConfigError(f"{key}=true needs device: cuda (this run is on {device.type}); set {key}=false")
 
 
+RANDOM_WEIGHTS_SEED = 0  # random_init: every model's weights are drawn from this seed
+
+
 def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None = None,
                  device: torch.device | None = None) -> Models:
     """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
@@ -167,7 +170,9 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
         if cfg.tiny_text_encoder is None or cfg.tokenizer_path is None:
             raise ConfigError("random_init needs tiny_text_encoder and tokenizer_path "
                               "(see configs/tiny.yaml)")
-        torch.manual_seed(cfg.seed)
+        # the weights do not depend on the run's seed, which draws only the noise (as with real
+        # weights): a live session started with another seed replays with that --seed
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
         dit = WanDiT(**wan_cfg)
         text_encoder = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
         vae = WanVAE.from_config(cfg.tiny_vae if cfg.tiny_vae is not None else {})

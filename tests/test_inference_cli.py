@@ -48,6 +48,15 @@ def test_video_has_exactly_the_planned_frames(tmp_path):
     assert sidecar["config"]["sink_size"] == 1
 
 
+def test_prompt_file_with_a_byte_order_mark_skips_its_comment(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark; the first line is still a comment."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("# my prompts\na fox runs[1s]\n".encode("utf-8-sig"))
+    r = cli("--data_path", str(prompts), "--dry_run", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["segments"][0]["text"] for line in r.stdout.splitlines()] == ["a fox runs"]
+
+
 def test_dry_run_json_matches_plan_and_touches_no_model():
     plan = dry_plan("walks[5s] | runs[10s] | new place[10s#] ; a | b | c", "model.num_layers=999")
     assert set(plan) == {"fps", "frames_per_block", "total_blocks", "total_frames", "segments"}
@@ -75,6 +84,11 @@ def test_bad_prompt_exits_2_with_one_line(prompt, fragment):
 @pytest.mark.parametrize("args, fragment", [
     (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "sink_sizee=2"], "did you mean 'sink_size'?"),
     (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "model.num_layer=2"], "'model.num_layers'?"),
+    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "fps=abc"], "'fps' in the command-line overrides "
+     "must be a finite number, not 'abc'"),
+    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "--seed", str(2**64)], "seed"),
+    (["--prompt", "a[1s]", "--config_path", "configs/tiny.yaml", "--checkpoint_path", "mine.pt"],
+     "--checkpoint_path mine.pt is not read with random_init=true"),
     (["--prompt", "a[1s]", "--config_path", "configs/nope.yaml"], "configs/nope.yaml"),
     (["--data_path", "does/not/exist.txt", "--config_path", "configs/tiny.yaml"], "does/not/exist.txt"),
     (["--prompt", "a[1s]", "--checkpoint_path", "missing.pt", "device=cpu", "dtype=float32"], "missing.pt"),
@@ -84,6 +98,52 @@ def test_user_mistakes_exit_2_with_one_line(args, fragment):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lr=abc", "'train.lr' in the command-line overrides must be a finite number, not 'abc'"),
+    ("fps=.inf", "'fps' in the command-line overrides must be a finite number, not inf"),
+    ("num_frame_per_block=1.5", "'num_frame_per_block' in the command-line overrides must be an integer, not 1.5"),
+    ("train.same_step_across_blocks=maybe", "must be true or false, not 'maybe'"),
+    ("seed=abc", "'seed' in the command-line overrides must be an integer"),
+    ("sink_size=null", "'sink_size' in the command-line overrides must be an integer, not null"),
+    ("live=5", "'live' in the command-line overrides must be a mapping"),
+    ("model=1", "'model' in the command-line overrides must be a mapping"),
+    ("negative_prompt=null", "'negative_prompt' in the command-line overrides must be a string"),
+    ("denoising_step_list=5", "must be a list, not 5"),
+    ("denoising_step_list=[abc]", "must be a list of numbers, not ['abc']"),
+    ("compile=maybe", "must be true, false or auto"),
+    ("height=-64", "height (-64) and width (96) must be > 0"),
+])
+def test_config_values_of_the_wrong_kind_are_config_errors(override, fragment):
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_file_values_are_checked_and_legal_kinds_pass(tmp_path):
+    from utils.errors import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('train:\n  max_iters: "4"\n')
+    with pytest.raises(ConfigError, match=f"'train.max_iters' in {bad} must be an integer, not '4'"):
+        load_config(bad)
+    # what the defaults' kinds allow: a fraction of a frame rate, an int for a float, a null
+    # generator init, auto switches, a float step
+    cfg = load_config("configs/tiny.yaml", ["fps=23.976", "train.lr=1", "train.generator_ckpt=null",
+                                            "cuda_graphs=auto", "compile=true", "denoising_step_list=[1000,500.5]"])
+    assert cfg.fps == 23.976 and cfg.train.generator_ckpt is None and cfg.compile is True
+
+
+def test_random_weights_do_not_depend_on_the_run_seed():
+    """The seed draws the noise only, as with real weights: a tiny live session started with its
+    own seed replays with that --seed."""
+    weights = [dict(build_models(load_config("configs/tiny.yaml", [f"seed={seed}"])).dit.state_dict())
+               for seed in (0, 3)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def default_signals():
