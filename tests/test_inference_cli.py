@@ -1,5 +1,6 @@
 """End to end through the CLI on configs/tiny.yaml (random weights, CPU)."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,16 @@ def test_config_file_values_are_checked_and_legal_kinds_pass(tmp_path):
     cfg = load_config("configs/tiny.yaml", ["fps=23.976", "train.lr=1", "train.generator_ckpt=null",
                                             "cuda_graphs=auto", "compile=true", "denoising_step_list=[1000,500.5]"])
     assert cfg.fps == 23.976 and cfg.train.generator_ckpt is None and cfg.compile is True
+    # ${...} interpolations resolve against the merged config, and are checked once resolved
+    linked = tmp_path / "linked.yaml"
+    linked.write_text("train:\n  lr_critic: ${train.lr}\n")
+    assert load_config(linked, ["train.lr=0.5"]).train.lr_critic == 0.5
+    for value, fragment in (("${nope.x}", "do not resolve: Interpolation key 'nope.x' not found"),
+                            ("${device}", "'train.lr_critic' in the config (its ${...} resolved) must be a finite "
+                                          "number, not 'cuda'")):
+        linked.write_text(f"train:\n  lr_critic: {value}\n")
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            load_config(linked)
 
 
 def test_random_weights_do_not_depend_on_the_run_seed():

@@ -77,10 +77,12 @@ def _kind_problem(value, default, dotted: str) -> str | None:
     return None
 
 
-def _shown(value) -> str:
+def _shown(value, limit: int = 60) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
-        return str(OmegaConf.to_container(value))
-    return "null" if value is None else repr(value)
+        text = str(OmegaConf.to_container(value))
+    else:
+        text = "null" if value is None else repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
@@ -94,6 +96,8 @@ def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(f"unknown config key '{dotted}' in {source}; {hint}"
                               f"known keys here: {', '.join(names)} (documented in configs/default.yaml)")
+        if OmegaConf.is_interpolation(cfg, key):
+            continue  # a ${...} value is checked once the layers are merged and it is resolved
         sub, ref = cfg[key], reference[key]
         problem = _kind_problem(sub, ref, dotted)
         if problem is not None:
@@ -131,8 +135,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     layers.append(over)
     try:
         cfg = OmegaConf.merge(base, *layers)
+        OmegaConf.resolve(cfg)  # ${...} interpolations, in place
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config values do not fit the defaults' types: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config values do not fit the defaults or do not resolve: {first}") from exc
+    _check_known(cfg, base, "the config (its ${...} resolved)")
     validate(cfg)
     return cfg
 
