@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from utils.errors import ConfigError, WeightsMissingError
+from utils.errors import ConfigError, WeightsMissingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ def load_sentencepiece_tokenizer(model_file: str | Path):
     import sentencepiece as spm
 
     model_file = str(model_file)
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=model_file).get_piece_size()
+    except (OSError, RuntimeError) as exc:  # truncated or not a sentencepiece model at all
+        raise WeightsMissingError(f"sentencepiece model {model_file} is corrupt ({first_line(exc)}); "
+                                  f"replace it, for the Wan tokenizer: {_DOWNLOAD_HINT}") from exc
     cls = transformers.T5Tokenizer
     if hasattr(cls, "convert_to_native_format"):
         # transformers 5: the constructor ignores vocab_file (it silently builds a 4-token
@@ -73,7 +79,6 @@ def load_sentencepiece_tokenizer(model_file: str | Path):
                               f"instead (scripts/make_test_tokenizer.py shows how to write one)") from exc
     else:  # transformers 4: the sentencepiece-backed slow tokenizer reads the file itself
         tokenizer = cls(vocab_file=model_file, extra_ids=0)
-    pieces = spm.SentencePieceProcessor(model_file=model_file).get_piece_size()
     if len(tokenizer) != pieces:
         raise RuntimeError(f"T5Tokenizer built from {model_file} has {len(tokenizer)} tokens, "
                            f"the sentencepiece model has {pieces}")
@@ -92,9 +97,17 @@ def load_tokenizer(path: str | Path):
     if path.is_file():
         return load_sentencepiece_tokenizer(path)
     if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if (path / "spiece.model").is_file():
+        found = {name for name in _TOKENIZER_FILES if (path / name).is_file()}
+        if found == {"tokenizer_config.json"}:  # alone, transformers 5 builds a 4-token T5Tokenizer from it
+            raise WeightsMissingError(f"tokenizer at {path} is incomplete: tokenizer_config.json without "
+                                      f"tokenizer.json or spiece.model; for the Wan tokenizer: {_DOWNLOAD_HINT}")
+        if found & {"tokenizer.json", "tokenizer_config.json"}:
+            try:
+                return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            except Exception as exc:  # truncated JSON, missing files; tokenizers raises a bare Exception
+                raise WeightsMissingError(f"tokenizer at {path} is incomplete or corrupt ({first_line(exc)}); "
+                                          f"replace it, for the Wan tokenizer: {_DOWNLOAD_HINT}") from exc
+        if found:
             return load_sentencepiece_tokenizer(path / "spiece.model")
     raise WeightsMissingError(
         f"tokenizer not found at {path}: expected a folder with one of {', '.join(_TOKENIZER_FILES)} "
@@ -193,9 +206,15 @@ class TextEncoder(torch.nn.Module):
             encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), local_files_only=True, use_safetensors=True,
                                                        **{_DTYPE_KWARG: dtype})
         except OSError as exc:  # a shard or index file missing / unreadable
-            first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-            raise WeightsMissingError(f"cannot load the text encoder from {encoder_dir}: {first}; "
+            raise WeightsMissingError(f"cannot load the text encoder from {encoder_dir}: {first_line(exc)}; "
                                       f"{_DOWNLOAD_HINT}") from exc
+        except SafetensorError as exc:  # a truncated or damaged shard
+            raise WeightsMissingError(f"a text encoder weights file in {encoder_dir} is corrupt ({first_line(exc)}); "
+                                      f"download it again: {_DOWNLOAD_HINT}") from exc
+        except (RuntimeError, ValueError) as exc:  # weight shapes that config.json does not describe
+            raise WeightsMissingError(f"the text encoder in {encoder_dir} is not the Wan2.1 umt5-xxl encoder "
+                                      f"(config.json and the weights disagree: {first_line(exc)}); "
+                                      f"download it again: {_DOWNLOAD_HINT}") from exc
         tokenizer = load_tokenizer(tokenizer_dir)
         log.info("loaded UMT5 text encoder from %s (%s, %s)", encoder_dir, dtype, device)
         return cls(encoder.to(device), tokenizer, text_len)

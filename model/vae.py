@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import ConfigError, WeightsMissingError
+from utils.errors import ConfigError, WeightsMissingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,16 @@ def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) 
     if random_config is not None:
         return _as_dict(random_config)
     path = Path(wan_model_path or "") / "vae" / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # unreadable, truncated, a git-lfs pointer
+        raise WeightsMissingError(f"VAE config {path} is not valid JSON ({first_line(exc)}); "
+                                  f"{_DOWNLOAD_HINT}") from exc
+    if not isinstance(config, dict):
+        raise WeightsMissingError(f"VAE config {path} is not a JSON object; {_DOWNLOAD_HINT}")
+    return config
 
 
 def decoder_compiles_whole() -> bool:
@@ -120,8 +129,11 @@ class WanVAE(torch.nn.Module):
             vae = _autoencoder_cls().from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
                                                    use_safetensors=True)  # never unpickle weights
         except OSError as exc:  # weights file missing / unreadable
-            first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-            raise WeightsMissingError(f"cannot load the VAE from {vae_dir}: {first}; {_DOWNLOAD_HINT}") from exc
+            raise WeightsMissingError(f"cannot load the VAE from {vae_dir}: {first_line(exc)}; "
+                                      f"{_DOWNLOAD_HINT}") from exc
+        except (RuntimeError, ValueError) as exc:  # weight shapes that config.json does not describe
+            raise WeightsMissingError(f"the VAE in {vae_dir} does not match its config.json ({first_line(exc)}); "
+                                      f"download it again: {_DOWNLOAD_HINT}") from exc
         log.info("loaded Wan VAE from %s (%s, %s)", vae_dir, dtype, device)
         return cls(vae.to(device))
 

@@ -364,7 +364,7 @@ def fake_repo_files(item: hub.Item, dest: Path, wan_sd: dict) -> None:
     root = dest / item.local_dir
     if item.name == "wan":
         for name in ("model_index.json", "text_encoder/config.json", "vae/config.json",
-                     "tokenizer/tokenizer.json"):
+                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_text("{}")
         save_file({"w": torch.zeros(2)}, str(root / "text_encoder/model-00001-of-00001.safetensors"))
@@ -404,6 +404,27 @@ def test_hub_fetches_links_and_then_skips_complete_folders(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as excinfo:
         hub.main(["--dest", str(tmp_path)])
     assert excinfo.value.code == 2
+
+
+@pytest.mark.parametrize("half_done", [
+    ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"),  # left: special_tokens_map.json
+    ("tokenizer/tokenizer_config.json",),
+    ("tokenizer/tokenizer.json",),  # no spiece.model either
+    ("text_encoder/model.safetensors.index.json",),  # one shard, no index
+    ("vae/diffusion_pytorch_model.safetensors",),
+])
+def test_hub_half_downloaded_wan_folder_is_incomplete(tmp_path, monkeypatch, wan_sd, half_done):
+    item = hub.BY_NAME["wan"]
+    fake_repo_files(item, tmp_path, wan_sd)
+    folder = tmp_path / item.local_dir
+    (folder / "tokenizer/special_tokens_map.json").write_text("{}")
+    assert hub.is_complete(item, tmp_path)
+    for name in half_done:
+        (folder / name).unlink()
+    assert not hub.is_complete(item, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsMissingError, match="wan_models/Wan2.1-T2V-1.3B-Diffusers"):
+        hub.download(["wan"], tmp_path)
 
 
 def test_hub_reports_a_failed_fetch_and_goes_on(tmp_path, monkeypatch, wan_sd):

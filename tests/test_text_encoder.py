@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -216,6 +217,53 @@ def test_from_pretrained_weights_file_missing(tmp_path):
     with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "text_encoder"))) as err:
         TextEncoder.from_pretrained(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_from_pretrained_truncated_weights(encoder, tmp_path):
+    encoder.encoder.save_pretrained(tmp_path / "text_encoder")
+    encoder.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    weights = tmp_path / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted download
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "text_encoder"))) as err:
+        TextEncoder.from_pretrained(tmp_path)
+    assert "corrupt" in str(err.value) and "download it again" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_pretrained_config_that_does_not_fit_the_weights(encoder, tmp_path):
+    encoder.encoder.save_pretrained(tmp_path / "text_encoder")
+    encoder.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config_file = tmp_path / "text_encoder" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "d_ff": 128}))
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "text_encoder"))) as err:
+        TextEncoder.from_pretrained(tmp_path)
+    assert "not the Wan2.1 umt5-xxl encoder" in str(err.value) and "\n" not in str(err.value)
+
+
+def _truncate(path: Path) -> None:
+    path.write_text(path.read_text()[:len(path.read_text()) // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda tok: _truncate(tok / "tokenizer.json"),
+    lambda tok: _truncate(tok / "tokenizer_config.json"),
+    lambda tok: (tok / "tokenizer.json").unlink(),  # tokenizer_config.json alone
+], ids=["tokenizer.json truncated", "tokenizer_config.json truncated", "tokenizer.json missing"])
+def test_damaged_tokenizer_folder(encoder, tmp_path, damage):
+    encoder.tokenizer.save_pretrained(tmp_path)
+    for extra in ("spiece.model", "tokenizer.model"):  # only the JSON files, as the Wan folder has besides
+        (tmp_path / extra).unlink(missing_ok=True)
+    damage(tmp_path)
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path))) as err:
+        load_tokenizer(tmp_path)
+    assert "incomplete" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_sentencepiece_model(spm_file, tmp_path):
+    model = tmp_path / "spiece.model"
+    model.write_bytes(spm_file.read_bytes()[:500])
+    with pytest.raises(WeightsMissingError, match=re.escape(str(model))) as err:
+        load_tokenizer(tmp_path)
+    assert "corrupt" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_latency_script_times_both_encodes_of_one_embedding(tmp_path):

@@ -6,15 +6,19 @@ catches a diffusers upgrade that changes it.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 
-from model.vae import WanVAE, decoder_compiles_whole
+from model.vae import WanVAE, config_of, decoder_compiles_whole
 from utils.errors import ConfigError, WeightsMissingError
 
 log = logging.getLogger(__name__)
@@ -150,6 +154,39 @@ def test_from_pretrained_weights_file_missing(vae, tmp_path):
     with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "vae"))) as err:
         WanVAE.from_pretrained(tmp_path, dtype=torch.float32)
     assert "safetensors" in str(err.value) and "\n" not in str(err.value)
+
+
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 712\n"
+
+
+@pytest.mark.parametrize("text", ["{", LFS_POINTER, "[1, 2]"])
+def test_corrupt_config_is_one_line_error(tmp_path, text):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(text)
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "vae" / "config.json"))) as err:
+        config_of(None, tmp_path)
+    assert "setup_env.sh" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_corrupt_config_dry_run_exits_2(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(LFS_POINTER)
+    repo = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "inference.py", "--config_path", "configs/tiny.yaml", "--prompt", "a fox[1s]",
+                          "--dry_run", "random_init=false", f"wan_model_path={tmp_path}"],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: ") and str(tmp_path / "vae" / "config.json") in run.stderr
+
+
+def test_from_pretrained_config_that_does_not_fit_the_weights(vae, tmp_path):
+    vae.vae.save_pretrained(tmp_path / "vae")
+    config_file = tmp_path / "vae" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_dim": 16}))
+    with pytest.raises(WeightsMissingError, match=re.escape(str(tmp_path / "vae"))) as err:
+        WanVAE.from_pretrained(tmp_path, dtype=torch.float32)
+    assert "does not match its config" in str(err.value) and "size mismatch" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_channels_last_decoder_equals_the_default_layout(vae):

@@ -58,3 +58,11 @@ def user_errors_exit(main):
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error, for a one-line message (two when the first only
+    introduces the second, as ``Error(s) in loading state_dict for X:`` does)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return first.rstrip(".")

@@ -51,8 +51,8 @@ GENERATOR_LINK = "checkpoints/infinite_forcing.pt"
 @dataclass(frozen=True)
 class Item:
     """One thing to fetch: ``files`` (exact repo paths) or ``patterns`` (a snapshot's allow list)
-    from ``repo`` into ``dest/local_dir``; ``expect`` (globs under local_dir) says when it is
-    complete."""
+    from ``repo`` into ``dest/local_dir``; ``expect`` says when it is complete: each entry is
+    globs under local_dir, ``|``-separated alternatives, one of which must match a non-empty file."""
 
     name: str
     repo: str
@@ -73,8 +73,11 @@ class Item:
 
 ITEMS: tuple[Item, ...] = (
     Item("wan", WAN_REPO, WAN_DIR, "UMT5 text encoder, tokenizer and VAE (diffusers format)",
-         expect=("model_index.json", "text_encoder/config.json", "text_encoder/*.safetensors*",
-                 "tokenizer/*", "vae/config.json", "vae/*.safetensors"),
+         # what loading needs: a half-downloaded folder must not pass (shards: _index_complete)
+         expect=("model_index.json", "text_encoder/config.json",
+                 "text_encoder/model.safetensors|text_encoder/model.safetensors.index.json",
+                 "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json|tokenizer/spiece.model",
+                 "vae/config.json", "vae/diffusion_pytorch_model.safetensors"),
          patterns=("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*")),
     Item("infinite_forcing", "SOTAMak1r/Infinite-Forcing", "checkpoints/infinite_forcing",
          "the causal generator Infinity-RoPE runs (Self-Forcing DMD + attention sink)",
@@ -118,8 +121,9 @@ def is_complete(item: Item, dest: Path) -> bool:
     folder = dest / item.local_dir
     if not folder.is_dir():
         return False
-    for pattern in item.expect:
-        if not any(p.is_file() and p.stat().st_size > 0 for p in folder.glob(pattern)):
+    for alternatives in item.expect:
+        if not any(p.is_file() and p.stat().st_size > 0
+                   for pattern in alternatives.split("|") for p in folder.glob(pattern)):
             return False
     return _index_complete(folder, item.patterns)
 
