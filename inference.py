@@ -96,8 +96,7 @@ def main(argv=None) -> int:
         for plan in plans:
             print(json.dumps(plan.to_json_dict(), ensure_ascii=False))
         return 0
-    if args.image is not None and not Path(args.image).is_file():
-        raise ConfigError(f"--image {args.image} does not exist")
+    check_image(args, cfg)
     folder = output_folder(args)
 
     import torch
@@ -109,21 +108,37 @@ def main(argv=None) -> int:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     checkpoint = checkpoint_of(args, cfg)
-    models: Models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
-                                  device=device)
-    gen = VideoGenerator(cfg, models)
+    try:
+        models: Models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
+                                      device=device)
+        gen = VideoGenerator(cfg, models)
+    except KeyboardInterrupt:
+        log.warning("interrupted while loading the models; nothing was written")
+        return 130
     jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]
     mine = jobs[rank::world]
     log.info("%d video(s) to render on %s (rank %d of %d)", len(mine), device, rank, world)
     try:
         with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
             for index, prompt, seed in mine:
-                path = output_name(folder, index, prompt, seed)
+                path = output_name(folder, index, prompt, seed, reserve=True)
                 gen.generate(prompt, path, seed, checkpoint=checkpoint, image=args.image)
     except KeyboardInterrupt as exc:
         log.warning("interrupted: the video being written was closed and stays playable")
         return 128 + getattr(exc, "signum", 2)
     return 0
+
+
+def check_image(args, cfg) -> None:
+    """``--image`` read once before any model loads: a file that is not a usable picture is an
+    error now, not after minutes of loading."""
+    if args.image is None:
+        return
+    if not Path(args.image).is_file():
+        raise ConfigError(f"--image {args.image} does not exist")
+    from pipeline.generate import load_image
+
+    load_image(args.image, int(cfg.width), int(cfg.height))
 
 
 def checkpoint_of(args, cfg) -> str:
@@ -160,8 +175,7 @@ def live(args, cfg, rank: int, world: int) -> int:
         raise ConfigError("--live runs one session on one GPU; start it without torchrun")
     if args.dry_run or args.num_samples != 1:
         raise ConfigError("--dry_run and --num_samples do not apply to --live")
-    if args.image is not None and not Path(args.image).is_file():
-        raise ConfigError(f"--image {args.image} does not exist")
+    check_image(args, cfg)
     use_stdin = args.stdin or stdin_is_piped()
     folder = output_folder(args)
     if not use_stdin:
@@ -172,7 +186,11 @@ def live(args, cfg, rank: int, world: int) -> int:
     from pipeline.generate import VideoGenerator, build_models, needs_warm_up
 
     checkpoint = checkpoint_of(args, cfg)
-    gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
+    try:
+        gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
+    except KeyboardInterrupt:
+        log.warning("interrupted while loading the models; nothing was written")
+        return 130
     if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
         log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")
         try:

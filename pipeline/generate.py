@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
-from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter
+from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +210,14 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
 
 def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     """An image file → ``[1, 1, 3, height, width]`` in [-1, 1], resized to cover and centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+        img = ImageOps.exif_transpose(Image.open(path))  # a phone photo's orientation tag, applied
+        if img.mode.startswith("I"):  # 16-bit greyscale: RGB conversion would clip it to white
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from exc
     scale = max(width / img.width, height / img.height)
     size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
@@ -224,15 +228,25 @@ def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1)[None, None]
 
 
-def output_name(folder: Path, index: int, prompt: str, seed: int) -> Path:
-    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken)."""
+def output_name(folder: Path, index: int, prompt: str, seed: int, reserve: bool = False) -> Path:
+    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken).
+    ``reserve``: take it atomically for a :class:`VideoWriter` by creating its (empty) partial
+    file, so renders running at once into one folder never pick the same name."""
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", prompt.split("[")[0].split("|")[0]).strip("-").lower()[:48] or "video"
     stem = f"{index:03d}_{slug}_seed{seed}"
-    path, n = folder / f"{stem}.mp4", 0
-    while path.exists() or path.with_suffix(".json").exists():
-        n += 1
-        path = folder / f"{stem}-{n}.mp4"
-    return path
+    for n in itertools.count():
+        path = folder / (f"{stem}-{n}.mp4" if n else f"{stem}.mp4")
+        if path.exists() or path.with_suffix(".json").exists() or partial_name(path).exists():
+            continue
+        if not reserve:
+            return path
+        try:
+            partial_name(path).open("x").close()
+        except FileExistsError:  # another render is writing it
+            continue
+        if not path.exists():
+            return path
+        partial_name(path).unlink()  # finished by another render between the check and the reservation
 
 
 def needs_warm_up(cfg, device: torch.device) -> bool:
@@ -382,14 +396,18 @@ class VideoGenerator:
                  image: str | Path | None = None) -> dict:
         """Render ``prompt`` into ``path`` (mp4) and a sidecar ``path.json``; returns the record.
         ``image``: start from this picture (encoded as the first latent frame) instead of noise."""
-        plan = self.plan(prompt, image_start=image is not None)
+        try:
+            plan = self.plan(prompt, image_start=image is not None)
+            contexts = self.encode_texts(plan)
+            image_latent = None if image is None else self.image_latent(image)
+        except BaseException:
+            _unreserve(path)
+            raise
         self.warn_absolute_positions(plan.total_blocks * plan.frames_per_block + plan.lead_frames)
-        contexts = self.encode_texts(plan)
         record = {"prompt": prompt, "seed": int(seed), "checkpoint": None if self.cfg.random_init else checkpoint,
                   "image": None if image is None else str(image),
                   "plan": plan.to_json_dict(), "config": OmegaConf.to_container(self.cfg, resolve=True),
                   "video": path.name, "frames_written": 0, "complete": False}
-        image_latent = None if image is None else self.image_latent(image)
         start = time.perf_counter()
         written = 0
         try:
@@ -418,6 +436,13 @@ class VideoGenerator:
         log.info("wrote %s: %d frames (%.2f s of video) in %.1f s", path, written, written / float(self.cfg.fps),
                  record["seconds_elapsed"])
         return record
+
+
+def _unreserve(path: Path) -> None:
+    """Give back a name :func:`output_name` reserved and no writer took (its empty partial file)."""
+    partial = partial_name(path)
+    if partial.is_file() and partial.stat().st_size == 0:
+        partial.unlink(missing_ok=True)
 
 
 def write_sidecar(video: Path, record: dict) -> None:

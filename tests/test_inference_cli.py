@@ -289,3 +289,76 @@ def test_generator_keeps_recent_text_embeddings(monkeypatch):
     gen.encode_text("the fox runs")
     assert encoded[-1] == "the fox runs" and len(encoded) == 4
     assert torch.equal(gen.encode_text("the fox walks"), walk)
+
+
+def test_renders_into_one_folder_at_once_reserve_distinct_names(tmp_path):
+    """Two renders of the same prompt and seed started together: the second gets ``-1``, not the
+    first's hidden partial file; a render that fails before writing gives its name back."""
+    from pipeline.generate import _unreserve, output_name
+    from utils.video import partial_name
+
+    first = output_name(tmp_path, 0, "a fox runs[5s]", 0, reserve=True)
+    second = output_name(tmp_path, 0, "a fox runs[5s]", 0, reserve=True)
+    assert (first.name, second.name) == ("000_a-fox-runs_seed0.mp4", "000_a-fox-runs_seed0-1.mp4")
+    assert partial_name(first).is_file() and partial_name(second).is_file()
+    _unreserve(second)
+    assert not partial_name(second).exists()
+    assert output_name(tmp_path, 0, "a fox runs[5s]", 0) == second  # free again
+
+
+def test_generate_that_fails_before_writing_leaves_nothing(tmp_path, monkeypatch):
+    cfg = load_config("configs/tiny.yaml")
+    gen = VideoGenerator(cfg, build_models(cfg))
+    from pipeline.generate import output_name
+
+    path = output_name(tmp_path, 0, "a fox runs", 0, reserve=True)
+
+    def broken(text):
+        raise RuntimeError("the text encoder broke")
+    monkeypatch.setattr(gen, "encode_text", broken)
+    with pytest.raises(RuntimeError, match="broke"):
+        gen.generate("a fox runs[1s]", path, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_start_images_load_upright_in_full_range_or_fail_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.generate import load_image
+    from utils.errors import ConfigError
+
+    # a phone photo: stored sideways (left half black) with an EXIF tag saying "rotate 90°"
+    stored = np.zeros((64, 64, 3), np.uint8)
+    stored[:, 32:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; show it rotated
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = load_image(tmp_path / "phone.jpg", 64, 64)[0, 0].mean(0)  # [H, W]
+    assert abs(upright[:32].mean() - upright[32:].mean()) > 1.5  # now split top / bottom
+    assert abs(upright[:, :32].mean() - upright[:, 32:].mean()) < 0.1
+    # 16-bit greyscale mid-grey stays mid-grey (not clipped to white)
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    assert abs(float(load_image(tmp_path / "grey16.png", 16, 16).mean())) < 0.02
+    # an image too large for PIL's decompression-bomb guard: one line, not a traceback
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ConfigError, match="cannot read image .*phone.jpg"):
+        load_image(tmp_path / "phone.jpg", 64, 64)
+
+
+def test_a_bad_start_image_is_reported_before_the_models_load(tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    r = cli("--prompt", "a[1s]", *TINY, "--image", str(not_an_image), "--output_folder", str(tmp_path / "out"))
+    assert r.returncode == 2 and "cannot read image" in r.stderr and "random weights" not in r.stderr, r.stderr
+
+
+def test_ctrl_c_while_the_models_load_is_one_line(tmp_path, monkeypatch, caplog):
+    import inference
+    import pipeline.generate as generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, "build_models", interrupted)
+    assert inference.main(["--prompt", "a[1s]", *TINY, "--output_folder", str(tmp_path)]) == 130
+    assert "interrupted while loading the models; nothing was written" in caplog.text
+    assert list(tmp_path.iterdir()) == []

@@ -515,3 +515,36 @@ def test_pending_frames_from_the_gpu_equal_the_cpu_conversion():
     for _ in range(10):
         busy = busy @ busy.T / 4096  # more work on the stream after the copy
     assert np.array_equal(pending.numpy(), frames_to_uint8(x))
+
+
+def test_an_output_folder_removed_while_writing_is_a_one_line_error(tmp_path):
+    import shutil
+
+    from utils.video import VideoWriteError
+
+    folder = tmp_path / "out"
+    writer = VideoWriter(folder / "v.mp4", 16, 64, 48)
+    writer.write(gradient_frames(20))
+    shutil.rmtree(folder)  # ffmpeg goes on writing a file that no longer has a name
+    with pytest.raises(VideoWriteError, match="is gone after 20 frames were sent") as err:
+        writer.close()
+    assert err.value.frames_kept == 0 and "\n" not in str(err.value)
+
+
+def test_a_finished_video_that_cannot_be_renamed_is_kept_and_named(tmp_path, monkeypatch):
+    """A folder made read-only during the render: the finished file stays under its hidden
+    name, and the one-line error says where."""
+    from utils.video import VideoWriteError, partial_name
+
+    path = tmp_path / "v.mp4"
+    writer = VideoWriter(path, 16, 64, 48)
+    writer.write(gradient_frames(20))
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(VideoWriteError, match=f"permission denied.*its 20 frames are kept in "
+                                              f"{partial_name(path)}") as err:
+        writer.close()
+    monkeypatch.undo()
+    assert err.value.frames_kept == 20 and probe_video(partial_name(path))["frames"] == 20

@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.errors import OutputError, UserError
-from utils.fs import MIN_FREE_BYTES
+from utils.fs import MIN_FREE_BYTES, reason
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,7 @@ class VideoWriter:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
         self.recording = bool(recording)
-        self.partial_path = self.path if recording else \
-            self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.partial_path = self.path if recording else partial_name(self.path)
         self.fps, self.width, self.height = float(fps), int(width), int(height)
         self.crf, self.preset = int(crf), preset
         self.frames_written = 0  # frames handed to ffmpeg
@@ -330,7 +329,7 @@ class VideoWriter:
                 _trim_to_whole_fragments(self.partial_path)
                 kept = imageio_ffmpeg.count_frames_and_secs(str(self.partial_path))[0]
         if kept:
-            os.replace(self.partial_path, self.path)
+            self._publish(kept)
         else:
             self.partial_path.unlink(missing_ok=True)
         why = _write_failure_reason(self.path.parent, exc)
@@ -369,12 +368,24 @@ class VideoWriter:
                 if good < self.partial_path.stat().st_size or frames not in (None, self.frames_written):
                     raise self._salvage(OSError(f"the file holds {frames} whole frames of the "
                                                 f"{self.frames_written} sent")) from None
-                os.replace(self.partial_path, self.path)
+                self._publish(self.frames_written)
                 return
             self.partial_path.unlink(missing_ok=True)
-        if keep and self.frames_written:
-            raise RuntimeError(f"ffmpeg wrote nothing for {self.path} after "
-                               f"{self.frames_written} frames")
+        if keep and self.frames_written:  # ffmpeg's file is gone: the folder was removed, or the file
+            raise VideoWriteError(f"writing {self.path} failed: {self.partial_path.name} is gone after "
+                                  f"{self.frames_written} frames were sent (was the output folder removed?); "
+                                  f"nothing was kept", 0)
+
+    def _publish(self, frames: int) -> None:
+        """Give the finished file its final name; a folder that no longer allows it (made read-only
+        meanwhile) keeps the hidden one, said in one line."""
+        if self.partial_path == self.path:
+            return
+        try:
+            os.replace(self.partial_path, self.path)
+        except OSError as exc:
+            raise VideoWriteError(f"cannot name the finished video {self.path} ({reason(exc)}); its {frames} "
+                                  f"frames are kept in {self.partial_path}: rename it by hand", frames) from None
 
     def close(self) -> None:
         """Finish the file and move it to its final name (no file if no frame was written)."""
@@ -408,6 +419,11 @@ class VideoWriter:
 
 
 FRAGMENT_MICROSECONDS = 1_000_000
+
+
+def partial_name(path: Path) -> Path:
+    """Where a :class:`VideoWriter` writes ``path`` until it is finished: ``.<name>.partial.mp4``."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
 def _boxes(f, start: int, stop: int):
