@@ -711,8 +711,11 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     generate.resolve_switches(c, torch.device("cuda"))  # a second call (VideoGenerator's) changes nothing
     assert [c[k] for k in generate.AUTO_SWITCHES] == [True] * 3
     for bad in ("compile=maybe", "decode_stream=2"):
-        with pytest.raises(ConfigError, match=f"{bad.split('=')[0]} must be true, false or auto"):
+        with pytest.raises(ConfigError, match=f"'{bad.split('=')[0]}' in the command-line overrides must be true, "
+                                              f"false or auto"):
             load_config(REPO / "configs" / "tiny.yaml", [bad])
+    from utils.config import SWITCHES
+    assert SWITCHES == set(generate.AUTO_SWITCHES)  # the config's check knows every auto switch
 
 
 def in_line_and_decode_stream_videos(overrides: list[str], tmp_path):
