@@ -308,6 +308,17 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path, wan_sd):
     assert "model.*" in message
 
 
+def test_integer_weights_are_refused_not_cast(wan_sd):
+    """Integer tensors where the model has floating-point weights (a quantised file, another
+    format) would be cast silently into garbage: a one-line error."""
+    ints = dict(wan_sd, **{"blocks.0.self_attn.q.weight": wan_sd["blocks.0.self_attn.q.weight"].to(torch.int32)})
+    with pytest.raises(CheckpointError) as excinfo:
+        load_dit_weights(fresh_dit(), ints)
+    assert "blocks.0.self_attn.q.weight as torch.int32, not floating-point" in one_line_error(excinfo)
+    fp8 = dict(wan_sd, **{"blocks.0.self_attn.q.weight": wan_sd["blocks.0.self_attn.q.weight"].to(torch.float8_e4m3fn)})
+    load_dit_weights(fresh_dit(), fp8)  # a low-precision float still loads
+
+
 def test_sharded_folder_with_a_missing_shard(tmp_path, wan_sd):
     folder = save_dit_state_dict(wan_sd, tmp_path / "sharded", max_shard_bytes=20_000)
     victim = sorted(folder.glob("*-of-*.safetensors"))[1]

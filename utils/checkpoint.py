@@ -413,6 +413,9 @@ def load_dit_weights(model: torch.nn.Module, state_dict_or_path, use_ema: bool =
             raise CheckpointError(f"{source} is for a different model size: {key} has "
                                   f"{_shape(state_dict[key])}, model expects {_shape(target)}; "
                                   f"check model.* in the config")
+        if target.is_floating_point() and not state_dict[key].is_floating_point():
+            raise CheckpointError(f"{source} holds {key} as {state_dict[key].dtype}, not floating-point weights; "
+                                  f"check that it is a Wan2.1 T2V DiT checkpoint (not a quantised or other file)")
     on_meta = any(t.is_meta for t in expected.values())
     cast = {k: state_dict[k].to(dtype=expected[k].dtype) for k in expected}
     if on_meta:
