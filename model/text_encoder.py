@@ -110,9 +110,9 @@ def load_tokenizer(path: str | Path):
         if found:
             return load_sentencepiece_tokenizer(path / "spiece.model")
     raise WeightsMissingError(
-        f"tokenizer not found at {path}: expected a folder with one of {', '.join(_TOKENIZER_FILES)} "
-        f"or a sentencepiece .model file; set tokenizer_path (tests/assets/tokenizer has a tiny one) "
-        f"or, for the Wan tokenizer, {_DOWNLOAD_HINT}")
+        f"tokenizer not found at {path}: expected a folder with tokenizer.json or spiece.model (and "
+        f"tokenizer_config.json) or a sentencepiece .model file; set tokenizer_path (tests/assets/tokenizer "
+        f"has a tiny one) or, for the Wan tokenizer, {_DOWNLOAD_HINT}")
 
 
 def _as_dict(config: Mapping) -> dict:
@@ -200,8 +200,8 @@ class TextEncoder(torch.nn.Module):
             if not path.exists():
                 raise WeightsMissingError(f"text encoder weights missing: {path} does not exist; {_DOWNLOAD_HINT}")
         if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
-            raise WeightsMissingError(f"tokenizer missing: {tokenizer_dir} does not hold any of "
-                                      f"{', '.join(_TOKENIZER_FILES)}; {_DOWNLOAD_HINT}")
+            raise WeightsMissingError(f"tokenizer missing: {tokenizer_dir} holds neither tokenizer.json nor "
+                                      f"spiece.model (with tokenizer_config.json); {_DOWNLOAD_HINT}")
         try:
             encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), local_files_only=True, use_safetensors=True,
                                                        **{_DTYPE_KWARG: dtype})
