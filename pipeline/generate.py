@@ -34,6 +34,7 @@ from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
+from utils.config import SWITCHES
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
 from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
@@ -109,7 +110,7 @@ def compile_cache_dir() -> Path:
 
 
 # Speed switches that take ``auto``: on where the device can run them, off elsewhere.
-AUTO_SWITCHES = ("compile", "cuda_graphs", "decode_stream")
+AUTO_SWITCHES = SWITCHES  # true | false | auto (utils.config checks the values)
 
 
 def compile_unsupported(device: torch.device) -> str | None:
