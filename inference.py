@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # heavy imports after argument parsing: --help and --dry_run stay quick
-    from model.vae import compression_factors, config_of
+    from model.vae import compression_factors, run_config
     from pipeline.plan import check_prompts
     from utils.config import load_config
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if args.live:
         return live(args, cfg, rank, world)
     prompts = read_prompts(args)
-    temporal = compression_factors(config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path))[1]
+    temporal = compression_factors(run_config(cfg))[1]
     plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None)
     if args.dry_run:
         for plan in plans:

@@ -8,7 +8,7 @@ Both scores are bidirectional Wan2.1 DiTs predicting the flow ``ε − x0`` for 
 * the *fake score* (critic) starts from the same weights and is trained with the flow-matching
   loss on the generator's clips, so it tracks the generator's distribution.
 
-Generator loss (DESIGN.md §4, "Training facts"): draw one timestep per clip uniformly in
+Generator loss (Self-Forcing's DMD, docs/TRAINING.md): draw one timestep per clip uniformly in
 ``[min_score_timestep, N)``, shift it, clamp to ``[0.02·N, 0.98·N]``; re-noise the clip ``x``;
 without grad take both scores' x0 predictions; ``grad = (fake − real) / mean|x − real|``
 (per sample); loss ``0.5·MSE(x, stopgrad(x − grad))`` in float64, whose gradient with respect

@@ -116,7 +116,7 @@ class KVCache:
         self.version = 0            # bumped whenever stored frames or their positions change
         self._prepared = -1         # the version the stored rotations were brought up to
         self._ctx_table = (None, None)
-        self.keys_turned = 0        # frames x layers re-rotated by prepare() (for tests and benchmarks)
+        self.keys_turned = 0        # frames x layers re-rotated by prepare() (the tests count them)
         self.drop_cross_attention()
 
     @property
@@ -141,7 +141,7 @@ class KVCache:
         return [(start, num_frames)]
 
     def positions(self, num_frames: int) -> tuple[list[int], list[int]]:
-        """(positions of held frames in slot order, positions of the current block); for tests/logs."""
+        """(positions of held frames in slot order, positions of the current block)."""
         expand = lambda runs: [s + i for s, c in runs for i in range(c)]  # noqa: E731
         return expand(self.context_runs()), expand(self.current_runs(num_frames))
 

@@ -123,7 +123,7 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex number
     x[2i] + j x[2i+1] times freqs[i], in float32; the result has the dtype of ``x``.
 
-    Eager: one complex multiply (bit-identical to :func:`apply_rope`'s real formula on the CPU,
+    Eager: one complex multiply (bit-identical to :func:`_rotate_real`'s real formula on the CPU,
     and a single pass over ``x`` instead of several). Under ``torch.compile`` the real formula is
     used instead: the compiler fuses it into one kernel, and complex tensors are not its strong side."""
     if torch.compiler.is_compiling():

@@ -28,12 +28,11 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from utils.errors import ConfigError, WeightsMissingError, first_line
+from utils.config import as_dict
+from utils.errors import WAN_DOWNLOAD_HINT, ConfigError, WeightsMissingError, first_line
 
 log = logging.getLogger(__name__)
 
-_DOWNLOAD_HINT = ("run `bash setup_env.sh` (downloads Wan-AI/Wan2.1-T2V-1.3B-Diffusers into wan_models/) "
-                  "or place the files there by hand")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 # transformers 5 renamed from_pretrained's torch_dtype to dtype (4.x knows only torch_dtype).
 _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
@@ -59,7 +58,7 @@ def load_sentencepiece_tokenizer(model_file: str | Path):
         pieces = spm.SentencePieceProcessor(model_file=model_file).get_piece_size()
     except (OSError, RuntimeError) as exc:  # truncated or not a sentencepiece model at all
         raise WeightsMissingError(f"sentencepiece model {model_file} is corrupt ({first_line(exc)}); "
-                                  f"replace it, for the Wan tokenizer: {_DOWNLOAD_HINT}") from exc
+                                  f"replace it, for the Wan tokenizer: {WAN_DOWNLOAD_HINT}") from exc
     cls = transformers.T5Tokenizer
     if hasattr(cls, "convert_to_native_format"):
         # transformers 5: the constructor ignores vocab_file (it silently builds a 4-token
@@ -73,10 +72,10 @@ def load_sentencepiece_tokenizer(model_file: str | Path):
             tokenizer = cls(**cls.convert_to_native_format(vocab_file=model_file, extra_ids=0))
         except Exception as exc:  # tokenizers raises a bare Exception (e.g. transformers 5.17 + tokenizers
             # 0.23.2 with a model that has no NFKC map: "Cannot parse precompiled_charsmap")
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"transformers {transformers.__version__} cannot convert the sentencepiece model "
-                              f"{model_file} ({reason}); point tokenizer_path at a folder with a tokenizer.json "
-                              f"instead (scripts/make_test_tokenizer.py shows how to write one)") from exc
+                              f"{model_file} ({first_line(exc)}); point tokenizer_path at a folder with a "
+                              f"tokenizer.json instead (scripts/make_test_tokenizer.py shows how to write "
+                              f"one)") from exc
     else:  # transformers 4: the sentencepiece-backed slow tokenizer reads the file itself
         tokenizer = cls(vocab_file=model_file, extra_ids=0)
     if len(tokenizer) != pieces:
@@ -100,28 +99,19 @@ def load_tokenizer(path: str | Path):
         found = {name for name in _TOKENIZER_FILES if (path / name).is_file()}
         if found == {"tokenizer_config.json"}:  # alone, transformers 5 builds a 4-token T5Tokenizer from it
             raise WeightsMissingError(f"tokenizer at {path} is incomplete: tokenizer_config.json without "
-                                      f"tokenizer.json or spiece.model; for the Wan tokenizer: {_DOWNLOAD_HINT}")
+                                      f"tokenizer.json or spiece.model; for the Wan tokenizer: {WAN_DOWNLOAD_HINT}")
         if found & {"tokenizer.json", "tokenizer_config.json"}:
             try:
                 return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             except Exception as exc:  # truncated JSON, missing files; tokenizers raises a bare Exception
                 raise WeightsMissingError(f"tokenizer at {path} is incomplete or corrupt ({first_line(exc)}); "
-                                          f"replace it, for the Wan tokenizer: {_DOWNLOAD_HINT}") from exc
+                                          f"replace it, for the Wan tokenizer: {WAN_DOWNLOAD_HINT}") from exc
         if found:
             return load_sentencepiece_tokenizer(path / "spiece.model")
     raise WeightsMissingError(
         f"tokenizer not found at {path}: expected a folder with tokenizer.json or spiece.model (and "
         f"tokenizer_config.json) or a sentencepiece .model file; set tokenizer_path (tests/assets/tokenizer "
-        f"has a tiny one) or, for the Wan tokenizer, {_DOWNLOAD_HINT}")
-
-
-def _as_dict(config: Mapping) -> dict:
-    """A plain dict from a dict or an OmegaConf DictConfig (nested lists become lists)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return dict(config)
+        f"has a tiny one) or, for the Wan tokenizer, {WAN_DOWNLOAD_HINT}")
 
 
 class TextEncoder(torch.nn.Module):
@@ -198,23 +188,23 @@ class TextEncoder(torch.nn.Module):
         encoder_dir, tokenizer_dir = root / "text_encoder", root / "tokenizer"
         for path in (root, encoder_dir, encoder_dir / "config.json"):
             if not path.exists():
-                raise WeightsMissingError(f"text encoder weights missing: {path} does not exist; {_DOWNLOAD_HINT}")
+                raise WeightsMissingError(f"text encoder weights missing: {path} does not exist; {WAN_DOWNLOAD_HINT}")
         if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
             raise WeightsMissingError(f"tokenizer missing: {tokenizer_dir} holds neither tokenizer.json nor "
-                                      f"spiece.model (with tokenizer_config.json); {_DOWNLOAD_HINT}")
+                                      f"spiece.model (with tokenizer_config.json); {WAN_DOWNLOAD_HINT}")
         try:
             encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), local_files_only=True, use_safetensors=True,
                                                        **{_DTYPE_KWARG: dtype})
         except OSError as exc:  # a shard or index file missing / unreadable
             raise WeightsMissingError(f"cannot load the text encoder from {encoder_dir}: {first_line(exc)}; "
-                                      f"{_DOWNLOAD_HINT}") from exc
+                                      f"{WAN_DOWNLOAD_HINT}") from exc
         except SafetensorError as exc:  # a truncated or damaged shard
             raise WeightsMissingError(f"a text encoder weights file in {encoder_dir} is corrupt ({first_line(exc)}); "
-                                      f"download it again: {_DOWNLOAD_HINT}") from exc
+                                      f"download it again: {WAN_DOWNLOAD_HINT}") from exc
         except (RuntimeError, ValueError) as exc:  # weight shapes that config.json does not describe
             raise WeightsMissingError(f"the text encoder in {encoder_dir} is not the Wan2.1 umt5-xxl encoder "
                                       f"(config.json and the weights disagree: {first_line(exc)}); "
-                                      f"download it again: {_DOWNLOAD_HINT}") from exc
+                                      f"download it again: {WAN_DOWNLOAD_HINT}") from exc
         tokenizer = load_tokenizer(tokenizer_dir)
         log.info("loaded UMT5 text encoder from %s (%s, %s)", encoder_dir, dtype, device)
         return cls(encoder.to(device), tokenizer, text_len)
@@ -225,7 +215,7 @@ class TextEncoder(torch.nn.Module):
 
         ``vocab_size`` defaults to the tokenizer's size. The caller seeds torch. fp32 on the CPU.
         """
-        config = _as_dict(config)
+        config = as_dict(config)
         known = set(UMT5Config().to_dict())
         unknown = sorted(set(config) - known)
         if unknown:

@@ -25,21 +25,11 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import ConfigError, WeightsMissingError, first_line
+from utils.config import as_dict
+from utils.errors import WAN_DOWNLOAD_HINT, ConfigError, WeightsMissingError, first_line
 
 log = logging.getLogger(__name__)
 
-_DOWNLOAD_HINT = ("run `bash setup_env.sh` (downloads Wan-AI/Wan2.1-T2V-1.3B-Diffusers into wan_models/) "
-                  "or place the files there by hand")
-
-
-def _as_dict(config: Mapping) -> dict:
-    """A plain dict from a dict or an OmegaConf DictConfig (nested lists become lists)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return dict(config)
 
 
 def _autoencoder_cls():
@@ -66,7 +56,7 @@ def compression_factors(config: Mapping) -> tuple[int, int]:
 def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) -> dict:
     """The VAE config a run will use, read without loading weights (for plans and dry runs)."""
     if random_config is not None:
-        return _as_dict(random_config)
+        return as_dict(random_config)
     path = Path(wan_model_path or "") / "vae" / "config.json"
     if not path.is_file():
         return {}
@@ -74,10 +64,16 @@ def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) 
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # unreadable, truncated, a git-lfs pointer
         raise WeightsMissingError(f"VAE config {path} is not valid JSON ({first_line(exc)}); "
-                                  f"{_DOWNLOAD_HINT}") from exc
+                                  f"{WAN_DOWNLOAD_HINT}") from exc
     if not isinstance(config, dict):
-        raise WeightsMissingError(f"VAE config {path} is not a JSON object; {_DOWNLOAD_HINT}")
+        raise WeightsMissingError(f"VAE config {path} is not a JSON object; {WAN_DOWNLOAD_HINT}")
     return config
+
+
+def run_config(cfg) -> dict:
+    """The VAE config of a run (its merged config), as :func:`config_of` reads it: ``tiny_vae``
+    with ``random_init`` (as :func:`pipeline.generate.build_models` builds it), else the Wan VAE's."""
+    return config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path)
 
 
 def decoder_compiles_whole() -> bool:
@@ -124,23 +120,23 @@ class WanVAE(torch.nn.Module):
         vae_dir = root / "vae"
         for path in (root, vae_dir, vae_dir / "config.json"):
             if not path.exists():
-                raise WeightsMissingError(f"VAE weights missing: {path} does not exist; {_DOWNLOAD_HINT}")
+                raise WeightsMissingError(f"VAE weights missing: {path} does not exist; {WAN_DOWNLOAD_HINT}")
         try:
             vae = _autoencoder_cls().from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
                                                    use_safetensors=True)  # never unpickle weights
         except OSError as exc:  # weights file missing / unreadable
             raise WeightsMissingError(f"cannot load the VAE from {vae_dir}: {first_line(exc)}; "
-                                      f"{_DOWNLOAD_HINT}") from exc
+                                      f"{WAN_DOWNLOAD_HINT}") from exc
         except (RuntimeError, ValueError) as exc:  # weight shapes that config.json does not describe
             raise WeightsMissingError(f"the VAE in {vae_dir} does not match its config.json ({first_line(exc)}); "
-                                      f"download it again: {_DOWNLOAD_HINT}") from exc
+                                      f"download it again: {WAN_DOWNLOAD_HINT}") from exc
         log.info("loaded Wan VAE from %s (%s, %s)", vae_dir, dtype, device)
         return cls(vae.to(device))
 
     @classmethod
     def from_config(cls, config: Mapping) -> "WanVAE":
         """``AutoencoderKLWan(**config)`` with random weights (fp32; the caller seeds torch)."""
-        config = _as_dict(config)
+        config = as_dict(config)
         known = set(inspect.signature(_autoencoder_cls().__init__).parameters) - {"self"}
         unknown = sorted(set(config) - known)
         if unknown:

@@ -34,7 +34,7 @@ from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
-from utils.config import SWITCHES
+from utils.config import DTYPES, SWITCHES
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
 from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 # Self-Forcing cannot go past it. Only used for a warning: our positions are computed.
 ABSOLUTE_TABLE_POSITIONS = 1024
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,8 +108,6 @@ def compile_cache_dir() -> Path:
     return Path(path)
 
 
-# Speed switches that take ``auto``: on where the device can run them, off elsewhere.
-AUTO_SWITCHES = SWITCHES  # true | false | auto (utils.config checks the values)
 
 
 def compile_unsupported(device: torch.device) -> str | None:
@@ -143,7 +140,7 @@ def resolve_switches(cfg, device: torch.device) -> None:
     a GPU. Idempotent. ``auto`` turns ``compile`` on for a GPU only: on a CPU the first blocks
     would spend seconds to minutes compiling C++ for a gain that the GPU numbers are about."""
     why_not_compile = compile_unsupported(device)
-    for key in AUTO_SWITCHES:
+    for key in SWITCHES:
         value = cfg[key]
         possible = why_not_compile is None if key == "compile" else device.type == "cuda"
         if value == "auto":
@@ -195,7 +192,7 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
     vae = vae.to(device=device, dtype=dtype).eval()
     log.info("speed switches on %s: compile=%s, cuda_graphs=%s, decode_stream=%s, compile_vae=%s", device,
-             *(str(bool(cfg[k])).lower() for k in (*AUTO_SWITCHES, "compile_vae")))
+             *(str(bool(cfg[k])).lower() for k in (*SWITCHES, "compile_vae")))
     if cfg.compile or cfg.compile_vae:
         log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
                  "TORCHINDUCTOR_CACHE_DIR, for later runs)", compile_cache_dir())

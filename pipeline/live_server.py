@@ -11,7 +11,8 @@ Protocol (JSON text messages; frames are binary JPEG messages):
 * server → page: ``hello`` (role, settings, state), ``state``, ``started``, ``queued`` (an
   action was accepted, with its id and the page's ``ref``), ``block`` (index, segment, the
   action that landed on it, speed and lead over playback) followed by one binary message per
-  frame, ``stopped`` (video name and transcript), ``error`` (one line for a bad request).
+  frame, ``stopped`` (video name and transcript), ``warning`` (an accepted action's note, e.g. text past the
+  encoder's tokens), ``error`` (one line for a bad request).
 
 One session at a time. The first page to connect steers; pages that connect while it is there
 watch, and are told so if they try to steer. When the steering page goes away the session pauses
@@ -70,6 +71,8 @@ class Client:
 
     def offer_block(self, meta: dict, jpegs: list[bytes]) -> None:
         if self.blocks_queued >= CLIENT_MAX_BLOCKS:  # a page that cannot keep up skips blocks
+            if not self.blocks_skipped:
+                log.warning("page %d cannot keep up with the video (a slow connection?): it skips blocks", self.number)
             self.blocks_skipped += 1
             return
         self.blocks_queued += 1

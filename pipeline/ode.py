@@ -6,7 +6,7 @@ regress the causal generator onto points of the base model's ODE trajectories.
    clip with classifier-free guidance against the negative prompt, with ``ode.sample_steps``
    Euler steps on the shifted schedule. The sampling grid contains the few-step timesteps the
    generator uses (``denoising_step_list``, warped), and the latents at those timesteps plus the
-   clean end are stored: ``[P, F, C, h, w]`` per prompt, P = steps + 1, in ``ode.storage_dtype``.
+   clean end are stored: ``[P, F, C, h, w]`` per prompt, P = len(denoising_step_list) + 1, in ``ode.storage_dtype``.
    Trajectories go into shard files of ``ode.shard_size`` prompts (``shard_00000.safetensors``:
    ``latents`` ``[n, P, F, C, h, w]``, ``prompt_index`` ``[n]``, the prompts, timesteps and
    settings in its metadata), written atomically. Shard k holds prompts ``[k·S, (k+1)·S)`` and

@@ -97,16 +97,16 @@ def denoise_block(model: WanDiT, cache: KVCache, noise: torch.Tensor, context: t
 
 @torch.no_grad()
 def commit_block(model: WanDiT, cache: KVCache, clean: torch.Tensor, context: torch.Tensor,
-                 context_noise: float, generator: torch.Generator | None = None,
-                 scheduler: FlowMatchScheduler | None = None) -> None:
+                 context_noise: float, generator: torch.Generator | None, scheduler: FlowMatchScheduler) -> None:
     """The clean pass: run the finished block at timestep ``context_noise`` and append its keys
     and values to the cache. With ``context_noise > 0`` the block is first re-noised to that
-    timestep (as Self-Forcing does); at 0 (the default) it goes in clean."""
+    timestep on ``scheduler``'s schedule (as Self-Forcing does); at 0 (the config's default) it
+    goes in clean."""
     t = torch.full(clean.shape[:2], float(context_noise), device=clean.device)
     x = clean.detach()
     if context_noise > 0:
         fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-        x = (scheduler or FlowMatchScheduler()).add_noise(x, fresh, t)
+        x = scheduler.add_noise(x, fresh, t)
     model(x, t, context, kv_cache=cache, commit=True)
 
 

@@ -41,16 +41,16 @@ from model.wan import WanDiT
 from pipeline.rollout import RolloutSettings
 from pipeline.self_forcing import draw_exit_steps, self_forcing_rollout
 from utils.checkpoint import load_dit_state_dict, load_dit_weights
+from utils.config import DTYPES
 from utils.distributed import (DistInfo, all_reduce_mean, derive_seed, mixed_precision, on_main_rank,
                                seeded_generator, shard_dit)
-from utils.errors import CheckpointError, ConfigError, OutputError
+from utils.errors import CheckpointError, ConfigError, OutputError, first_line
 from utils.fs import reason
 from utils.train_checkpoint import (CheckpointLoadError, ModelAndOptimizer, full_state_dict, latest_checkpoint,
                                     load_checkpoint, read_trainer_state, resumable_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -64,7 +64,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """Non-empty lines of the prompt file (``train.data_path``); ConfigError if unusable."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first prompt
     except FileNotFoundError as exc:
         raise ConfigError(f"train.data_path {path} does not exist; {PROMPTS_HINT}") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -130,9 +130,9 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
 
 def latent_shape(cfg: DictConfig) -> tuple[int, int, int]:
     """(C, h, w) of one latent frame of the training clips, from height/width and the VAE factor."""
-    from model.vae import compression_factors, config_of
+    from model.vae import compression_factors, run_config
 
-    factor = compression_factors(config_of(cfg.tiny_vae, cfg.wan_model_path))[0]
+    factor = compression_factors(run_config(cfg))[0]
     _, ph, pw = cfg.model.patch_size
     if cfg.height % (factor * ph) or cfg.width % (factor * pw):
         raise ConfigError(f"height ({cfg.height}) and width ({cfg.width}) must be multiples of the VAE factor "
@@ -233,8 +233,7 @@ def start_wandb(cfg: DictConfig, logdir: Path, run_id: str | None):
                           dir=str(logdir), id=run_id, resume="allow",
                           config=OmegaConf.to_container(cfg, resolve=True))
     except Exception as exc:  # not logged in, no network, bad entity: all fixable by the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"wandb could not start ({first}); run `wandb login`, set WANDB_MODE=offline, "
+        raise ConfigError(f"wandb could not start ({first_line(exc)}); run `wandb login`, set WANDB_MODE=offline, "
                           f"or pass --disable-wandb") from exc
 
 

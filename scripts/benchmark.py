@@ -143,9 +143,9 @@ def vae_block_flops(cfg, latent_shape: tuple[int, int, int]) -> tuple[int, int]:
     from diffusers import AutoencoderKLWan
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.vae import WanVAE, config_of
+    from model.vae import WanVAE, run_config
 
-    config = config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path)
+    config = run_config(cfg)
     with torch.device("meta"):
         decoder = WanVAE(AutoencoderKLWan.from_config(config)).streaming_decoder()
     counts = []
@@ -366,7 +366,7 @@ def rope_cache_targets():
     targets = [(KVCache, name) for name in ("prepare", "set_text", "commit", "flush", "cut", "current_table",
                                             "context_table", "check_block", "reset")]
     targets += [(LayerKV, name) for name in ("attend", "cross")]
-    targets += [(wan, name) for name in ("apply_rope", "rotate") if hasattr(wan, name)]
+    targets += [(wan, "rotate")]
     return targets
 
 

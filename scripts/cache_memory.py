@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from model.vae import compression_factors, config_of  # noqa: E402
+from model.vae import compression_factors, run_config  # noqa: E402
 from pipeline.generate import DTYPES, resolve_device  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import user_errors_exit  # noqa: E402
@@ -81,8 +81,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_path, args.overrides)
     with torch.device("meta"):
         dit = WanDiT(**OmegaConf.to_container(cfg.model, resolve=True))
-    tiny_vae = OmegaConf.to_container(cfg.tiny_vae, resolve=True) if cfg.tiny_vae is not None else None
-    spatial, _ = compression_factors(config_of(tiny_vae, cfg.wan_model_path))
+    spatial, _ = compression_factors(run_config(cfg))
     latent_hw = (cfg.height // spatial, cfg.width // spatial)
     dtype = DTYPES[cfg.dtype]
     cache = dit.new_cache(batch_size=1, height=latent_hw[0], width=latent_hw[1],

@@ -64,10 +64,10 @@ def random_encoder(geometry, tokenizer_path: str, text_len: int, device: torch.d
     the meta device first: no float32 copy of a multi-billion-parameter model)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from model.text_encoder import _as_dict
+    from utils.config import as_dict
 
     tokenizer = load_tokenizer(tokenizer_path)
-    config = _as_dict(geometry)
+    config = as_dict(geometry)
     config.setdefault("vocab_size", len(tokenizer))
     try:
         umt5 = UMT5Config(**config)

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model.rope import Rope, _rotate_real, apply_rope, rotate
 from pipeline.generate import build_models, plan_prompt
 from pipeline.rollout import RolloutSettings, plan_blocks, rollout
-from utils.config import load_config
+from utils.config import SWITCHES, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a walk[3s] | a run[3s#] | a jump[3s] | a rest[3s#]"   # flush, cut, flush, cut
@@ -654,9 +654,9 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
             key, value = item.split("=")
             c[key] = {"true": True, "false": False}.get(value, value)
         generate.resolve_switches(c, torch.device(device))
-        return {k: c[k] for k in generate.AUTO_SWITCHES}
+        return {k: c[k] for k in SWITCHES}
 
-    everything_off = dict.fromkeys(generate.AUTO_SWITCHES, False)
+    everything_off = dict.fromkeys(SWITCHES, False)
     assert resolved([], "cpu") == everything_off
     assert resolved(["compile=true"], "cpu") == {**everything_off, "compile": True}  # inductor's C++ backend
 
@@ -678,12 +678,12 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     (tmp_path / "Python.h").touch()
     paths = sysconfig.get_paths()
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **kw: dict(paths, include=str(tmp_path)))
-    assert resolved([], "cuda") == dict.fromkeys(generate.AUTO_SWITCHES, True)
+    assert resolved([], "cuda") == dict.fromkeys(SWITCHES, True)
     assert resolved(["compile=false", "decode_stream=false"], "cuda") == {**everything_off, "cuda_graphs": True}
 
     triton["present"] = False
     with caplog.at_level("INFO", logger="pipeline.generate"):
-        assert resolved([], "cuda") == {**dict.fromkeys(generate.AUTO_SWITCHES, True), "compile": False}
+        assert resolved([], "cuda") == {**dict.fromkeys(SWITCHES, True), "compile": False}
     assert any("compile=auto: off" in r.getMessage() and "Triton is not installed" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(ConfigError, match="compile=true cannot run on cuda: Triton is not installed.*compile=false"):
@@ -709,7 +709,7 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     c = cfg.copy()
     generate.resolve_switches(c, torch.device("cuda"))
     generate.resolve_switches(c, torch.device("cuda"))  # a second call (VideoGenerator's) changes nothing
-    assert [c[k] for k in generate.AUTO_SWITCHES] == [True] * 3
+    assert [c[k] for k in SWITCHES] == [True] * 3
     for bad in ("compile=maybe", "decode_stream=2"):
         with pytest.raises(ConfigError, match=f"'{bad.split('=')[0]}' in the command-line overrides must be true, "
                                               f"false or auto"):

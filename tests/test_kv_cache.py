@@ -1,4 +1,4 @@
-"""The cached rollout is the causal model: oracles of DESIGN.md §5.
+"""The cached rollout is the causal model, proven against independent oracles:
 
 * cached block-by-block forward == full-sequence block-causal forward (sink + window mask);
 * block-relativistic positions == absolute positions until the window fills;

@@ -1,4 +1,4 @@
-"""model/dmd.py: the DMD generator loss and the critic loss, against their definitions (DESIGN §4)."""
+"""model/dmd.py: the DMD generator loss and the critic loss, against their definitions (Self-Forcing's)."""
 import copy
 
 import pytest

@@ -1,8 +1,7 @@
 """Checkpoints of the Wan2.1 T2V DiT: formats, the Wan <-> diffusers key adapter, safe loading.
 
-Users bring the causal generator in several shapes (DESIGN.md §4, "Checkpoints users will
-bring"); :func:`load_dit_state_dict` turns any of them into one state dict with Wan's own
-parameter names, the names :class:`model.wan.WanDiT` uses:
+Users bring the causal generator in several shapes; :func:`load_dit_state_dict` turns any of
+them into one state dict with Wan's own parameter names, the names :class:`model.wan.WanDiT` uses:
 
 * a Self-Forcing-family ``.pt``/``.pth`` (Self-Forcing, Infinite-Forcing, Causal-Forcing, the
   ODE-init file): a dict with ``generator`` and/or ``generator_ema`` state dicts whose keys carry
@@ -36,7 +35,7 @@ from typing import Iterable, Mapping, MutableMapping
 
 import torch
 
-from utils.errors import CheckpointError, WeightsMissingError
+from utils.errors import CheckpointError, WeightsMissingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +176,6 @@ def normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _describe_keys(keys: Iterable[str], n: int = 4) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:n])
@@ -194,7 +188,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # SafetensorError, OSError, ...: the file is not readable as safetensors
-        raise CheckpointError(f"cannot read {path} as safetensors ({_first_line(exc)}): the file is "
+        raise CheckpointError(f"cannot read {path} as safetensors ({first_line(exc)[:200]}): the file is "
                               f"truncated or corrupt; delete it and download it again; "
                               f"{FETCH_HINT}") from exc
 
@@ -204,7 +198,7 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
     except Exception as exc:
-        raise CheckpointError(f"cannot read the shard index {index_path} ({_first_line(exc)}); "
+        raise CheckpointError(f"cannot read the shard index {index_path} ({first_line(exc)[:200]}); "
                               f"expected JSON with a 'weight_map' as save_pretrained writes it") from exc
     missing = [s for s in shards if not (index_path.parent / s).is_file()]
     if missing:
@@ -251,15 +245,15 @@ def _read_pt(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)  # e.g. an old layout
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():  # a broken pickle stream, not a refused class
-            raise CheckpointError(f"cannot read {path} with torch.load ({_first_line(exc)}): the "
+            raise CheckpointError(f"cannot read {path} with torch.load ({first_line(exc)[:200]}): the "
                                   f"file is truncated or corrupt; {FETCH_HINT}") from exc
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f"an object of type {found.group(1)}" if found else _first_line(exc)
+        what = f"an object of type {found.group(1)}" if found else first_line(exc)[:200]
         raise CheckpointError(f"refusing to load {path}: it holds {what}, and .pt files are loaded "
                               f"with torch.load(weights_only=True) because a pickle can run code; "
                               f"{_EXPECTED}") from exc
     except Exception as exc:  # RuntimeError (zip), EOFError, OSError: truncated or not a torch file
-        raise CheckpointError(f"cannot read {path} with torch.load ({_first_line(exc)}): the file "
+        raise CheckpointError(f"cannot read {path} with torch.load ({first_line(exc)[:200]}): the file "
                               f"is truncated, corrupt or not a torch checkpoint; {_EXPECTED}") from exc
     return _pick_state_dict(obj, path, use_ema)
 

@@ -13,14 +13,25 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # dtype: <name>
+
+
+def as_dict(config) -> dict:
+    """A plain dict from a dict or a DictConfig (nested lists become lists), e.g. a config's
+    ``tiny_vae`` for a library's ``from_config``."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -29,12 +40,8 @@ def _read_yaml(path: Path) -> DictConfig:
                           f"(see {CONFIG_DIR.relative_to(REPO_ROOT)}/)")
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError, OSError) as exc:  # yaml errors are ValueError subclasses
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot parse config {path}: {first}") from exc
-    except Exception as exc:  # yaml.YAMLError and friends
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot parse config {path}: {first}") from exc
+    except Exception as exc:  # OmegaConf's errors, yaml.YAMLError and friends, OSError
+        raise ConfigError(f"cannot parse config {path}: {first_line(exc)}") from exc
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must be a mapping of keys to values")
     return cfg
@@ -174,9 +181,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.fps > 0, "fps must be > 0")
     need(cfg.height > 0 and cfg.width > 0, f"height ({cfg.height}) and width ({cfg.width}) must be > 0")
     need(-2**63 <= cfg.seed < 2**63, f"seed ({cfg.seed}) must fit in 64 bits (between -2**63 and 2**63 - 1)")
-    need(cfg.dtype in ("bfloat16", "float16", "float32"), f"dtype must be bfloat16, float16 or float32, not '{cfg.dtype}'")
-    need(cfg.text_encoder_dtype in ("bfloat16", "float16", "float32"),
-         f"text_encoder_dtype must be bfloat16, float16 or float32, not '{cfg.text_encoder_dtype}'")
+    for key in ("dtype", "text_encoder_dtype"):
+        need(cfg[key] in DTYPES, f"{key} must be one of {', '.join(DTYPES)}, not '{cfg[key]}'")
     need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
     need(cfg.live.ahead_blocks >= 1, f"live.ahead_blocks ({cfg.live.ahead_blocks}) must be >= 1")
     need(0 <= cfg.live.port <= 65535, f"live.port ({cfg.live.port}) must be between 0 and 65535")

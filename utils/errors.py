@@ -12,6 +12,10 @@ import sys
 
 EXIT_USER_ERROR = 2
 
+# what to do about missing or damaged Wan weights (text encoder, tokenizer, VAE)
+WAN_DOWNLOAD_HINT = ("run `bash setup_env.sh` (downloads Wan-AI/Wan2.1-T2V-1.3B-Diffusers into wan_models/) "
+                     "or place the files there by hand")
+
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what, where and what to do."""

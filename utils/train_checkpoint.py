@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.stateful import Stateful
 
 from utils.distributed import all_ranks_ok, barrier
-from utils.errors import CheckpointError, OutputError
+from utils.errors import CheckpointError, OutputError, first_line
 from utils.fs import reason
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,7 @@ def _failure_reason(exc: BaseException) -> str:
         for failure in (getattr(e, "failures", None) or {}).values():
             todo.append(failure[0] if isinstance(failure, tuple) else failure)
         todo += [e.__cause__, e.__context__]
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return first
+    return first_line(exc)[:200]
 
 
 def _load_failure(exc: BaseException) -> tuple[str, bool]:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.errors import OutputError, UserError
+from utils.errors import OutputError, UserError, first_line
 from utils.fs import MIN_FREE_BYTES, reason
 
 log = logging.getLogger(__name__)
@@ -477,8 +477,7 @@ def _write_failure_reason(folder: Path, exc: OSError) -> str:
     with contextlib.suppress(OSError):
         if shutil.disk_usage(folder).free < MIN_FREE_BYTES:
             return "no space left on the device"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"ffmpeg stopped writing: {first}; a full disk, a quota or a file-size limit?"
+    return f"ffmpeg stopped writing: {first_line(exc)}; a full disk, a quota or a file-size limit?"
 
 
 # ---------------------------------------------------------------------------------- subtitles
