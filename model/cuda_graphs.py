@@ -28,8 +28,12 @@ and cuDNN plans, ``torch.compile``); the second runs as the warm-up on a side st
 needs, its output that call's, and then the graph is recorded (recording executes nothing);
 replays start at the third. All graphs share one memory pool (they never run concurrently).
 Capture is checked per thread (``capture_error_mode="thread_local"``): the mp4 writer's thread
-keeps waiting on its CUDA events meanwhile. A capture that fails leaves that layout eager, with
-one warning. Another cache (or new text buffers) drops the graphs.
+keeps waiting on its CUDA events meanwhile. A capture that fails turns the graphs off, with one
+warning: every forward runs eagerly from then on (a failed capture can leave the caching
+allocator's bookkeeping of captures behind, in torch before 2.13, so no other is tried). Another
+cache (or new text buffers) drops the graphs, and their pool with them: a later capture starts a
+new pool (the first capture leaves cuBLAS's workspace in its pool for good, so a pool whose graphs
+are gone cannot be handed to a capture again).
 
 ``capture=False`` is the dry run the CPU tests use, through the same calls: "capture" runs the
 call's forward on the static inputs as the warm-up does and records nothing, and "replay" runs the
@@ -93,10 +97,15 @@ class _Captured:
         if not self.real:
             return
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the mp4 writer's thread may wait on a CUDA event while this thread
-        # captures; only this thread's calls must be capturable
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            self.out = self.core(self.x, self.t, self.rope, self.layers)
+        stream = torch.cuda.current_stream()
+        try:
+            # thread_local: the mp4 writer's thread may wait on a CUDA event while this thread
+            # captures; only this thread's calls must be capturable
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self.out = self.core(self.x, self.t, self.rope, self.layers)
+        finally:  # a capture that raises can leave this thread on the capture's stream
+            if torch.cuda.current_stream() != stream:
+                torch.cuda.set_stream(stream)
         self.graph = graph
 
     def replay(self, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -120,14 +129,15 @@ class CachedForwardGraphs:
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.capture_graphs = capture
         self.stats: Counter = Counter()
-        self._pool = self._side = None  # one memory pool for all graphs; the warm-up stream
+        self.failed: str | None = None  # why the graphs are off, once a capture failed
+        self._side = None  # the warm-up stream
         self.reset()
 
     def reset(self) -> None:
-        """Drop every graph (and with them the buffers they hold)."""
+        """Drop every graph (and with them the buffers they hold) and their memory pool."""
         self._graphs: dict[tuple, _Captured] = {}
         self._seen: Counter = Counter()
-        self._failed: set[tuple] = set()
+        self._pool = None  # one memory pool for all graphs, made at the first capture
         self._owner: tuple | None = None  # (cache, its text allocation) the graphs were captured on
 
     def __call__(self, core: Core, cache, x: torch.Tensor, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -139,7 +149,7 @@ class CachedForwardGraphs:
         captured = self._graphs.get(key)
         if captured is None:
             self._seen[key] += 1
-            if self._seen[key] < 2 or key in self._failed:
+            if self._seen[key] < 2 or self.failed is not None:
                 self.stats["eager"] += 1
                 return core(x, t, rope, cache.layers())
             return self._capture(core, cache, x, t, rope, key)
@@ -151,17 +161,19 @@ class CachedForwardGraphs:
         :meth:`_Captured.capture`); its output is returned."""
         captured = _Captured(core, x, t, rope, cache.layers(), real=self.capture_graphs)
         if self.capture_graphs and self._pool is None:
-            self._pool, self._side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+            self._pool = torch.cuda.graph_pool_handle()
+            self._side = self._side or torch.cuda.Stream()
         try:
             out = captured.capture(self._pool, self._side)
-        except CaptureFailed as failed:  # an op that cannot be captured: this layout stays eager
+        except CaptureFailed as failed:  # an op that cannot be captured: no graphs from now on
             exc = failed.__cause__
-            self._failed.add(key)
+            self.failed = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            self.reset()
             self.stats["failed"] += 1
             self.stats["eager"] += 1
-            log.warning("CUDA graph capture failed for a cache layout of %d held frames%s; running it eagerly "
-                        "(%s: %s)", cache.num_frames, " (clean pass)" if cache.writes else "",
-                        type(exc).__name__, str(exc).splitlines()[0][:200])
+            log.warning("CUDA graph capture failed for the cache layout of %d held frames%s (%s); CUDA graphs are "
+                        "off, every forward runs eagerly", cache.num_frames,
+                        " (clean pass)" if cache.writes else "", self.failed)
             return failed.out
         self._graphs[key] = captured
         self.stats["captured"] += 1

@@ -155,7 +155,7 @@ class PendingFrames:
             u8 = _uint8_frames(frames)
             self._host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
             self._host.copy_(u8, non_blocking=True)
-            self._ready = torch.cuda.Event()
+            self._ready = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning a core
             self._ready.record()
         else:  # on a CPU the conversion itself is host work: it runs in numpy() too
             _uint8_frames(frames[:0])  # checks dtype and shape now
