@@ -37,7 +37,7 @@ For each (variant, length) it measures
   device in the model's dtype (and by the nominal peak on known GPUs), and the achieved fraction
   of that floor.
 
-Writes ``<out>/<tag>.json`` (every number, per-block times included) and ``<out>/<tag>.md``
+Writes ``<out>/<tag>.json`` (every number; each block's times with ``--per_block``) and ``<out>/<tag>.md``
 (the table, also printed). Random weights: speed does not depend on their values. Trailing
 ``key=value`` arguments override the config as in ``inference.py``.
 """
@@ -381,17 +381,34 @@ def _proc_status(key: str) -> int | None:
     return None
 
 
-class PeakMemory:
-    """Peak memory of the measured passes: CUDA peak allocated on a GPU, peak RSS on a CPU."""
+def graph_pool_bytes(device: torch.device) -> int | None:
+    """Bytes the private memory pools (the CUDA graphs') hold on ``device``, from the allocator's
+    snapshot; None where this torch's snapshot does not say which pool a segment is in."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    segments = [s for s in torch.cuda.memory_snapshot() if s.get("device", index) == index]
+    if any("segment_pool_id" not in s for s in segments):
+        return None
+    return sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) != (0, 0))
 
-    def __init__(self, device: torch.device):
-        self.device = device
+
+class PeakMemory:
+    """Peak memory of the measured passes: CUDA peak allocated on a GPU, peak RSS on a CPU.
+    ``graphs``: the DiT replays CUDA graphs, whose temporaries live in their private pool, which
+    the allocator's peak does not count (they were allocated and freed at capture, before the
+    reset, and a replay allocates nothing): the pool's bytes are added, an upper bound (the
+    graphs' static inputs and outputs are counted twice); where the pool cannot be told apart,
+    the peak reserved is the peak."""
+
+    def __init__(self, device: torch.device, graphs: bool = False):
+        self.device, self.graphs = device, graphs
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "torch.cuda.max_memory_allocated (reset after warm-up)"
+            if self.graphs:
+                self.method += " + the CUDA graphs' memory pool"
             self.baseline = torch.cuda.memory_allocated(self.device)
             return
         self.baseline = _proc_status("VmRSS")
@@ -404,9 +421,17 @@ class PeakMemory:
     def read(self) -> dict:
         if self.device.type == "cuda":
             synchronize(self.device)
-            return {"method": self.method, "peak_bytes": torch.cuda.max_memory_allocated(self.device),
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
-                    "baseline_bytes": self.baseline}
+            out = {"method": self.method, "peak_bytes": torch.cuda.max_memory_allocated(self.device),
+                   "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                   "baseline_bytes": self.baseline}
+            if self.graphs:
+                out["graph_pool_bytes"] = pool = graph_pool_bytes(self.device)
+                if pool is None:
+                    out.update(peak_bytes=out["peak_reserved_bytes"], method="torch.cuda.max_memory_reserved "
+                               "(reset after warm-up; this torch's snapshot does not name the CUDA graphs' pool)")
+                else:
+                    out["peak_bytes"] += pool
+            return out
         peak = _proc_status("VmHWM") if self.method.startswith("VmHWM") else None
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -674,14 +699,18 @@ class Bench:
         ``render`` and ``decode_stream``): nothing synchronises between the stages, as in a real
         render, so the host queues the next block while the GPU works and, with a decode stream,
         the VAE decode overlaps the next block's DiT; there are no stage boundaries to time. The
-        writer's bounded queue keeps the host at most a few blocks ahead, so the steady intervals
-        between blocks are the throughput. The whole block time is reported as "dit", the other
-        stages as 0."""
+        host runs ahead of the GPU by up to the writer's bounded queue, a lead that grows over the
+        first blocks: so the GPU is waited for after the first block (its latency), before the
+        first steady block and after the last, and the steady blocks' intervals add up to the
+        time from an idle GPU to an idle GPU. The whole block time is reported as "dit", the
+        other stages as 0. (What the writer's thread still has queued at the end, a block or two
+        of the uint8 copy, subtitle and pipe, is in ``close_s``.)"""
         from pipeline.rollout import plan_blocks
         from utils.video import VideoWriter
 
         gen, cfg = self.gen, self.cfg
         per_block = {"dit": [], "rope_cache": [], "vae": [], "write": []}
+        first_steady = min(steady_start(cfg), total - 1)
         synchronize(self.device)
         start = t0 = time.perf_counter()
         with VideoWriter(path, fps=float(cfg.fps), width=int(cfg.width), height=int(cfg.height),
@@ -690,6 +719,8 @@ class Bench:
                                 subtitles=[s.subtitle for s in plan.segments], total_frames=plan.total_frames)
             written = 0
             for block in tqdm(blocks, total=total, desc=desc, unit="block", leave=False, disable=None):
+                if block.index == 0 or block.index + 1 in (first_steady, total):
+                    synchronize(self.device)
                 t1 = time.perf_counter()
                 for key, value in (("dit", t1 - t0), ("rope_cache", float("nan")), ("vae", 0.0), ("write", 0.0)):
                     per_block[key].append(value)
@@ -833,7 +864,7 @@ def measure(bench: Bench, seconds: float, opts: dict, workdir: Path) -> dict:
     warm = bench.pipeline_pass(plan, contexts, workdir / "warmup.mp4", max_blocks=opts["warmup_blocks"],
                                split=False, desc="warm-up")
     bench.second_video(plan, contexts)
-    memory = PeakMemory(device)
+    memory = PeakMemory(device, graphs=bool(cfg.cuda_graphs))
     memory.reset()
 
     dit_runs = [bench.dit_pass(plan, contexts, desc=f"DiT {seconds:g}s #{r + 1}") for r in range(opts["repeats"])]
@@ -861,7 +892,9 @@ def measure(bench: Bench, seconds: float, opts: dict, workdir: Path) -> dict:
             "pipeline_first_frames_s": statistics.median(r["per_block"]["dit"][0] + r["per_block"]["vae"][0]
                                                          + r["per_block"]["write"][0] for r in runs),
             "split_ms_per_block": None if overlapped else {
-                "dit_forward": 1e3 * (stage["dit"] - stage["rope_cache"]), "rope_cache": 1e3 * stage["rope_cache"],
+                # without the split's timers (compiled or captured DiT) the DiT's time is all "dit_forward"
+                "dit_forward": 1e3 * (stage["dit"] - (0.0 if math.isnan(stage["rope_cache"]) else stage["rope_cache"])),
+                "rope_cache": 1e3 * stage["rope_cache"],
                 "vae_decode": 1e3 * stage["vae"], "write_mp4_subtitles": 1e3 * stage["write"]},
             "mp4_close_s": run["close_s"], "pipeline_wall_s": [r["wall_s"] for r in runs],
             "frames_written": run["frames_written"],
@@ -946,7 +979,8 @@ def add_floor(out: dict) -> dict:
         split = run.get("split_ms_per_block")
         if vae and split:  # DiT + VAE: floor against the pipeline's measured DiT + decode time
             both = (out["flops"]["per_block_steady"] + vae) / out["matmul"]["flops_per_s"]
-            measured = (split["dit_forward"] + split["rope_cache"] + split["vae_decode"]) / 1e3
+            rope_cache = 0.0 if math.isnan(split["rope_cache"]) else split["rope_cache"]  # not split: in dit_forward
+            measured = (split["dit_forward"] + rope_cache + split["vae_decode"]) / 1e3
             run["dit_vae_floor_s_per_block"] = both
             run["dit_vae_floor_fraction"] = both / measured
     return out
@@ -1270,7 +1304,7 @@ def measure_memory(spec: dict, seconds: float, opts: dict) -> dict:
             bench.pipeline_pass(plan, contexts, workdir / "warmup.mp4", max_blocks=opts["warmup_blocks"], split=False,
                                 desc="warm-up")
             bench.second_video(plan, contexts)
-            memory = PeakMemory(bench.device)
+            memory = PeakMemory(bench.device, graphs=bool(bench.cfg.cuda_graphs))
             memory.reset()
             bench.dit_pass(plan, contexts, desc=f"memory DiT {seconds:g}s")
             dit = memory.read()
@@ -1397,6 +1431,7 @@ def main(argv=None) -> int:
                 run["memory_default_allocator"] = run["memory"]
                 run["memory"] = mem
             results.append(result)
+            write_report(final=False)
     if not results:
         log.error("no variant finished: %s", ", ".join(failed))
         return 1

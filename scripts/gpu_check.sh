@@ -30,21 +30,24 @@ WHEELS=(diffusers==0.42.1 omegaconf==2.3.0 imageio-ffmpeg==0.6.0 importlib-metad
 SDIST_WHEELS=(antlr4-python3-runtime==4.9.3)
 MODE=gpu
 PART=main
-case "${1:-}" in --levers) PART=levers; shift ;; --train) PART=train; shift ;; esac
-case "${1:-}" in
-    --fetch)
-        mkdir -p .whl
-        grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-        python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            --platform manylinux1_x86_64 --platform any -d .whl "${WHEELS[@]}"
-        python3 -m pip wheel --quiet --no-deps -w .whl "${SDIST_WHEELS[@]}"
-        ls -1 .whl; du -sh .whl
-        exit 0 ;;
-    --cpu) MODE=cpu ;;
-    "") ;;
-    *) echo "usage: bash scripts/gpu_check.sh [--levers | --train] [--fetch | --cpu]" >&2; exit 2 ;;
-esac
+usage() { echo "usage: bash scripts/gpu_check.sh [--levers | --train] [--fetch | --cpu]" >&2; exit 2; }
+for arg in "$@"; do  # in any order
+    case "$arg" in
+        --levers|--train) [ "$PART" = main ] || usage; PART=${arg#--} ;;
+        --fetch|--cpu) [ "$MODE" = gpu ] || usage; MODE=${arg#--} ;;
+        *) usage ;;
+    esac
+done
+if [ "$MODE" = fetch ]; then
+    mkdir -p .whl
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 --platform any -d .whl "${WHEELS[@]}"
+    python3 -m pip wheel --quiet --no-deps -w .whl "${SDIST_WHEELS[@]}"
+    ls -1 .whl; du -sh .whl
+    exit 0
+fi
 
 OUT=${OUT:-benchmarks/gpu_check}
 mkdir -p "$OUT"
