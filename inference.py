@@ -7,7 +7,7 @@
     python inference.py --live                  # steer the video from a local web page while it plays
     python inference.py --live --stdin           # the same from the terminal: one action per line
 
-Trailing ``key=value`` arguments override the config (e.g. ``sink_size=2 position_policy=absolute``).
+Trailing ``key=value`` arguments override the config (e.g. ``sink_size=2 local_attn_size=7 position_policy=absolute``).
 Under ``torchrun`` the prompts are split across ranks, one GPU each.
 """
 from __future__ import annotations

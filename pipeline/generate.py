@@ -53,8 +53,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {name!r}; use cuda, cuda:N or cpu") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is 'cuda' but no CUDA GPU is available; use the CPU (device=cpu in the config, "
-                          "--device cpu for the scripts), e.g. with configs/tiny.yaml")
+        raise ConfigError("device is 'cuda' but no CUDA GPU is available; use the CPU (device=cpu in the config "
+                          "or as a trailing override), e.g. with configs/tiny.yaml")
     return device
 
 
