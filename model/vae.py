@@ -167,12 +167,6 @@ class WanVAE(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def num_video_frames(self, num_latent_frames: int) -> int:
-        """Video frames decoded from ``num_latent_frames`` latent frames: 1 + tf·(F − 1)."""
-        if num_latent_frames < 1:
-            return 0
-        return 1 + self.temporal_factor * (num_latent_frames - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of one latent frame for a ``height`` × ``width`` video."""
         f = self.spatial_factor

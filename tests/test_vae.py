@@ -19,6 +19,7 @@ from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 
 from model.vae import WanVAE, config_of, decoder_compiles_whole
+from pipeline.plan import video_frames_after
 from utils.errors import ConfigError, WeightsMissingError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def _stats(vae: WanVAE):
 def test_geometry_from_config(vae):
     assert vae.z_dim == 16 and vae.spatial_factor == 8 and vae.temporal_factor == 4
     assert vae.latent_shape(480, 832) == (16, 60, 104)
-    assert [vae.num_video_frames(f) for f in (1, 3, 7, 21)] == [1, 9, 25, 81]
+    assert [video_frames_after(f, 1, vae.temporal_factor) for f in (1, 3, 7, 21)] == [1, 9, 25, 81]
     torch.manual_seed(0)
     two_levels = WanVAE.from_config({**TINY_VAE, "dim_mult": [1, 2, 2], "temperal_downsample": [False, True]})
     assert (two_levels.spatial_factor, two_levels.temporal_factor) == (4, 2)
