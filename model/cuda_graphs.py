@@ -29,11 +29,11 @@ needs, its output that call's, and then the graph is recorded (recording execute
 replays start at the third. All graphs share one memory pool (they never run concurrently).
 Capture is checked per thread (``capture_error_mode="thread_local"``): the mp4 writer's thread
 keeps waiting on its CUDA events meanwhile. A capture that fails turns the graphs off, with one
-warning: every forward runs eagerly from then on (a failed capture can leave the caching
-allocator's bookkeeping of captures behind, in torch before 2.13, so no other is tried). Another
-cache (or new text buffers) drops the graphs, and their pool with them: a later capture starts a
-new pool (the first capture leaves cuBLAS's workspace in its pool for good, so a pool whose graphs
-are gone cannot be handed to a capture again).
+warning: every forward runs eagerly from then on (a capture that fails part-way can leave the
+caching allocator's bookkeeping of captures and its pool behind, pytorch#180395 and #190308, so
+no other is tried). Another cache (or new text buffers) drops the graphs, and their pool with
+them: a later capture starts a new pool (the first capture leaves cuBLAS's workspace in its pool
+for good, so a pool whose graphs are gone cannot be handed to a capture again).
 
 ``capture=False`` is the dry run the CPU tests use, through the same calls: "capture" runs the
 call's forward on the static inputs as the warm-up does and records nothing, and "replay" runs the
