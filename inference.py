@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     folder = output_folder(args)
 
     import torch
-    from pipeline.generate import Models, VideoGenerator, build_models, output_name, resolve_device
+    from pipeline.generate import output_name, resolve_device
     from utils.video import sigterm_as_interrupt
 
     device = resolve_device(cfg.device)
@@ -108,12 +108,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     checkpoint = checkpoint_of(args, cfg)
-    try:
-        models: Models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
-                                      device=device)
-        gen = VideoGenerator(cfg, models)
-    except KeyboardInterrupt:
-        log.warning("interrupted while loading the models; nothing was written")
+    gen = load_generator(args, cfg, checkpoint, device)
+    if gen is None:
         return 130
     jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]
     mine = jobs[rank::world]
@@ -150,6 +146,19 @@ def checkpoint_of(args, cfg) -> str:
     return args.checkpoint_path or cfg.checkpoint_path
 
 
+def load_generator(args, cfg, checkpoint: str, device=None):
+    """The models and the :class:`~pipeline.generate.VideoGenerator` over them; None when Ctrl-C
+    stops the loading (one line, nothing written)."""
+    from pipeline.generate import VideoGenerator, build_models
+
+    try:
+        models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema, device=device)
+        return VideoGenerator(cfg, models)
+    except KeyboardInterrupt:
+        log.warning("interrupted while loading the models; nothing was written")
+        return None
+
+
 def output_folder(args) -> Path:
     """The output folder, created and proven writable before any model loads."""
     from utils.fs import ensure_writable_dir
@@ -183,13 +192,11 @@ def live(args, cfg, rank: int, world: int) -> int:
 
     import asyncio
 
-    from pipeline.generate import VideoGenerator, build_models, needs_warm_up
+    from pipeline.generate import needs_warm_up
 
     checkpoint = checkpoint_of(args, cfg)
-    try:
-        gen = VideoGenerator(cfg, build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema))
-    except KeyboardInterrupt:
-        log.warning("interrupted while loading the models; nothing was written")
+    gen = load_generator(args, cfg, checkpoint)
+    if gen is None:
         return 130
     if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
         log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")
