@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # heavy imports after argument parsing: --help and --dry_run stay quick
-    from model.vae import compression_factors, run_config
+    from model.vae_config import compression_factors, run_config
     from pipeline.plan import check_prompts
     from utils.config import load_config
 

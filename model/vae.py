@@ -18,62 +18,18 @@ activations per causal conv), never the past frames. That relies on the semi-pri
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from model.vae_config import autoencoder_cls, compression_factors
 from utils.config import as_dict
 from utils.errors import WAN_DOWNLOAD_HINT, ConfigError, WeightsMissingError, first_line
 
 log = logging.getLogger(__name__)
 
-
-
-def _autoencoder_cls():
-    """diffusers' ``AutoencoderKLWan``, imported on first use (it takes seconds; plans and dry runs
-    that only read a config do without it)."""
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan
-
-
-def compression_factors(config: Mapping) -> tuple[int, int]:
-    """(spatial, temporal) compression of an ``AutoencoderKLWan`` config (keys it lacks take the
-    class defaults, which are Wan2.1's), without building the network: 8 and 4 for Wan2.1."""
-    cfg = dict(config)
-    if not {"dim_mult", "temperal_downsample"} <= set(cfg):
-        defaults = {k: p.default for k, p in inspect.signature(_autoencoder_cls().__init__).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-        cfg = {**defaults, **cfg}
-    levels = len(cfg["dim_mult"]) - 1  # the encoder downsamples after every level but the last
-    patch = cfg.get("patch_size") or 1
-    return 2 ** levels * patch, 2 ** sum(bool(t) for t in list(cfg["temperal_downsample"])[:levels])
-
-
-def config_of(random_config: Mapping | None, wan_model_path: str | Path | None) -> dict:
-    """The VAE config a run will use, read without loading weights (for plans and dry runs)."""
-    if random_config is not None:
-        return as_dict(random_config)
-    path = Path(wan_model_path or "") / "vae" / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # unreadable, truncated, a git-lfs pointer
-        raise WeightsMissingError(f"VAE config {path} is not valid JSON ({first_line(exc)}); "
-                                  f"{WAN_DOWNLOAD_HINT}") from exc
-    if not isinstance(config, dict):
-        raise WeightsMissingError(f"VAE config {path} is not a JSON object; {WAN_DOWNLOAD_HINT}")
-    return config
-
-
-def run_config(cfg) -> dict:
-    """The VAE config of a run (its merged config), as :func:`config_of` reads it: ``tiny_vae``
-    with ``random_init`` (as :func:`pipeline.generate.build_models` builds it), else the Wan VAE's."""
-    return config_of(cfg.tiny_vae if cfg.random_init else None, cfg.wan_model_path)
 
 
 def decoder_compiles_whole() -> bool:
@@ -122,7 +78,7 @@ class WanVAE(torch.nn.Module):
             if not path.exists():
                 raise WeightsMissingError(f"VAE weights missing: {path} does not exist; {WAN_DOWNLOAD_HINT}")
         try:
-            vae = _autoencoder_cls().from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
+            vae = autoencoder_cls().from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True,
                                                    use_safetensors=True)  # never unpickle weights
         except OSError as exc:  # weights file missing / unreadable
             raise WeightsMissingError(f"cannot load the VAE from {vae_dir}: {first_line(exc)}; "
@@ -137,12 +93,12 @@ class WanVAE(torch.nn.Module):
     def from_config(cls, config: Mapping) -> "WanVAE":
         """``AutoencoderKLWan(**config)`` with random weights (fp32; the caller seeds torch)."""
         config = as_dict(config)
-        known = set(inspect.signature(_autoencoder_cls().__init__).parameters) - {"self"}
+        known = set(inspect.signature(autoencoder_cls().__init__).parameters) - {"self"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ConfigError(f"tiny_vae has unknown key(s) {', '.join(unknown)}; use AutoencoderKLWan "
                               f"arguments such as base_dim, z_dim, dim_mult, num_res_blocks, temperal_downsample")
-        return cls(_autoencoder_cls()(**config))
+        return cls(autoencoder_cls()(**config))
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -34,7 +34,7 @@ from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
-from utils.config import DTYPES, SWITCHES
+from utils.config import SWITCHES, torch_dtype
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
 from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
@@ -161,8 +161,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     """The DiT (from the checkpoint, or random with ``random_init``), UMT5 and the VAE."""
     device = device or resolve_device(cfg.device)
     resolve_switches(cfg, device)  # before any weights load
-    dtype = DTYPES[cfg.dtype]
-    text_dtype = DTYPES[cfg.text_encoder_dtype]
+    dtype = torch_dtype(cfg.dtype)
+    text_dtype = torch_dtype(cfg.text_encoder_dtype)
     text_device = torch.device("cpu") if cfg.offload_text_encoder else device
     wan_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.random_init:
@@ -299,7 +299,7 @@ class VideoGenerator:
             if kept is not None:
                 self._kept[text] = kept  # the most recently used go last
         if kept is None:
-            kept = self.m.text_encoder([text]).to("cpu", DTYPES[self.cfg.dtype])
+            kept = self.m.text_encoder([text]).to("cpu", torch_dtype(self.cfg.dtype))
             with self._kept_lock:
                 self._kept[text] = kept
                 while len(self._kept) > self.TEXTS_KEPT:
@@ -314,7 +314,7 @@ class VideoGenerator:
     def image_latent(self, image: str | Path) -> torch.Tensor:
         """The first latent frame ``[1, 1, C, h, w]`` of an image start."""
         pixels = load_image(image, int(self.cfg.width), int(self.cfg.height))
-        return self.m.vae.encode(pixels).to(self.m.device, DTYPES[self.cfg.dtype])
+        return self.m.vae.encode(pixels).to(self.m.device, torch_dtype(self.cfg.dtype))
 
     def warn_absolute_positions(self, latent_frames: int) -> None:
         if self.settings.policy == "absolute" and latent_frames > ABSOLUTE_TABLE_POSITIONS:

@@ -39,8 +39,9 @@ from safetensors.torch import save_file
 from model.scheduler import FlowMatchScheduler
 from model.wan import WanDiT
 from pipeline.rollout import RolloutSettings
-from pipeline.trainer import DTYPES, Trainer, base_state_dict, dit_from, latent_shape
+from pipeline.trainer import Trainer, base_state_dict, dit_from, latent_shape
 from utils.checkpoint import load_dit_state_dict
+from utils.config import DTYPE_NAMES, torch_dtype
 from utils.distributed import seeded_generator
 from utils.errors import ConfigError
 from utils.train_checkpoint import ModelAndOptimizer
@@ -317,7 +318,7 @@ class ODETrainer(Trainer):
 
 
 def storage_dtype(cfg: DictConfig) -> torch.dtype:
-    return DTYPES[cfg.ode.storage_dtype]
+    return torch_dtype(cfg.ode.storage_dtype)
 
 
 def validate_ode_config(cfg: DictConfig) -> None:
@@ -331,8 +332,8 @@ def validate_ode_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ode.shard_size ({o.shard_size}) must be >= 1")
     if o.max_prompts == 0 or o.max_prompts < -1:
         raise ConfigError(f"ode.max_prompts ({o.max_prompts}) must be -1 (all) or >= 1")
-    if o.storage_dtype not in DTYPES:
-        raise ConfigError(f"ode.storage_dtype must be one of {', '.join(DTYPES)}, not '{o.storage_dtype}'")
+    if o.storage_dtype not in DTYPE_NAMES:
+        raise ConfigError(f"ode.storage_dtype must be one of {', '.join(DTYPE_NAMES)}, not '{o.storage_dtype}'")
     f, block = cfg.train.num_training_frames, cfg.num_frame_per_block
     if f < block or f % block:
         raise ConfigError(f"train.num_training_frames ({f}) must be a positive multiple of num_frame_per_block "

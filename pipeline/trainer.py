@@ -41,7 +41,7 @@ from model.wan import WanDiT
 from pipeline.rollout import RolloutSettings
 from pipeline.self_forcing import draw_exit_steps, self_forcing_rollout
 from utils.checkpoint import load_dit_state_dict, load_dit_weights
-from utils.config import DTYPES
+from utils.config import DTYPE_NAMES, torch_dtype
 from utils.distributed import (DistInfo, all_reduce_mean, derive_seed, mixed_precision, on_main_rank,
                                seeded_generator, shard_dit)
 from utils.errors import CheckpointError, ConfigError, OutputError, first_line
@@ -123,14 +123,15 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     need(not (tc.mixed_precision and cfg.dtype == "float16"),
          "training computes in bfloat16 or float32 (float16 would need loss scaling); set dtype=bfloat16 "
          "or train.mixed_precision=false")
-    need(tc.export_dtype in DTYPES, f"train.export_dtype must be one of {', '.join(DTYPES)}, not '{tc.export_dtype}'")
+    need(tc.export_dtype in DTYPE_NAMES,
+         f"train.export_dtype must be one of {', '.join(DTYPE_NAMES)}, not '{tc.export_dtype}'")
     need(cfg.random_init or cfg.tiny_text_encoder is not None or cfg.wan_model_path,
          "set wan_model_path (the text encoder and the base DiT are read from it)")
 
 
 def latent_shape(cfg: DictConfig) -> tuple[int, int, int]:
     """(C, h, w) of one latent frame of the training clips, from height/width and the VAE factor."""
-    from model.vae import compression_factors, run_config
+    from model.vae_config import compression_factors, run_config
 
     factor = compression_factors(run_config(cfg))[0]
     _, ph, pw = cfg.model.patch_size
@@ -265,10 +266,10 @@ def build_text_encoder(cfg: DictConfig, device: torch.device, seed: int) -> Text
             raise ConfigError("tiny_text_encoder needs tokenizer_path (tests/assets/tokenizer has a tiny one)")
         torch.manual_seed(derive_seed(seed, "text_encoder_init"))
         enc = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
-        enc = enc.to(device, DTYPES[cfg.text_encoder_dtype])
+        enc = enc.to(device, torch_dtype(cfg.text_encoder_dtype))
     else:
         enc = TextEncoder.from_pretrained(cfg.wan_model_path, cfg.model.text_len,
-                                          DTYPES[cfg.text_encoder_dtype], device)
+                                          torch_dtype(cfg.text_encoder_dtype), device)
     if enc.dim != cfg.model.text_dim:
         raise ConfigError(f"the text encoder's width ({enc.dim}) differs from model.text_dim ({cfg.model.text_dim})")
     return enc.eval().requires_grad_(False)
@@ -318,7 +319,7 @@ class Trainer:
         self.accum = grad_accumulation(cfg, dist.world_size)
         self.num_frames = int(self.tc.num_training_frames)
         self.latent_shape = latent_shape(cfg)
-        self.compute_dtype = DTYPES[cfg.dtype] if self.tc.mixed_precision else torch.float32
+        self.compute_dtype = torch_dtype(cfg.dtype) if self.tc.mixed_precision else torch.float32
         self.settings = self.rollout_settings(cfg)
         self.num_blocks = self.num_frames // self.settings.block_frames
 
@@ -451,7 +452,7 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        dtype = DTYPES[self.tc.export_dtype]
+        dtype = torch_dtype(self.tc.export_dtype)
         export = {"generator": full_state_dict(self.generator, dtype)}
         if self.ema is not None:
             export["generator_ema"] = self.ema.full_state_dict(dtype, self.dist.is_main)

@@ -143,7 +143,8 @@ def vae_block_flops(cfg, latent_shape: tuple[int, int, int]) -> tuple[int, int]:
     from diffusers import AutoencoderKLWan
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.vae import WanVAE, run_config
+    from model.vae import WanVAE
+    from model.vae_config import run_config
 
     config = run_config(cfg)
     with torch.device("meta"):

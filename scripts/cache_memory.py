@@ -29,9 +29,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from model.vae import compression_factors, run_config  # noqa: E402
-from pipeline.generate import DTYPES, resolve_device  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from model.vae_config import compression_factors, run_config  # noqa: E402
+from pipeline.generate import resolve_device  # noqa: E402
+from utils.config import load_config, torch_dtype  # noqa: E402
 from utils.errors import user_errors_exit  # noqa: E402
 
 MIB = 2 ** 20
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         dit = WanDiT(**OmegaConf.to_container(cfg.model, resolve=True))
     spatial, _ = compression_factors(run_config(cfg))
     latent_hw = (cfg.height // spatial, cfg.width // spatial)
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     cache = dit.new_cache(batch_size=1, height=latent_hw[0], width=latent_hw[1],
                           block_frames=int(cfg.num_frame_per_block), local_attn_size=int(cfg.local_attn_size),
                           sink_size=int(cfg.sink_size), policy=str(cfg.position_policy),

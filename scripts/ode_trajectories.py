@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.ode import (MANIFEST, SHARD_GLOB, TrajectorySet, check_shard, sample_trajectory,
                               sampling_sigmas, shard_name, shard_ranges, storage_dtype, trajectory_noise,
                               trajectory_settings, validate_ode_config, write_manifest, write_shard)
-    from pipeline.trainer import DTYPES, base_state_dict, build_text_encoder, dit_from, read_prompts
+    from pipeline.trainer import base_state_dict, build_text_encoder, dit_from, read_prompts
+    from utils.config import torch_dtype
     from model.scheduler import FlowMatchScheduler
 
     validate_ode_config(cfg)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(device)
         encoder = build_text_encoder(cfg, device, int(cfg.seed))
         base, source = base_state_dict(cfg, int(cfg.seed))
-        model = dit_from(cfg, base, source).to(device, DTYPES[cfg.dtype]).eval().requires_grad_(False)
+        model = dit_from(cfg, base, source).to(device, torch_dtype(cfg.dtype)).eval().requires_grad_(False)
         del base
         log.info("base model from %s; %d Euler steps, CFG %.3g, stored timesteps %s", source,
                  cfg.ode.sample_steps, cfg.ode.guidance_scale, [round(t, 2) for t in settings["timesteps"]])

@@ -40,8 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
-from pipeline.generate import DTYPES, resolve_device  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from pipeline.generate import resolve_device  # noqa: E402
+from utils.config import load_config, torch_dtype  # noqa: E402
 from utils.errors import user_errors_exit  # noqa: E402
 
 MIB = 2 ** 20
@@ -209,7 +209,7 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
     from pipeline.rollout import BlockSpec, RolloutSettings, rollout
     from utils.video import _uint8_frames
 
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     settings = RolloutSettings.from_config(cfg)
     flush_at = max(1, blocks // 2)
     cut_at = min(blocks - 1, flush_at + 2)

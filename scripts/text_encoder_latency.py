@@ -41,8 +41,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from model.text_encoder import TextEncoder, load_tokenizer  # noqa: E402
-from pipeline.generate import DTYPES, resolve_device  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from pipeline.generate import resolve_device  # noqa: E402
+from utils.config import load_config, torch_dtype  # noqa: E402
 from utils.errors import ConfigError, user_errors_exit  # noqa: E402
 
 log = logging.getLogger("text_encoder_latency")
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config_path, args.overrides)
     devices = [resolve_device(d) for d in args.devices.split(",")]  # one line if one is missing
-    dtype = DTYPES[cfg.text_encoder_dtype]
+    dtype = torch_dtype(cfg.text_encoder_dtype)
     text_len = int(cfg.model.text_len)
     title = f"One prompt's encoding ({args.config_path}, {cfg.text_encoder_dtype}, median of {args.repeats})"
     t0 = time.perf_counter()

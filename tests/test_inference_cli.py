@@ -68,6 +68,26 @@ def test_dry_run_json_matches_plan_and_touches_no_model():
     assert all(a[1] == b[0] for a, b in zip(frames, frames[1:]))
 
 
+def test_plans_and_prompt_mistakes_are_answered_without_torch(tmp_path):
+    """``--dry_run`` and a prompt's mistakes need only the config and the grammar: torch (seconds
+    to import) is not loaded for them, with the tiny VAE or a downloaded Wan VAE's config.json."""
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"dim_mult": [1, 2, 4, 4],
+                                                              "temperal_downsample": [False, True, True]}))
+    code = ("import sys, inference\n"
+            "for argv in (['--prompt', 'a[1s] | b[2s#]', '--dry_run', *sys.argv[1:]],\n"
+            "             ['--prompt', 'walks[5s', *sys.argv[1:]]):\n"
+            "    try:\n"
+            "        inference.main(argv)\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code == 2\n"
+            "print('torch' in sys.modules)")
+    for args in (TINY, ["random_init=false", f"wan_model_path={tmp_path}"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", (r.stdout, r.stderr)
+        assert "bracket" in r.stderr
+
+
 @pytest.mark.parametrize("prompt, fragment", [
     ("walks[10m]", "unit"),
     ("walks[5s] | [3s]", "segment 2"),

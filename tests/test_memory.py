@@ -133,7 +133,7 @@ def full_size():
 def test_full_size_resident_bytes_are_what_the_shapes_say(full_size):
     from omegaconf import OmegaConf
 
-    from model.vae import compression_factors, config_of
+    from model.vae_config import compression_factors, config_of
     from model.wan import WanDiT
 
     cfg, r = full_size

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 
-from model.vae import WanVAE, config_of, decoder_compiles_whole
+from model.vae import WanVAE, decoder_compiles_whole
+from model.vae_config import config_of
 from pipeline.plan import video_frames_after
 from utils.errors import ConfigError, WeightsMissingError
 

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -23,7 +22,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # dtype: <name>
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # what a config's dtype keys may name
+
+
+def torch_dtype(name: str):
+    """The ``torch.dtype`` a config's dtype key names. torch is imported here, not with this
+    module: loading a config and planning a prompt do without it (prompt mistakes and ``--dry_run``
+    answer at once)."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, not '{name}'")
+    return getattr(torch, name)
 
 
 def as_dict(config) -> dict:
@@ -182,7 +192,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.height > 0 and cfg.width > 0, f"height ({cfg.height}) and width ({cfg.width}) must be > 0")
     need(-2**63 <= cfg.seed < 2**63, f"seed ({cfg.seed}) must fit in 64 bits (between -2**63 and 2**63 - 1)")
     for key in ("dtype", "text_encoder_dtype"):
-        need(cfg[key] in DTYPES, f"{key} must be one of {', '.join(DTYPES)}, not '{cfg[key]}'")
+        need(cfg[key] in DTYPE_NAMES, f"{key} must be one of {', '.join(DTYPE_NAMES)}, not '{cfg[key]}'")
     need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
     need(cfg.live.ahead_blocks >= 1, f"live.ahead_blocks ({cfg.live.ahead_blocks}) must be >= 1")
     need(0 <= cfg.live.port <= 65535, f"live.port ({cfg.live.port}) must be between 0 and 65535")
