@@ -205,16 +205,16 @@ def test_memory_is_flat_over_a_long_session(gen, tmp_path, monkeypatch):
     marks = {}
 
     def each(block):
-        if block.index % 10 == 5:  # a new action every 10 blocks (its embedding replaces the last)
-            (session.new_scene if block.index % 20 == 5 else session.next_action)(f"walk {block.index}")
-        if block.index in (12, 75):
+        if block.index % 6 == 3:  # a new action every 6 blocks (its embedding replaces the last), every other a cut
+            (session.new_scene if block.index % 12 == 3 else session.next_action)(f"walk {block.index}")
+        if block.index in (12, 48):  # both 3 blocks after an action
             marks[block.index] = live_tensor_bytes()
-        if block.index == 80:
+        if block.index == 50:
             session.stop()
     for block in session:
         each(block)
     assert len(session.segments) == 9
-    assert marks[75] <= marks[12] * 1.01, marks
+    assert marks[48] <= marks[12] * 1.01, marks
     assert len(gen._kept) == 2
     assert sum(a.context is not None for a in session.segments) == 0  # all freed at the end
 

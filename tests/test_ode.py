@@ -278,13 +278,14 @@ def params(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_regression_loss_falls(trajectory_set, tmp_path, one_process):
-    """A few hundred CPU steps on the fixed tiny set: the loss falls well below where it starts."""
-    cfg = load_config(TINY_ODE, [f"train.data_path={trajectory_set}", "train.max_iters=300", "train.save_every=0"])
+    """150 CPU steps on the fixed tiny set: the loss falls well below where it starts (the last 50
+    steps' mean is 0.14 of the first 50's on torch 2.13)."""
+    cfg = load_config(TINY_ODE, [f"train.data_path={trajectory_set}", "train.max_iters=150", "train.save_every=0"])
     trainer = ODETrainer(cfg, tmp_path, one_process, TrajectorySet(trajectory_set, cfg))
     trainer.train()
     losses = [json.loads(line)["ode_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "ode_loss" in line]
-    assert len(losses) == 300
+    assert len(losses) == 150
     first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
     assert last < 0.25 * first, (first, last)
 
