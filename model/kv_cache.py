@@ -230,14 +230,14 @@ class KVCache:
         return slice(slot * self.frame_tokens, (slot + count) * self.frame_tokens)
 
     def context_table(self) -> torch.Tensor:
-        """Complex RoPE table of the held frames at their current positions (:func:`~model.rope.rotate`)."""
+        """RoPE table of the held frames at their current positions (:func:`~model.rope.rotate`)."""
         if self._ctx_table[0] != self.version:
             table = self.rope.freqs_for_runs(self.context_runs(), *self.grid, self.k_rot.device)
             self._ctx_table = (self.version, table)
         return self._ctx_table[1]
 
     def current_table(self, num_frames: int) -> torch.Tensor:
-        """Complex RoPE table of a block of ``num_frames`` frames generated now."""
+        """RoPE table of a block of ``num_frames`` frames generated now (:func:`~model.rope.rotate`)."""
         return self.rope.freqs_for_runs(self.current_runs(num_frames), *self.grid, self.k_rot.device)
 
     def check_block(self, batch_size: int, num_frames: int) -> None:

@@ -12,7 +12,10 @@ angles are computed from the positions asked for.
 Angle tables are computed in float64 (they are tiny: one row per frame), memoised per run of
 positions, and applied in float32. The rotation itself is one complex multiply per element
 (:func:`rotate`, the fast path: one pass over the keys instead of the several of a real-valued
-formulation); :func:`apply_rope` takes the (cos, sin) pair and gives the same result.
+formulation); :func:`apply_rope` takes the (cos, sin) pair and gives the same result. The tables
+:func:`rotate` takes are real, ``[L, head_dim // 2, 2]`` (cos, sin) pairs: a complex64 table's
+layout, viewed as complex without a copy in eager code, while a compiled block gets no complex
+tensor (inductor generates no code for complex operators and falls back to ATen for them).
 """
 from __future__ import annotations
 
@@ -81,14 +84,15 @@ class Rope:
         return cos, sin
 
     def freqs_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> torch.Tensor:
-        """The same table as :meth:`table_for_runs` as one complex tensor ``cos + i·sin``
-        ``[L, head_dim // 2]`` (complex64), the argument of :func:`rotate`; memoised likewise."""
+        """The same table as :meth:`table_for_runs` as one tensor of (cos, sin) pairs
+        ``[L, head_dim // 2, 2]`` (float32), the argument of :func:`rotate`; memoised likewise."""
         return self._entry(runs, grid_h, grid_w, device)[2]
 
     def shift_freqs(self, delta: int, num_frames: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
-        """Complex table ``[num_frames * grid_h * grid_w, head_dim // 2]`` that turns keys already
-        rotated at temporal position p to position p + ``delta``: the temporal channels by
-        ``delta``, the spatial ones not at all (rotations compose). Memoised."""
+        """Table ``[num_frames * grid_h * grid_w, head_dim // 2, 2]`` of (cos, sin) pairs (the
+        argument of :func:`rotate`) that turns keys already rotated at temporal position p to
+        position p + ``delta``: the temporal channels by ``delta``, the spatial ones not at all
+        (rotations compose). Memoised."""
         key = ("shift", int(delta), int(num_frames), grid_h, grid_w, str(device))
         hit = self._memo.get(key)
         if hit is None:
@@ -96,7 +100,7 @@ class Rope:
             parts = [torch.full((self.split[0] // 2,), float(delta), dtype=torch.float64, device=device)
                      * self._inv(0, device), torch.zeros(sum(self.split[1:]) // 2, dtype=torch.float64, device=device)]
             angles = torch.cat(parts).expand(num_frames * grid_h * grid_w, -1)
-            hit = torch.complex(torch.cos(angles).float(), torch.sin(angles).float())
+            hit = torch.stack((torch.cos(angles).float(), torch.sin(angles).float()), dim=-1)
             self._remember(key, hit)
         return hit
 
@@ -113,25 +117,26 @@ class Rope:
         pos = torch.cat([torch.arange(s, s + c, device=device) for s, c in key[0]]) if key[0] else \
             torch.zeros(0, device=device, dtype=torch.long)
         cos, sin = self.table(pos, grid_h, grid_w)
-        out = (cos, sin, torch.complex(cos, sin))
+        out = (cos, sin, torch.stack((cos, sin), dim=-1))
         self._remember(key, out)
         return out
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a complex table ``freqs`` ``[L, head_dim/2]``
-    (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex number
-    x[2i] + j x[2i+1] times freqs[i], in float32; the result has the dtype of ``x``.
+    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a table ``freqs`` ``[L, head_dim/2, 2]`` of
+    (cos, sin) pairs (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex number
+    x[2i] + j x[2i+1] times cos_i + j sin_i, in float32; the result has the dtype of ``x``.
 
     Eager: one complex multiply (bit-identical to :func:`_rotate_real`'s real formula on the CPU,
     and a single pass over ``x`` instead of several). Under ``torch.compile`` the real formula is
     used instead: the compiler fuses it into one kernel, and complex tensors are not its strong side."""
     if torch.compiler.is_compiling():
-        return _rotate_real(x, freqs.real, freqs.imag)
+        return _rotate_real(x, freqs[..., 0], freqs[..., 1])
     xf = x.float()
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()
-    out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * freqs[None, :, None, :])
+    table = torch.view_as_complex(freqs)  # a view: the pairs are a complex64 table's layout
+    out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table[None, :, None, :])
     return out.flatten(-2).to(x.dtype)
 
 
@@ -148,7 +153,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Channel pairs (2i, 2i+1) are rotated as the complex number x[2i] + j x[2i+1] times
     exp(j angle_i), in float32; the result has the dtype of ``x``. (The same as
-    :func:`rotate` with ``torch.complex(cos, sin)``.)"""
+    :func:`rotate` with ``torch.stack((cos, sin), -1)``.)"""
     if torch.compiler.is_compiling():
         return _rotate_real(x, cos, sin)
-    return rotate(x, torch.complex(cos, sin))
+    return rotate(x, torch.stack((cos, sin), dim=-1))

@@ -471,12 +471,13 @@ def parse_variant(name: str) -> dict:
 def _rotate_real(x, freqs):
     from model.rope import _rotate_real as real
 
-    return real(x, freqs.real, freqs.imag)
+    return real(x, freqs[..., 0], freqs[..., 1])
 
 
 def _rotate_f64(x, freqs):
     xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(xc * freqs.to(torch.complex128)[None, :, None, :]).flatten(-2).to(x.dtype)
+    table = torch.view_as_complex(freqs).to(torch.complex128)
+    return torch.view_as_real(xc * table[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
 def _text_kv_per_forward(self, make):
