@@ -175,8 +175,9 @@ class WanVAE(torch.nn.Module):
 
     def to_channels_last(self) -> "WanVAE":
         """Put the 3-D convolutions' weights in the channels-last 3-D layout (cuDNN's preferred
-        one on recent GPUs; the convolutions then produce channels-last activations). Off by
-        default: ``scripts/benchmark.py --variants vae_channels_last`` measures it."""
+        one on recent GPUs; the convolutions then produce channels-last activations). The
+        default on a GPU (``vae_channels_last``, with cuDNN autotuning); the benchmark's
+        ``vae_contiguous`` variant is its before."""
         for module in self.vae.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)

@@ -137,12 +137,13 @@ def resolve_switches(cfg, device: torch.device) -> None:
     """Turn each ``auto`` speed switch into true or false for ``device``, in place (so everything
     downstream, the run's sidecar included, sees what ran), and refuse an explicit ``true`` the
     device cannot run: ``compile`` needs Triton on a GPU, ``cuda_graphs`` and ``decode_stream``
-    a GPU. Idempotent. ``auto`` turns ``compile`` on for a GPU only: on a CPU the first blocks
-    would spend seconds to minutes compiling C++ for a gain that the GPU numbers are about."""
+    a GPU (``vae_channels_last`` is a layout any device runs). Idempotent. ``auto`` turns each
+    on for a GPU only: on a CPU the first blocks would spend seconds to minutes compiling C++ for
+    a gain that the GPU numbers are about, and the channels-last VAE was measured on a GPU."""
     why_not_compile = compile_unsupported(device)
     for key in SWITCHES:
         value = cfg[key]
-        possible = why_not_compile is None if key == "compile" else device.type == "cuda"
+        possible = {"compile": why_not_compile is None, "vae_channels_last": True}.get(key, device.type == "cuda")
         if value == "auto":
             cfg[key] = device.type == "cuda" and possible
             if device.type == "cuda" and not possible:
@@ -191,8 +192,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
     vae = vae.to(device=device, dtype=dtype).eval()
-    log.info("speed switches on %s: compile=%s, cuda_graphs=%s, decode_stream=%s, compile_vae=%s", device,
-             *(str(bool(cfg[k])).lower() for k in (*SWITCHES, "compile_vae")))
+    log.info("speed switches on %s: %s", device,
+             ", ".join(f"{k}={str(bool(cfg[k])).lower()}" for k in (*SWITCHES, "compile_vae")))
     if cfg.compile or cfg.compile_vae:
         log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
                  "TORCHINDUCTOR_CACHE_DIR, for later runs)", compile_cache_dir())
@@ -201,6 +202,11 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
             block.compile()
     if cfg.cuda_graphs:
         dit.use_cuda_graphs()
+    if cfg.vae_channels_last:
+        vae.to_channels_last()
+        # cuDNN times its algorithms once per convolution shape (a few, the streaming decode's)
+        # and keeps the fastest: how the channels-last decode was measured (docs/PERFORMANCE.md §17)
+        torch.backends.cudnn.benchmark = True
     if cfg.compile_vae:
         vae.compile_decoder()
     return Models(dit=dit, text_encoder=text_encoder, vae=vae, device=device)

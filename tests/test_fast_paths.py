@@ -634,6 +634,23 @@ def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
         VideoGenerator(cfg, tiny[1])  # models built on the CPU elsewhere
 
 
+def test_vae_channels_last_switch_reaches_the_decoder(monkeypatch):
+    """``vae_channels_last=true`` (``auto``: on a GPU): the VAE's 3-D convolutions are built in the
+    channels-last layout and cuDNN autotunes them; ``false`` leaves both alone. (The decode's
+    equality with the contiguous layout: ``tests/test_vae.py``.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+    def conv_weights(models):
+        return [m.weight for m in models.vae.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+
+    off = build_models(load_config(REPO / "configs" / "tiny.yaml", ["vae_channels_last=false"]))
+    assert all(w.is_contiguous() for w in conv_weights(off)) and not torch.backends.cudnn.benchmark
+    on = build_models(load_config(REPO / "configs" / "tiny.yaml", ["vae_channels_last=true"]))
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv_weights(on))
+    assert not all(w.is_contiguous() for w in conv_weights(on))
+    assert torch.backends.cudnn.benchmark
+
+
 def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     """``auto`` (compile's default): on a GPU that can run it, off elsewhere; resolved in place,
     once; an explicit ``true`` the device cannot run is a one-line config error. CUDA is simulated:
@@ -660,6 +677,8 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     everything_off = dict.fromkeys(SWITCHES, False)
     assert resolved([], "cpu") == everything_off
     assert resolved(["compile=true"], "cpu") == {**everything_off, "compile": True}  # inductor's C++ backend
+    # a layout any device runs: auto leaves it to the GPU, where it was measured; true is kept
+    assert resolved(["vae_channels_last=true"], "cpu") == {**everything_off, "vae_channels_last": True}
 
     find_spec = importlib.util.find_spec
     triton = {"present": True}
@@ -680,7 +699,8 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     paths = sysconfig.get_paths()
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **kw: dict(paths, include=str(tmp_path)))
     assert resolved([], "cuda") == dict.fromkeys(SWITCHES, True)
-    assert resolved(["compile=false", "decode_stream=false"], "cuda") == {**everything_off, "cuda_graphs": True}
+    assert resolved(["compile=false", "decode_stream=false", "vae_channels_last=false"], "cuda") == {
+        **everything_off, "cuda_graphs": True}
 
     triton["present"] = False
     with caplog.at_level("INFO", logger="pipeline.generate"):
@@ -710,8 +730,8 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     c = cfg.copy()
     generate.resolve_switches(c, torch.device("cuda"))
     generate.resolve_switches(c, torch.device("cuda"))  # a second call (VideoGenerator's) changes nothing
-    assert [c[k] for k in SWITCHES] == [True] * 3
-    for bad in ("compile=maybe", "decode_stream=2"):
+    assert [c[k] for k in SWITCHES] == [True] * len(SWITCHES)
+    for bad in ("compile=maybe", "decode_stream=2", "vae_channels_last=nchw"):
         with pytest.raises(ConfigError, match=f"'{bad.split('=')[0]}' in the command-line overrides must be true, "
                                               f"false or auto"):
             load_config(REPO / "configs" / "tiny.yaml", [bad])

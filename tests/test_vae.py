@@ -192,8 +192,8 @@ def test_from_pretrained_config_that_does_not_fit_the_weights(vae, tmp_path):
 
 
 def test_channels_last_decoder_equals_the_default_layout(vae):
-    """The benchmark's ``vae_channels_last`` variant (a VAE lever to measure on a GPU) decodes the
-    same frames, streaming, as the default layout."""
+    """``vae_channels_last`` (the default on a GPU) decodes the same frames, streaming, as the
+    contiguous layout."""
     import copy
 
     torch.manual_seed(3)
