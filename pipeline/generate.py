@@ -173,9 +173,10 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
         # the weights do not depend on the run's seed, which draws only the noise (as with real
         # weights): a live session started with another seed replays with that --seed
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        dit = WanDiT(**wan_cfg)
+        with torch.device(device):  # drawn where they run: a 1.3B DiT takes ~10 s to draw on a CPU
+            dit = WanDiT(**wan_cfg)
+            vae = WanVAE.from_config(cfg.tiny_vae if cfg.tiny_vae is not None else {})
         text_encoder = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, cfg.model.text_len)
-        vae = WanVAE.from_config(cfg.tiny_vae if cfg.tiny_vae is not None else {})
         log.info("random weights: DiT with %d parameters", sum(p.numel() for p in dit.parameters()))
     else:
         # Build on the meta device, then load: no 1.3B random init, no double memory.
@@ -192,6 +193,8 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = text_encoder.to(device=text_device, dtype=text_dtype).eval()
     vae = vae.to(device=device, dtype=dtype).eval()
+    if cfg.random_init and device.type == "cuda":
+        torch.cuda.empty_cache()  # the float32 weights drawn on the GPU, now cast
     log.info("speed switches on %s: %s", device,
              ", ".join(f"{k}={str(bool(cfg[k])).lower()}" for k in (*SWITCHES, "compile_vae")))
     if cfg.compile or cfg.compile_vae:
