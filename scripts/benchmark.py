@@ -84,6 +84,9 @@ VARIANTS = {
     "sync_write": {"sync_write": True},       # frames piped to ffmpeg on the critical path (no writer thread)
     # later parts override earlier ones: eager+cuda_graphs is CUDA graphs of eager blocks
     "compile": {"overrides": ["compile=true"]},
+    # the compiled blocks traced with static shapes (torch.compile(dynamic=False)): one graph per
+    # cache layout instead of one dynamic in the held length (docs/PERFORMANCE.md §9; runtime switch)
+    "static_compile": {"static_compile": True},
     "cuda_graphs": {"overrides": ["cuda_graphs=true"]},  # cached forwards replayed as CUDA graphs (GPU only)
     "fp32": {"overrides": ["dtype=float32"]},
     "bf16": {"overrides": ["dtype=bfloat16"]},
@@ -237,12 +240,18 @@ def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head
     call = functools.partial(F.scaled_dot_product_attention, q, k, v)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
-    kernel = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
-                     and e.key != "aten::scaled_dot_product_attention"})
+    kernel = sorted({e.key for e in prof.key_averages() if is_sdpa_kernel_op(e.key)})
     best = min(timed_batches(call, device, seconds))
     flops = 4 * heads * q_tokens * kv_tokens * head_dim
     return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "kernel": kernel, "ms": 1e3 * best,
             "flops_per_s": flops / best}
+
+
+def is_sdpa_kernel_op(name: str) -> bool:
+    """An ATen op that is one SDPA backend (``aten::_scaled_dot_product_cudnn_attention``...), not
+    the dispatcher op above it nor an inductor kernel or autotuning record named after it."""
+    return (name.startswith("aten::_scaled_dot_product") or name.startswith("aten::_flash_attention")
+            or name.startswith("aten::_efficient_attention"))
 
 
 def nominal_peak(device: torch.device) -> tuple[str, float] | None:
@@ -288,7 +297,27 @@ KERNEL_KINDS = (
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton_"):  # inductor names a kernel after every op it fused, attention's neighbours too
+        return "GEMM" if low.startswith("triton_tem_") else "fused by inductor"
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def gpu_idle(kernels: list[tuple[str, float, float]], blocks: int, top: int = 3, min_gap_us: float = 50.0) -> dict:
+    """``(name, start µs, end µs)`` of every kernel of ``blocks`` blocks → how long the GPU ran
+    nothing between its first kernel and its last, per block, in gaps of at least ``min_gap_us``
+    (shorter ones are launch spacing), and the ``top`` longest gaps with the kernels around them
+    (the one after a gap is the launch the GPU waited for)."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    gaps, busy_until, before = [], None, None
+    for name, start, end in kernels:
+        if busy_until is not None and start - busy_until >= min_gap_us:
+            gaps.append((start - busy_until, before, name))
+        if busy_until is None or end > busy_until:
+            busy_until, before = end, name
+    idle_us = sum(g for g, _, _ in gaps)
+    longest = sorted(gaps, key=lambda g: g[0], reverse=True)[:top]
+    return {"ms_per_block": idle_us / 1e3 / blocks, "gaps_per_block": len(gaps) / blocks, "min_gap_us": min_gap_us,
+            "longest": [{"ms": g / 1e3, "after": a, "before": b} for g, a, b in longest]}
 
 
 def time_by_kind(entries: list[tuple[str, float]], blocks: int, top: int = 8) -> dict:
@@ -454,7 +483,7 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 def parse_variant(name: str) -> dict:
     spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False,
-            "cudnn_benchmark": False, "render": False}
+            "cudnn_benchmark": False, "render": False, "static_compile": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -466,6 +495,7 @@ def parse_variant(name: str) -> dict:
         spec["sync_write"] |= v.get("sync_write", False)
         spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
         spec["render"] |= v.get("render", False)
+        spec["static_compile"] |= v.get("static_compile", False)
     return spec
 
 
@@ -563,6 +593,9 @@ class Bench:
         self.device = self.models.device
         self.gen = VideoGenerator(cfg, self.models)
         self.settings = self.gen.settings
+        if variant.get("static_compile") and cfg.compile:
+            for block in self.models.dit.blocks:  # nothing is compiled yet: this replaces build_models' compile
+                block.compile(dynamic=False)
         if variant["naive_rope"]:
             self.gen.cache = self.settings.new_cache(self.models.dit, 1, self.gen.latent_shape[1:], naive_rope=True)
         self.cache = self.gen.cache
@@ -639,14 +672,17 @@ class Bench:
             synchronize(self.device)
             wall = time.perf_counter() - t0
         events = prof.events()
+        idle = None
         if cuda:
-            entries = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+            entries = [(e.name, e.time_range.elapsed_us()) for e in kernels]
+            idle = gpu_idle([(e.name, e.time_range.start, e.time_range.end) for e in kernels], blocks)
         else:
             entries = [(e.name, e.self_cpu_time_total) for e in events
                        if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
         return dict(time_by_kind(entries, blocks), blocks=blocks, first_block=first_block,
                     wall_ms_per_block=1e3 * wall / blocks, timed="kernels (device time)" if cuda
-                    else "ATen ops (own CPU time)")
+                    else "ATen ops (own CPU time)", idle=idle)
 
     def pipeline_pass(self, plan, contexts, path: Path, max_blocks: int | None = None,
                       split: bool = True, desc: str = "pipeline") -> dict:
@@ -792,8 +828,7 @@ class Bench:
 
         with self.ungraphed(), profile(activities=[ProfilerActivity.CPU]) as prof:
             self.one_forward(contexts)
-        return sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
-                       and e.key != "aten::scaled_dot_product_attention"})
+        return sorted({e.key for e in prof.key_averages() if is_sdpa_kernel_op(e.key)})
 
     def counted_flops(self, contexts) -> int | None:
         """FLOPs of one first-block forward counted by ``torch.utils.flop_counter`` (a cross-check of
@@ -1240,6 +1275,12 @@ def markdown(report: dict) -> str:
                                      for k, ms in prof["by_kind_ms_per_block"].items()))
             lines.append("  top: " + "; ".join(f"{t['name'][:70]} {t['ms_per_block']:.2f} ms "
                                                f"×{t['calls_per_block']:.0f}" for t in prof["top"][:5]))
+            idle = prof.get("idle")
+            if idle:
+                lines.append(f"  GPU idle between kernels: {idle['ms_per_block']:,.1f} ms per block in "
+                             f"{idle['gaps_per_block']:,.1f} gaps of ≥ {idle['min_gap_us']:g} µs; longest: "
+                             + ("; ".join(f"{g['ms']:.2f} ms after {g['after'][:50]}, before {g['before'][:50]}"
+                                          for g in idle["longest"]) or "none"))
     lines.append("")
     lines.append("Steady state = blocks after the attention window fills (all but the first). fps = video frames "
                  "per second (median of the repeats; best repeat in brackets); DiT = the rollout alone, DiT+VAE and "

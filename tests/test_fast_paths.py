@@ -960,6 +960,13 @@ KERNELS = {
     "triton_tem_fused_addmm_0": "GEMM",
     "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
     "triton_poi_fused__to_copy_add_mul_3": "fused by inductor",
+    # names an H200 ran: cuDNN's attention, cuBLAS's GEMM, and an inductor kernel named after the
+    # attention whose inputs it prepares (it is no attention)
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0":
+        "attention",
+    "nvjet_sm90_tst_192x144_64x5_2x1_v_bz_coopB_bias_TNT": "GEMM",
+    "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add_copy_mul_select_slice_"
+    "stack_sub_transpose_unsqueeze_view_5": "fused by inductor",
     "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1": "fused by inductor",
     "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>(int, float, float const*)":
         "norm",
@@ -996,6 +1003,55 @@ def test_profile_kinds_of_kernels():
     assert summary["ms_per_block"] == 2.5 and summary["calls_per_block"] == 2
     assert summary["by_kind_ms_per_block"] == {"GEMM": 2.0, "views, allocation": 0.25, "memcpy, memset": 0.25}
     assert summary["top"][0] == {"name": "aten::addmm", "ms_per_block": 2.0, "calls_per_block": 1.0, "kind": "GEMM"}
+
+
+def test_gpu_idle_counts_the_gaps_between_kernels():
+    """The profile's GPU idle time: gaps in the union of kernel intervals (overlapping kernels,
+    as with the decode stream, are one busy span), launch spacing below the threshold ignored,
+    the longest gaps named by the kernels around them."""
+    bench = benchmark_module()
+    kernels = [("e", 300.0, 310.0), ("a", 0.0, 10.0), ("b", 5.0, 20.0), ("inside_b", 6.0, 8.0), ("c", 100.0, 110.0),
+               ("d", 111.0, 120.0)]
+    idle = bench.gpu_idle(kernels, blocks=2, top=2)
+    assert idle["ms_per_block"] == (80 + 180) / 1e3 / 2 and idle["gaps_per_block"] == 1.0
+    assert idle["longest"] == [{"ms": 0.18, "after": "d", "before": "e"}, {"ms": 0.08, "after": "b", "before": "c"}]
+    assert bench.gpu_idle([], blocks=1)["ms_per_block"] == 0
+
+
+def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypatch):
+    """The benchmark's ``static_compile`` variant replaces the default's compile of each block by
+    ``dynamic=False`` before anything is traced; without ``compile`` it changes nothing."""
+    bench = benchmark_module()
+    calls = []
+    real = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    cfg = bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), ["compile=true"])
+    bench.Bench(cfg, bench.parse_variant("static_compile"))
+    layers = cfg.model.num_layers
+    assert calls == [{}] * layers + [{"dynamic": False}] * layers
+    calls.clear()
+    bench.Bench(bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), []), bench.parse_variant("static_compile"))
+    assert calls == []
+
+
+def test_sdpa_kernel_ops_are_the_backends_alone():
+    """The "SDPA kernel" line names the backend ops, not the dispatcher op nor the inductor kernels
+    and autotuning records that a compiled block's profile names after the attention (an H200's
+    profile of the compiled default listed those)."""
+    bench = benchmark_module()
+    seen = ["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_cudnn_attention",
+            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_efficient_attention_forward",
+            "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_copy_slice_transpose_view_3",
+            "CachingAutotuner.benchmark_all_configs_data: kernel_name=triton_red_fused__fused_rms_norm__"
+            "scaled_dot_product_cudnn_attention_transpose_view_10"]
+    assert [n for n in seen if bench.is_sdpa_kernel_op(n)] == [
+        "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_efficient_attention_forward"]
 
 
 def test_benchmark_profiles_steady_blocks(tmp_path):
