@@ -5,13 +5,15 @@
 #   bash scripts/gpu_check.sh --fetch    here, with a package registry: download the wheels the GPU
 #                                        image lacks into .whl/ (git-ignored; carry it to the GPU)
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
-#                                        rows (eager; the default, i.e. compiled on a GPU; the default with
-#                                        CUDA graphs; CUDA graphs of eager blocks, at 10 s; the default at
-#                                        60 s), write the tables
-#   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE levers
-#                                        (cuDNN autotuning, channels-last, compiled decoder, the decode
-#                                        on its own stream) and the writer on the critical path, at 10 s;
-#                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
+#                                        rows (eager; the default, i.e. the compiled DiT and the channels-
+#                                        last VAE on a GPU; the default with CUDA graphs; the default with
+#                                        the decode on its own stream, at 10 s; the default at 60 s), write
+#                                        the tables
+#   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE and writer
+#                                        levers against the default at 10 s (the contiguous VAE, with and
+#                                        without cuDNN autotuning; the writer on the critical path; the
+#                                        DiT compiled with static shapes; the compiled decoder); one
+#                                        prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
 #   add --cpu to any of the three: the same plumbing on a CPU with configs/tiny.yaml (a dry run of
@@ -21,6 +23,12 @@
 # summary.md; --levers: summary_levers.md, text_encoder.md; --train: train.log + train_memory.md, ode.log + ode.md,
 # summary_train.md. Budgets on one H100/H200: the main call's step limits add up to 480 s, --levers
 # 305 s, --train 250 s (the device's calls are 10 minutes at most, its session 15 minutes in all).
+# BUNDLE=DIR: when the part ends (or is stopped), its summary and one archive of every text output
+# (gpu_check_<part>.tgz; no videos) go to DIR: the device tool brings back 8 files of 16 MiB at most.
+# GPU_CHECK_UNTIL=<epoch seconds>: each step's limit shrinks to end by then. Main and levers in one
+# device call of 600 s:
+#   export GPU_CHECK_UNTIL=$(( $(date +%s) + 570 ))
+#   BUNDLE=$OUT OUT=/tmp/gc bash scripts/gpu_check.sh; BUNDLE=$OUT OUT=/tmp/gc/levers bash scripts/gpu_check.sh --levers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +59,28 @@ fi
 
 OUT=${OUT:-benchmarks/gpu_check}
 mkdir -p "$OUT"
+bundle() {
+    [ -n "${BUNDLE:-}" ] || return 0
+    local dest out
+    dest=$(mkdir -p "$BUNDLE" && cd "$BUNDLE" && pwd) && out=$(cd "$OUT" && pwd) || return 0
+    (cd "$out" && find . -maxdepth 2 -type f -size -4M \( -name '*.md' -o -name '*.json' -o -name '*.log' \
+        -o -name '*.txt' \) -print0 | tar czf "$dest/gpu_check_$PART.tgz" --null -T -) || true
+    [ "$out" = "$dest" ] || cp "$out"/summary*.md "$dest"/ 2>/dev/null || true
+}
+trap bundle EXIT
+trap 'exit 143' TERM INT  # a time limit's signal: bundle what there is
+# GPU_CHECK_UNTIL=<epoch seconds>: every step's limit shrinks to end by then (a combined device call
+# bounds its parts this way, not with an outer timeout, which would leave a step's process running:
+# each step's own timeout starts a process group of its own)
+limit() {
+    local want=$1 left
+    if [ -n "${GPU_CHECK_UNTIL:-}" ]; then
+        left=$(( GPU_CHECK_UNTIL - $(date +%s) ))
+        [ "$left" -lt "$want" ] && want=$left
+        [ "$want" -ge 1 ] || want=1
+    fi
+    echo "$want"
+}
 PY=python3
 if [ "$MODE" = cpu ]; then
     PY=.venv/bin/python
@@ -74,28 +104,28 @@ EOF
 
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
-    ROWS=(eager default compile); STREAMS=()  # CUDA graphs and streams need a GPU; on a CPU the default is eager
+    ROWS=(eager default compile)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
-    ROWS=(eager default default+cuda_graphs eager+cuda_graphs); STREAMS=(decode_stream)
+    ROWS=(eager default default+cuda_graphs decode_stream)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
 
-if [ "$PART" = levers ]; then  # the levers not yet on by default, against the default, at 10 s
-    # the DiT eager (compile=false) in every row: the levers are the VAE's and the writer's, and each
-    # variant's process would otherwise trace the compiled DiT again
-    echo "==> levers (DiT eager): cuDNN autotuning, the channels-last VAE; the writer on the critical path;"
-    echo "    the compiled VAE; the decode on its own stream alongside the next block's DiT"
-    timeout 230 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" compile=false --variants default \
-        cudnn_benchmark vae_channels_last cudnn_benchmark+vae_channels_last sync_write compile_vae "${STREAMS[@]}" \
+if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
+    # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
+    echo "==> levers: the contiguous VAE (the default's before), with cuDNN autotuning; the writer on the"
+    echo "    critical path; the DiT compiled with static shapes; the compiled VAE decoder (last: torch"
+    echo "    < 2.13 compiles it in pieces)"
+    timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants default \
+        vae_contiguous vae_contiguous+cudnn_benchmark sync_write static_compile compile_vae \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     echo "==> one prompt's encoding by umt5-xxl (random weights), on the GPU and offloaded to the CPU"
     if [ "$MODE" = cpu ]; then TEXT=(--devices cpu "${CONFIG[@]}"); else
         TEXT=(--devices cuda,cpu "${CONFIG[@]}" random_init=true tokenizer_path=tests/assets/tokenizer "$UMT5_XXL"); fi
-    timeout 75 $PY scripts/text_encoder_latency.py "${TEXT[@]}" --repeats 1 --out "$OUT/text_encoder.md" \
+    timeout "$(limit 75)" $PY scripts/text_encoder_latency.py "${TEXT[@]}" --repeats 1 --out "$OUT/text_encoder.md" \
         > "$OUT/text_encoder.log" 2>&1 || true
     { echo "# GPU check, levers ($(date -u +%Y-%m-%d), $MODE)"; echo; sed 's/^/    /' "$OUT/env.txt"; echo
       cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; echo
@@ -111,7 +141,7 @@ if [ "$PART" = main ]; then
     # leaves out the CPU-only inductor compiles (CI runs them), which would eat this step's time, and
     # -k the CPU tests of the benchmark and the scripts (~50 s on 2 cores): the steps below run them
     set +e
-    timeout 120 $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
+    timeout "$(limit 120)" $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
         tests/test_fast_paths.py tests/test_text_encoder.py \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
         tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
@@ -122,14 +152,14 @@ if [ "$PART" = main ]; then
     # that are lost (default: compile=auto compiles on a GPU)
     echo "==> benchmark at ${SECONDS_[0]} s: ${ROWS[*]};"
     echo "    each profiled over 2 steady blocks (device time by kind of kernel)"
-    timeout 210 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
+    timeout "$(limit 210)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
         --variants "${ROWS[@]}" --profile_blocks 2 --out "$OUT" --tag "rows_$MODE" 2>&1 \
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
     echo "==> peak memory of the eager pipeline, counted per tensor next to the allocator's own (6 blocks)"
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
-    timeout 40 $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
+    timeout "$(limit 40)" $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
     echo "==> benchmark at ${SECONDS_[1]} s: the default (steady speed and flat memory over a longer video)"
-    timeout 110 $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants default \
+    timeout "$(limit 110)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants default \
         --out "$OUT" --tag "rows_long_$MODE" 2>&1 | tee "$OUT/benchmark_long.log" | grep -v "it/s\]$" || true
 
     {
@@ -164,7 +194,7 @@ else  # the method's config at full size (1.3B geometry, bf16 compute, 21 x 60 x
 fi
 rm -rf "$OUT/train"
 set +e
-timeout 120 $PY train.py "${TRAIN[@]}" > "$OUT/train.log" 2>&1
+timeout "$(limit 120)" $PY train.py "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 train_rc=$?
 set -e
 tail -5 "$OUT/train.log"
@@ -183,8 +213,8 @@ else  # configs/ode_init.yaml at full size: the base DiT samples, the generator 
 fi
 rm -rf "$OUT/ode_trajectories" "$OUT/ode"
 set +e
-timeout 60 $PY scripts/ode_trajectories.py "${ODE[@]}" > "$OUT/ode.log" 2>&1
-timeout 70 $PY train.py --logdir "$OUT/ode" --disable-wandb "${ODE[@]}" train.max_iters=3 train.total_batch_size=1 \
+timeout "$(limit 60)" $PY scripts/ode_trajectories.py "${ODE[@]}" > "$OUT/ode.log" 2>&1
+timeout "$(limit 70)" $PY train.py --logdir "$OUT/ode" --disable-wandb "${ODE[@]}" train.max_iters=3 train.total_batch_size=1 \
     train.save_every=0 >> "$OUT/ode.log" 2>&1
 ode_rc=$?
 set -e
