@@ -1277,7 +1277,7 @@ def markdown(report: dict) -> str:
                                                f"×{t['calls_per_block']:.0f}" for t in prof["top"][:5]))
             idle = prof.get("idle")
             if idle:
-                lines.append(f"  GPU idle between kernels: {idle['ms_per_block']:,.1f} ms per block in "
+                lines.append(f"  GPU idle between kernels (profiler on): {idle['ms_per_block']:,.1f} ms per block in "
                              f"{idle['gaps_per_block']:,.1f} gaps of ≥ {idle['min_gap_us']:g} µs; longest: "
                              + ("; ".join(f"{g['ms']:.2f} ms after {g['after'][:50]}, before {g['before'][:50]}"
                                           for g in idle["longest"]) or "none"))
