@@ -1022,6 +1022,9 @@ def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypat
     """The benchmark's ``static_compile`` variant replaces the default's compile of each block by
     ``dynamic=False`` before anything is traced; without ``compile`` it changes nothing."""
     bench = benchmark_module()
+    # build_models with compile=true points TORCHINDUCTOR_CACHE_DIR at our cache for the process:
+    # undone after the test, so that later subprocesses (some run as another user) do not inherit it
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     calls = []
     real = torch.nn.Module.compile
 
