@@ -32,6 +32,47 @@ log = logging.getLogger(__name__)
 
 
 
+class ChannelRMSNorm(torch.nn.Module):
+    """Diffusers' ``WanRMS_norm`` (``F.normalize`` over the channels, times √C, gamma and bias: an
+    RMS norm) as one fused ``F.rms_norm`` over the channels moved last: on a channels-last
+    activation they are its innermost dimension (a view, no copy). Float32 inside, rounded once to
+    the input's dtype.
+    Diffusers' forward makes a float32 copy of a bf16 activation, divides it by its norm, casts it
+    back and multiplies twice: ~8 passes over the activation, and two float32 copies alive at the
+    decoder's peak (the last up block's, 585 MiB each at 480×832). The same values to the input
+    dtype's rounding: ``F.normalize`` divides by max(‖x‖, 1e-12), this by sqrt(‖x‖² + 1e-24).
+    Shares the original's parameters (same state-dict names); :meth:`WanVAE.unfuse_norms` puts the
+    original back."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        self.original = (original,)  # a tuple: not a submodule, its parameters are this module's
+        self.gamma = original.gamma
+        self.bias = original.bias  # a Parameter, or the float 0.0 (Wan's VAE: no bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x / ‖x‖ · √C is x over its root mean square: rms_norm, whose eps (per channel, 1e-24 / C)
+        # stands for F.normalize's clamp of ‖x‖ at 1e-12
+        channels = self.gamma.shape[0]
+        weight = self.gamma.reshape(channels).to(x.dtype)
+        y = torch.nn.functional.rms_norm(x.movedim(1, -1), (channels,), weight, 1e-24 / channels)
+        if isinstance(self.bias, torch.Tensor):
+            y = y + self.bias.reshape(channels).to(y.dtype)
+        return y.movedim(-1, 1)
+
+
+class NearestUpsample(torch.nn.Upsample):
+    """Diffusers' ``WanUpsample`` without its float32 round trip: nearest(-exact) upsampling copies
+    input values, so doing it in the input's dtype gives the same tensor, bit for bit, without a
+    float32 copy of the 4×-larger output."""
+
+    def __init__(self, original: torch.nn.Upsample):
+        super().__init__(size=original.size, scale_factor=original.scale_factor, mode=original.mode,
+                         align_corners=original.align_corners,
+                         recompute_scale_factor=original.recompute_scale_factor)
+        self.original = (original,)
+
+
 def decoder_compiles_whole() -> bool:
     """Whether Dynamo traces diffusers' Wan decoder as one graph per cache state. The decoder
     compares its cache entries, tensors from the second latent frame on, with the marker string
@@ -181,6 +222,36 @@ class WanVAE(torch.nn.Module):
         for module in self.vae.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        return self
+
+    def fuse_norms(self) -> "WanVAE":
+        """Swap diffusers' channel RMS norms for :class:`ChannelRMSNorm` and its nearest upsamplers
+        for :class:`NearestUpsample` (the VAE in its dtype throughout, one pass per norm; made for
+        the channels-last layout of :meth:`to_channels_last`, where the channels are innermost).
+        Same frames to the dtype's rounding (``tests/test_vae.py``). Returns ``self``."""
+        library = inspect.getmodule(autoencoder_cls())
+        norm, upsample = getattr(library, "WanRMS_norm", ()), getattr(library, "WanUpsample", ())  # () matches nothing
+        swapped = 0
+        for parent in list(self.vae.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, norm) and child.channel_first:
+                    setattr(parent, name, ChannelRMSNorm(child))
+                elif isinstance(child, upsample) and child.mode in ("nearest", "nearest-exact"):
+                    setattr(parent, name, NearestUpsample(child))
+                else:
+                    continue
+                swapped += 1
+        if not swapped:
+            log.warning("fuse_norms: no WanRMS_norm or WanUpsample found in diffusers' %s; the VAE runs as it is",
+                        type(self.vae).__name__)
+        return self
+
+    def unfuse_norms(self) -> "WanVAE":
+        """Put back the modules :meth:`fuse_norms` swapped (the benchmark's before)."""
+        for parent in list(self.vae.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, (ChannelRMSNorm, NearestUpsample)):
+                    setattr(parent, name, child.original[0])
         return self
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":

@@ -206,9 +206,10 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     if cfg.cuda_graphs:
         dit.use_cuda_graphs()
     if cfg.vae_channels_last:
-        vae.to_channels_last()
-        # cuDNN times its algorithms once per convolution shape (a few, the streaming decode's)
-        # and keeps the fastest: how the channels-last decode was measured (docs/PERFORMANCE.md §17)
+        # the VAE channels-last and in its dtype throughout: its norms one pass over the (innermost)
+        # channels, no float32 copies; cuDNN times its algorithms once per convolution shape (a
+        # few, the streaming decode's) and keeps the fastest (docs/PERFORMANCE.md §17)
+        vae.to_channels_last().fuse_norms()
         torch.backends.cudnn.benchmark = True
     if cfg.compile_vae:
         vae.compile_decoder()

@@ -98,6 +98,8 @@ VARIANTS = {
     # since an H200 measured it), and its "before", the contiguous layout without autotuning
     "vae_channels_last": {"overrides": ["vae_channels_last=true"]},
     "vae_contiguous": {"overrides": ["vae_channels_last=false"]},
+    # the channels-last VAE with diffusers' own norms and upsamplers back (what the H200 measured)
+    "vae_unfused": {"vae_unfused": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},  # cuDNN autotunes each convolution shape once (runtime switch)
     "compile_vae": {"overrides": ["compile_vae=true"]},  # torch.compile of the VAE decoder
     # the pipeline timed as VideoGenerator.render runs it: one time per block, no stage boundaries
@@ -483,7 +485,7 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 def parse_variant(name: str) -> dict:
     spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False,
-            "cudnn_benchmark": False, "render": False, "static_compile": False}
+            "cudnn_benchmark": False, "render": False, "static_compile": False, "vae_unfused": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -496,6 +498,7 @@ def parse_variant(name: str) -> dict:
         spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
         spec["render"] |= v.get("render", False)
         spec["static_compile"] |= v.get("static_compile", False)
+        spec["vae_unfused"] |= v.get("vae_unfused", False)
     return spec
 
 
@@ -596,6 +599,8 @@ class Bench:
         if variant.get("static_compile") and cfg.compile:
             for block in self.models.dit.blocks:  # nothing is compiled yet: this replaces build_models' compile
                 block.compile(dynamic=False)
+        if variant.get("vae_unfused"):
+            self.models.vae.unfuse_norms()
         if variant["naive_rope"]:
             self.gen.cache = self.settings.new_cache(self.models.dit, 1, self.gen.latent_shape[1:], naive_rope=True)
         self.cache = self.gen.cache

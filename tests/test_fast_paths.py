@@ -636,19 +636,25 @@ def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
 
 def test_vae_channels_last_switch_reaches_the_decoder(monkeypatch):
     """``vae_channels_last=true`` (``auto``: on a GPU): the VAE's 3-D convolutions are built in the
-    channels-last layout and cuDNN autotunes them; ``false`` leaves both alone. (The decode's
-    equality with the contiguous layout: ``tests/test_vae.py``.)"""
+    channels-last layout, cuDNN autotunes them and the norms are fused; ``false`` leaves all three
+    alone. (The decode's equality with diffusers' contiguous VAE: ``tests/test_vae.py``.)"""
+    from model.vae import ChannelRMSNorm, NearestUpsample
+
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     def conv_weights(models):
         return [m.weight for m in models.vae.vae.modules() if isinstance(m, torch.nn.Conv3d)]
 
+    def fused(models):
+        return sum(isinstance(m, (ChannelRMSNorm, NearestUpsample)) for m in models.vae.modules())
+
     off = build_models(load_config(REPO / "configs" / "tiny.yaml", ["vae_channels_last=false"]))
     assert all(w.is_contiguous() for w in conv_weights(off)) and not torch.backends.cudnn.benchmark
+    assert fused(off) == 0
     on = build_models(load_config(REPO / "configs" / "tiny.yaml", ["vae_channels_last=true"]))
     assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv_weights(on))
     assert not all(w.is_contiguous() for w in conv_weights(on))
-    assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark and fused(on) > 0
 
 
 def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):

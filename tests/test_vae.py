@@ -191,19 +191,119 @@ def test_from_pretrained_config_that_does_not_fit_the_weights(vae, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def _random_norm_weights(vae: WanVAE, seed: int = 5) -> WanVAE:
+    """Gamma away from its init (ones), so that a norm that dropped or misplaced it would show."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in vae.named_parameters():
+        if name.endswith("gamma"):
+            p.data = 1 + 0.5 * torch.randn(p.shape, generator=g)
+    return vae
+
+
 def test_channels_last_decoder_equals_the_default_layout(vae):
-    """``vae_channels_last`` (the default on a GPU) decodes the same frames, streaming, as the
-    contiguous layout."""
+    """``vae_channels_last`` (the default on a GPU): the convolutions channels-last and the norms
+    fused (:meth:`WanVAE.fuse_norms`) decode the same frames, streaming, as diffusers' modules in
+    the contiguous layout (fp32)."""
     import copy
 
     torch.manual_seed(3)
     z = torch.randn(1, 6, 16, H // 8, W // 8)
-    want = torch.cat([vae.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
-    last = copy.deepcopy(vae).to_channels_last()
+    plain = _random_norm_weights(copy.deepcopy(vae))
+    want = torch.cat([plain.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
+    last = copy.deepcopy(plain).to_channels_last().fuse_norms()
     assert any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                for p in last.parameters())
     got = torch.cat([last.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    video = torch.rand(1, 5, 3, H, W) * 2 - 1  # the encoder (a start picture) runs the same way
+    torch.testing.assert_close(last.encode(video), plain.encode(video), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_norms_swap_diffusers_modules_and_back(vae):
+    """Every channel RMS norm and nearest upsampler of the decoder and the encoder is swapped, the
+    parameters stay the same objects under the same state-dict names, and unfuse_norms restores
+    diffusers' modules."""
+    import copy
+
+    from diffusers.models.autoencoders import autoencoder_kl_wan as lib
+
+    from model.vae import ChannelRMSNorm, NearestUpsample
+
+    v = copy.deepcopy(vae)
+    kinds = lambda m: sorted(type(c).__name__ for c in m.modules())  # noqa: E731
+    before, keys = kinds(v), list(v.state_dict())
+    norms = sum(isinstance(c, lib.WanRMS_norm) for c in v.modules())
+    ups = sum(isinstance(c, lib.WanUpsample) for c in v.modules())
+    assert norms > 0 and ups > 0
+    gammas = {id(p) for n, p in v.named_parameters() if n.endswith("gamma")}
+    v.fuse_norms()
+    assert sum(isinstance(c, ChannelRMSNorm) for c in v.modules()) == norms
+    assert sum(isinstance(c, NearestUpsample) for c in v.modules()) == ups
+    assert not any(isinstance(c, (lib.WanRMS_norm, lib.WanUpsample)) for c in v.modules())
+    assert list(v.state_dict()) == keys and {id(p) for n, p in v.named_parameters() if n.endswith("gamma")} == gammas
+    assert kinds(v.unfuse_norms()) == before
+
+
+@pytest.mark.parametrize("shape, layout", [((2, 24, 3, 5, 7), "channels_last_3d"), ((2, 24, 3, 5, 7), "contiguous"),
+                                           ((3, 24, 5, 7), "contiguous")])
+def test_fused_channel_norm_equals_diffusers_norm(shape, layout):
+    """:class:`ChannelRMSNorm` against diffusers' ``WanRMS_norm`` (the oracle): fp32 to float
+    rounding; bf16 no further from the exact norm of the same bf16 input than diffusers' own bf16
+    path (which rounds after each of its steps, this once); a zero channel vector stays 0."""
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from model.vae import ChannelRMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    theirs = WanRMS_norm(shape[1], images=len(shape) == 4)
+    theirs.gamma.data = 1 + 0.5 * torch.randn(theirs.gamma.shape, generator=g)
+    ours = ChannelRMSNorm(theirs)
+    x = 3 * torch.randn(shape, generator=g)
+    x[0, :, 0] = 0  # a zero channel vector (a padded border)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=2e-6, atol=1e-6)
+    assert (ours(x)[0, :, 0] == 0).all()
+    xb = x.to(torch.bfloat16)
+    theirs.bfloat16()  # ours shares its gamma
+    truth = copy.deepcopy(theirs).double()(xb.double())  # the exact norm of the bf16 input and weights
+    err = {name: ((m(xb).double() - truth).abs() / (truth.abs() + 1e-3)).max().item()
+           for name, m in (("ours", ours), ("theirs", theirs))}
+    assert err["ours"] <= 2 ** -8 and err["ours"] <= err["theirs"], err  # one rounding against several
+    assert ours(xb).dtype == torch.bfloat16
+
+
+def test_nearest_upsample_in_bf16_is_bit_identical():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
+
+    from model.vae import NearestUpsample
+
+    theirs = WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact")
+    x = torch.randn(3, 8, 5, 7).to(torch.bfloat16)
+    out = NearestUpsample(theirs)(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, theirs(x))
+    assert torch.equal(NearestUpsample(theirs)(x.contiguous(memory_format=torch.channels_last)), theirs(x))
+
+
+def test_bf16_decode_with_fused_norms_is_as_close_to_fp32_as_diffusers(vae):
+    """The whole streaming decode in bf16: channels-last with fused norms against diffusers'
+    modules, each against the fp32 decode: the fused VAE is no further from it (bf16 rounding)."""
+    import copy
+
+    torch.manual_seed(4)
+    z = torch.randn(1, 6, 16, H // 8, W // 8)
+    plain = _random_norm_weights(copy.deepcopy(vae))
+
+    def decode(v):
+        return torch.cat([v.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1).float()
+
+    truth = decode(plain)
+    low = copy.deepcopy(plain).to(torch.bfloat16)
+    fused = copy.deepcopy(low).to_channels_last().fuse_norms()
+    err = {name: ((decode(v) - truth).norm() / truth.norm()).item() for name, v in (("theirs", low), ("ours", fused))}
+    assert err["ours"] < 5e-2 and err["ours"] <= 1.1 * err["theirs"], err
 
 
 def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae, caplog):
