@@ -7,7 +7,8 @@
 The config's DiT and VAE are built with fake tensors (torch's ``FakeTensorMode``: shapes,
 dtypes and strides, no data, no arithmetic), and the real inference path runs on them: the
 rollout over the KV cache (a KV Flush and a RoPE Cut on the way), the streaming VAE decode of
-every block and the frames' uint8 conversion, as the eager default runs on a GPU. A dispatch
+every block and the frames' uint8 conversion, as the eager DiT runs on a GPU (the VAE laid out
+as ``vae_channels_last`` says for the device counted for: fake tensors stand for a GPU). A dispatch
 mode counts the bytes of every tensor storage from the operator that creates it until Python
 frees it, each rounded up to 512 bytes as CUDA's caching allocator rounds a block: the number
 ``torch.cuda.max_memory_allocated`` reports, less what is not a tensor (cuBLAS/cuDNN
@@ -78,6 +79,7 @@ class LiveBytes(TorchDispatchMode):
     at_peak: list = field(default_factory=list)
     _serial: int = 0
     _mark: int | None = None
+    paused: bool = False  # ops run while paused are not counted (see as_on_a_gpu)
 
     def __post_init__(self):
         super().__init__()
@@ -85,6 +87,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t, func)
@@ -196,6 +200,30 @@ def record_history():
     return stop
 
 
+def as_on_a_gpu(live: "LiveBytes"):
+    """``F.rms_norm`` counted as a GPU runs it: one fused kernel (``aten::_fused_rms_norm``) that
+    allocates its output and a float32 scale per row. On a CPU, and on fake tensors like on any
+    tensor subclass, the op takes its composite form, whose full-size float32 temporaries a GPU
+    never allocates (the VAE's fused norms would count 1.2 GiB too much at 480×832): the value is
+    computed with the count paused and copied into what the fused kernel would allocate."""
+    from unittest import mock
+
+    real = torch.nn.functional.rms_norm
+
+    def fused(input, normalized_shape, weight=None, eps=None):
+        out = torch.empty_like(input)
+        torch.empty((*input.shape[:input.dim() - len(normalized_shape)], *[1] * len(normalized_shape)),
+                    dtype=torch.float32, device=input.device)  # the per-row scale, dropped at once
+        live.paused = True
+        try:
+            value = real(input, normalized_shape, weight, eps)
+        finally:
+            live.paused = False
+        return out.copy_(value)
+
+    return mock.patch.object(torch.nn.functional, "rms_norm", fused)
+
+
 def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None) -> dict:
     """Run ``blocks`` blocks of the eager inference path on fake tensors (``device`` None) or on
     ``device`` with random weights; returns every number."""
@@ -217,13 +245,18 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
     live = LiveBytes()
     default_dtype = torch.get_default_dtype()
     cuda = device is not None and torch.device(device).type == "cuda"
+    # the VAE as build_models lays it out on the device counted for (fake tensors count for a GPU)
+    channels_last = cfg.vae_channels_last is True or (cfg.vae_channels_last == "auto" and (device is None or cuda))
     where = torch.device(device) if device is not None else contextlib.nullcontext()
-    with FakeTensorMode() if device is None else contextlib.nullcontext(), where, live:
+    gpu_norms = contextlib.nullcontext() if cuda else as_on_a_gpu(live)  # a GPU runs its own fused kernel
+    with FakeTensorMode() if device is None else contextlib.nullcontext(), where, live, gpu_norms:
         torch.set_default_dtype(dtype)  # built directly in the run's dtype, as .to(dtype) leaves it
         try:
             dit = WanDiT(**OmegaConf.to_container(cfg.model, resolve=True)).eval().requires_grad_(False)
             vae_cfg = OmegaConf.to_container(cfg.tiny_vae, resolve=True) if cfg.tiny_vae is not None else {}
             vae = WanVAE.from_config(vae_cfg).eval()
+            if channels_last:
+                vae.to_channels_last().fuse_norms()
         finally:
             torch.set_default_dtype(default_dtype)
         latent_shape = vae.latent_shape(int(cfg.height), int(cfg.width))
@@ -262,6 +295,7 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
         measured = torch.cuda.max_memory_allocated()
         history_peak = history()
     return {"measured": measured, "history": history_peak, "device": device or "fake", "resident": resident,
+            "vae_layout": "channels-last, fused norms" if channels_last else "contiguous",
             "resident_bytes": start,
             "peak": live.peak, "peak_at": live.peak_at, "stage_peaks": live.stage_peaks, "at_peak": live.at_peak[:8],
             "cache_bytes": cache.memory_bytes(), "events": events, "latent_shape": latent_shape, "dtype": dtype}
@@ -271,7 +305,8 @@ def report(cfg, r: dict, config_path: str) -> str:
     c, h, w = r["latent_shape"]
     events = ", ".join(f"{e} before block {i}" for i, e in enumerate(r["events"]) if e in ("flush", "cut"))
     lines = [f"config {config_path} · {cfg.height}×{cfg.width} (latent {c}×{h}×{w}) · "
-             f"{str(r['dtype']).replace('torch.', '')} · eager · {len(r['events'])} blocks ({events}) · "
+             f"{str(r['dtype']).replace('torch.', '')} · eager DiT, VAE {r['vae_layout']} · "
+             f"{len(r['events'])} blocks ({events}) · "
              + ("fake tensors" if r["device"] == "fake" else f"random weights on {r['device']}")
              + ", sizes rounded as CUDA's caching allocator rounds them",
              f"resident after the first block: {r['resident_bytes'] / MIB:,.0f} MiB"]
