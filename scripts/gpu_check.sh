@@ -10,10 +10,10 @@
 #                                        the decode on its own stream, at 10 s; the default at 60 s), write
 #                                        the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE and writer
-#                                        levers against the default at 10 s (the contiguous VAE, with and
-#                                        without cuDNN autotuning; the writer on the critical path; the
-#                                        DiT compiled with static shapes; the compiled decoder); one
-#                                        prompt's encoding by umt5-xxl on the GPU and the CPU
+#                                        levers against the default at 10 s (the channels-last VAE with
+#                                        diffusers' norms; the contiguous VAE; the writer on the critical
+#                                        path; the DiT compiled with static shapes; the compiled decoder);
+#                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
 #   add --cpu to any of the three: the same plumbing on a CPU with configs/tiny.yaml (a dry run of
@@ -116,11 +116,11 @@ UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_hea
 
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
-    echo "==> levers: the contiguous VAE (the default's before), with cuDNN autotuning; the writer on the"
-    echo "    critical path; the DiT compiled with static shapes; the compiled VAE decoder (last: torch"
-    echo "    < 2.13 compiles it in pieces)"
+    echo "==> levers: the channels-last VAE with diffusers' norms, the contiguous VAE (the default's befores);"
+    echo "    the writer on the critical path; the DiT compiled with static shapes; the compiled VAE decoder"
+    echo "    (last: torch < 2.13 compiles it in pieces)"
     timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants default \
-        vae_contiguous vae_contiguous+cudnn_benchmark sync_write static_compile compile_vae \
+        vae_unfused vae_contiguous sync_write static_compile compile_vae \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     echo "==> one prompt's encoding by umt5-xxl (random weights), on the GPU and offloaded to the CPU"
     if [ "$MODE" = cpu ]; then TEXT=(--devices cpu "${CONFIG[@]}"); else
