@@ -6,8 +6,9 @@
 #                                        image lacks into .whl/ (git-ignored; carry it to the GPU)
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
 #                                        rows (eager; the default, i.e. the compiled DiT and the channels-
-#                                        last VAE on a GPU; the default with CUDA graphs; the default with
-#                                        the decode on its own stream, at 10 s; the default at 60 s), write
+#                                        last VAE on a GPU; the default timed as a render, without stage
+#                                        boundaries; the same with the decode on its own stream; the
+#                                        default with CUDA graphs, at 10 s; the default at 60 s), write
 #                                        the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE and writer
 #                                        levers against the default at 10 s (the channels-last VAE with
@@ -109,7 +110,7 @@ else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
-    ROWS=(eager default default+cuda_graphs decode_stream)
+    ROWS=(eager default render decode_stream default+cuda_graphs)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
