@@ -231,7 +231,7 @@ class WanVAE(torch.nn.Module):
         Same frames to the dtype's rounding (``tests/test_vae.py``). Returns ``self``."""
         library = inspect.getmodule(autoencoder_cls())
         norm, upsample = getattr(library, "WanRMS_norm", ()), getattr(library, "WanUpsample", ())  # () matches nothing
-        swapped = 0
+        swapped = sum(isinstance(m, (ChannelRMSNorm, NearestUpsample)) for m in self.vae.modules())  # fused before
         for parent in list(self.vae.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, norm) and child.channel_first:
@@ -251,7 +251,10 @@ class WanVAE(torch.nn.Module):
         for parent in list(self.vae.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, (ChannelRMSNorm, NearestUpsample)):
-                    setattr(parent, name, child.original[0])
+                    original = child.original[0]
+                    if isinstance(child, ChannelRMSNorm):  # the parameters as they are now (reassigned
+                        original.gamma, original.bias = child.gamma, child.bias  # by a load, say)
+                    setattr(parent, name, original)
         return self
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":

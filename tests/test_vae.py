@@ -241,7 +241,11 @@ def test_fused_norms_swap_diffusers_modules_and_back(vae):
     assert sum(isinstance(c, NearestUpsample) for c in v.modules()) == ups
     assert not any(isinstance(c, (lib.WanRMS_norm, lib.WanUpsample)) for c in v.modules())
     assert list(v.state_dict()) == keys and {id(p) for n, p in v.named_parameters() if n.endswith("gamma")} == gammas
+    assert kinds(v.fuse_norms()) == kinds(v)  # a second call finds them fused and changes nothing
+    loaded = {k: t + 1 if k.endswith("gamma") else t for k, t in v.state_dict().items()}
+    v.load_state_dict(loaded, assign=True)  # new parameter objects in the fused modules
     assert kinds(v.unfuse_norms()) == before
+    assert all(torch.equal(t, loaded[k]) for k, t in v.state_dict().items())  # diffusers' modules got them
 
 
 @pytest.mark.parametrize("shape, layout", [((2, 24, 3, 5, 7), "channels_last_3d"), ((2, 24, 3, 5, 7), "contiguous"),
