@@ -310,15 +310,18 @@ def gpu_idle(kernels: list[tuple[str, float, float]], blocks: int, top: int = 3,
     (shorter ones are launch spacing), and the ``top`` longest gaps with the kernels around them
     (the one after a gap is the launch the GPU waited for)."""
     kernels = sorted(kernels, key=lambda k: k[1])
-    gaps, busy_until, before = [], None, None
+    gaps, busy_until, before, all_us = [], None, None, 0.0
     for name, start, end in kernels:
-        if busy_until is not None and start - busy_until >= min_gap_us:
-            gaps.append((start - busy_until, before, name))
+        if busy_until is not None and start > busy_until:
+            all_us += start - busy_until
+            if start - busy_until >= min_gap_us:
+                gaps.append((start - busy_until, before, name))
         if busy_until is None or end > busy_until:
             busy_until, before = end, name
     idle_us = sum(g for g, _, _ in gaps)
     longest = sorted(gaps, key=lambda g: g[0], reverse=True)[:top]
     return {"ms_per_block": idle_us / 1e3 / blocks, "gaps_per_block": len(gaps) / blocks, "min_gap_us": min_gap_us,
+            "all_ms_per_block": all_us / 1e3 / blocks,
             "longest": [{"ms": g / 1e3, "after": a, "before": b} for g, a, b in longest]}
 
 
@@ -1075,9 +1078,11 @@ def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) ->
     """DiT-only before/after numbers for variants that share one model (runtime switches):
     one process, the variants' rollouts alternating round after round, so that a busy spell on
     a shared machine hits every variant alike. No memory numbers (one process for all)."""
-    if len({tuple(s["overrides"]) for s in specs}) > 1:
-        raise SystemExit("--interleave needs variants that share the config (naive_rope, rope_f64, real_rope, "
-                         "text_kv_per_forward, sdpa_*); run config variants (compile, fp32, bf16) without it")
+    built = ("static_compile", "vae_unfused", "render")  # switches applied when a variant's models are built
+    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({tuple(s[k] for k in built) for s in specs}) > 1:
+        raise SystemExit("--interleave needs variants that share the config and the built models (naive_rope, "
+                         "rope_f64, real_rope, text_kv_per_forward, sdpa_*); run config variants (compile, fp32, "
+                         "bf16, static_compile, vae_*, render) without it")
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + specs[0]["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
@@ -1282,8 +1287,9 @@ def markdown(report: dict) -> str:
                                                f"×{t['calls_per_block']:.0f}" for t in prof["top"][:5]))
             idle = prof.get("idle")
             if idle:
-                lines.append(f"  GPU idle between kernels (profiler on): {idle['ms_per_block']:,.1f} ms per block in "
-                             f"{idle['gaps_per_block']:,.1f} gaps of ≥ {idle['min_gap_us']:g} µs; longest: "
+                lines.append(f"  GPU idle between kernels (profiler on): {idle['all_ms_per_block']:,.1f} ms per block, "
+                             f"{idle['ms_per_block']:,.1f} of it in {idle['gaps_per_block']:,.1f} gaps of ≥ "
+                             f"{idle['min_gap_us']:g} µs; longest: "
                              + ("; ".join(f"{g['ms']:.2f} ms after {g['after'][:50]}, before {g['before'][:50]}"
                                           for g in idle["longest"]) or "none"))
     lines.append("")

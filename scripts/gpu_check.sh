@@ -64,15 +64,21 @@ bundle() {
     [ -n "${BUNDLE:-}" ] || return 0
     local dest out
     dest=$(mkdir -p "$BUNDLE" && cd "$BUNDLE" && pwd) && out=$(cd "$OUT" && pwd) || return 0
-    (cd "$out" && find . -maxdepth 2 -type f -size -4M \( -name '*.md' -o -name '*.json' -o -name '*.log' \
+    (cd "$out" && find . -maxdepth 2 -type f -size -4000k \( -name '*.md' -o -name '*.json' -o -name '*.log' \
         -o -name '*.txt' \) -print0 | tar czf "$dest/gpu_check_$PART.tgz" --null -T -) || true
     [ "$out" = "$dest" ] || cp "$out"/summary*.md "$dest"/ 2>/dev/null || true
 }
 trap bundle EXIT
-trap 'exit 143' TERM INT  # a time limit's signal: bundle what there is
+# a signal (an outer time limit): bundle what there is, once the running step has ended; a step runs
+# under its own `timeout`, in a process group of its own, so bound the whole run with GPU_CHECK_UNTIL
+trap 'exit 143' TERM INT
 # GPU_CHECK_UNTIL=<epoch seconds>: every step's limit shrinks to end by then (a combined device call
 # bounds its parts this way, not with an outer timeout, which would leave a step's process running:
 # each step's own timeout starts a process group of its own)
+if [ -n "${GPU_CHECK_UNTIL:-}" ] && ! [[ "$GPU_CHECK_UNTIL" =~ ^[0-9]+$ ]]; then
+    echo "error: GPU_CHECK_UNTIL=$GPU_CHECK_UNTIL is not a time in seconds since the epoch; set it as \$(( \$(date +%s) + 570 ))" >&2
+    exit 2
+fi
 limit() {
     local want=$1 left
     if [ -n "${GPU_CHECK_UNTIL:-}" ]; then

@@ -211,6 +211,7 @@ def as_on_a_gpu(live: "LiveBytes"):
     real = torch.nn.functional.rms_norm
 
     def fused(input, normalized_shape, weight=None, eps=None):
+        normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         out = torch.empty_like(input)
         torch.empty((*input.shape[:input.dim() - len(normalized_shape)], *[1] * len(normalized_shape)),
                     dtype=torch.float32, device=input.device)  # the per-row scale, dropped at once

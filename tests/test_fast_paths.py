@@ -1020,6 +1020,7 @@ def test_gpu_idle_counts_the_gaps_between_kernels():
                ("d", 111.0, 120.0)]
     idle = bench.gpu_idle(kernels, blocks=2, top=2)
     assert idle["ms_per_block"] == (80 + 180) / 1e3 / 2 and idle["gaps_per_block"] == 1.0
+    assert idle["all_ms_per_block"] == (80 + 1 + 180) / 1e3 / 2  # the 1 µs launch spacing too
     assert idle["longest"] == [{"ms": 0.18, "after": "d", "before": "e"}, {"ms": 0.08, "after": "b", "before": "c"}]
     assert bench.gpu_idle([], blocks=1)["ms_per_block"] == 0
 
@@ -1030,7 +1031,8 @@ def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypat
     bench = benchmark_module()
     # build_models with compile=true points TORCHINDUCTOR_CACHE_DIR at our cache for the process:
     # undone after the test, so that later subprocesses (some run as another user) do not inherit it
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded (set or not), restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     calls = []
     real = torch.nn.Module.compile
 
@@ -1046,6 +1048,16 @@ def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypat
     calls.clear()
     bench.Bench(bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), []), bench.parse_variant("static_compile"))
     assert calls == []
+
+
+def test_interleave_refuses_variants_whose_models_differ():
+    """``--interleave`` builds one model for all its variants: a variant applied at build time
+    (static_compile, vae_unfused, render) would be measured as the first one, so it is refused."""
+    bench = benchmark_module()
+    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0}
+    for other in ("static_compile", "vae_unfused", "render", "compile"):
+        with pytest.raises(SystemExit, match="--interleave needs variants that share"):
+            bench.run_interleaved([bench.parse_variant("default"), bench.parse_variant(other)], [2.0], opts)
 
 
 def test_sdpa_kernel_ops_are_the_backends_alone():
