@@ -258,6 +258,8 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
             vae = WanVAE.from_config(vae_cfg).eval()
             if channels_last:
                 vae.to_channels_last().fuse_norms()
+                if cuda:  # as build_models: cuDNN's autotuned algorithms, and their workspaces
+                    torch.backends.cudnn.benchmark = True
         finally:
             torch.set_default_dtype(default_dtype)
         latent_shape = vae.latent_shape(int(cfg.height), int(cfg.width))
