@@ -41,7 +41,7 @@ class ChannelRMSNorm(torch.nn.Module):
     back and multiplies twice: ~8 passes over the activation, and two float32 copies alive at the
     decoder's peak (the last up block's, 585 MiB each at 480×832). The same values to the input
     dtype's rounding: ``F.normalize`` divides by max(‖x‖, 1e-12), this by sqrt(‖x‖² + 1e-24).
-    Shares the original's parameters (same state-dict names); :meth:`WanVAE.unfuse_norms` puts the
+    Shares the original's parameters (same state-dict names); :meth:`WanVAE.unfuse` puts the
     original back."""
 
     def __init__(self, original: torch.nn.Module):
@@ -71,6 +71,37 @@ class NearestUpsample(torch.nn.Upsample):
                          align_corners=original.align_corners,
                          recompute_scale_factor=original.recompute_scale_factor)
         self.original = (original,)
+
+
+class CausalConv3d(torch.nn.Conv3d):
+    """Diffusers' ``WanCausalConv3d`` with its zero padding inside the convolution. Diffusers'
+    forward concatenates the cached frames in front of the input, then pads the result in time
+    and space with ``F.pad`` (a full copy of every input, 1×1×1 shortcuts included) before a
+    convolution without padding; here the convolution pads height and width itself (cuDNN reads
+    the border as zeros, nothing is copied) and only the causal frames in time are added in front:
+    the frames the cache gives, zeros where there are none (the video's first latent frame). The
+    same values to float rounding. Shares the original's parameters (same state-dict names);
+    :meth:`WanVAE.unfuse` puts the original back."""
+
+    def __init__(self, original: torch.nn.Conv3d):
+        pad_w, _, pad_h, _, self.time_padding, _ = original._padding  # (W, W, H, H, 2·T, 0)
+        super().__init__(original.in_channels, original.out_channels, original.kernel_size, stride=original.stride,
+                         padding=(0, pad_h, pad_w), dilation=original.dilation, groups=original.groups,
+                         bias=original.bias is not None, device="meta")  # no weights of its own
+        self.weight, self.bias = original.weight, original.bias
+        self.original = (original,)  # a tuple: not a submodule, its parameters are this module's
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        pad = self.time_padding
+        if cache_x is not None and pad > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            pad -= cache_x.shape[2]
+        if pad:  # zeros in front (or, as diffusers' F.pad does, the first frames dropped if negative)
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, pad, 0))
+        return super().forward(x)
+
+
+FUSED = (ChannelRMSNorm, NearestUpsample, CausalConv3d)  # what WanVAE.fuse swaps in
 
 
 def decoder_compiles_whole() -> bool:
@@ -215,45 +246,58 @@ class WanVAE(torch.nn.Module):
         return frames.permute(0, 2, 1, 3, 4)
 
     def to_channels_last(self) -> "WanVAE":
-        """Put the 3-D convolutions' weights in the channels-last 3-D layout (cuDNN's preferred
-        one on recent GPUs; the convolutions then produce channels-last activations). The
-        default on a GPU (``vae_channels_last``, with cuDNN autotuning); the benchmark's
-        ``vae_contiguous`` variant is its before."""
+        """Put the convolutions' weights in the channels-last layout (3-D ones channels-last 3-D,
+        the upsamplers' and the attention's 2-D ones channels-last): cuDNN's preferred layout on
+        recent GPUs, where the convolutions then produce channels-last activations and take them
+        without a layout transform or a per-call copy of the weight. The default on a GPU
+        (``vae_channels_last``, with cuDNN autotuning); the benchmark's ``vae_contiguous``
+        variant is its before."""
+        layouts = {torch.nn.Conv3d: torch.channels_last_3d, torch.nn.Conv2d: torch.channels_last}
         for module in self.vae.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            for kind, layout in layouts.items():
+                if isinstance(module, kind):
+                    module.weight.data = module.weight.data.contiguous(memory_format=layout)
         return self
 
-    def fuse_norms(self) -> "WanVAE":
-        """Swap diffusers' channel RMS norms for :class:`ChannelRMSNorm` and its nearest upsamplers
-        for :class:`NearestUpsample` (the VAE in its dtype throughout, one pass per norm; made for
-        the channels-last layout of :meth:`to_channels_last`, where the channels are innermost).
-        Same frames to the dtype's rounding (``tests/test_vae.py``). Returns ``self``."""
+    def fuse(self) -> "WanVAE":
+        """Swap three of diffusers' modules for ones that move fewer bytes (made for the
+        channels-last layout of :meth:`to_channels_last`): its channel RMS norms for
+        :class:`ChannelRMSNorm` (one pass over the innermost channels, no float32 copies), its
+        nearest upsamplers for :class:`NearestUpsample` (no float32 round trip) and its causal
+        convolutions for :class:`CausalConv3d` (the zero padding inside the convolution, not a
+        padded copy of every input): the VAE in its dtype throughout. Same frames to the dtype's
+        rounding (``tests/test_vae.py``). Returns ``self``."""
         library = inspect.getmodule(autoencoder_cls())
-        norm, upsample = getattr(library, "WanRMS_norm", ()), getattr(library, "WanUpsample", ())  # () matches nothing
-        swapped = sum(isinstance(m, (ChannelRMSNorm, NearestUpsample)) for m in self.vae.modules())  # fused before
+        kinds = {getattr(library, name, None): swap for name, swap in (
+            ("WanRMS_norm", ChannelRMSNorm), ("WanUpsample", NearestUpsample), ("WanCausalConv3d", CausalConv3d))}
+        kinds.pop(None, None)
+        swapped = sum(isinstance(m, FUSED) for m in self.vae.modules())  # fused before
         for parent in list(self.vae.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, norm) and child.channel_first:
-                    setattr(parent, name, ChannelRMSNorm(child))
-                elif isinstance(child, upsample) and child.mode in ("nearest", "nearest-exact"):
-                    setattr(parent, name, NearestUpsample(child))
-                else:
+                swap = kinds.get(type(child))
+                if swap is None or isinstance(child, FUSED):
                     continue
+                if (swap is ChannelRMSNorm and not child.channel_first) or \
+                        (swap is NearestUpsample and child.mode not in ("nearest", "nearest-exact")):
+                    continue
+                setattr(parent, name, swap(child))
                 swapped += 1
         if not swapped:
-            log.warning("fuse_norms: no WanRMS_norm or WanUpsample found in diffusers' %s; the VAE runs as it is",
-                        type(self.vae).__name__)
+            log.warning("fuse: no WanRMS_norm, WanUpsample or WanCausalConv3d found in diffusers' %s; the VAE "
+                        "runs as it is", type(self.vae).__name__)
         return self
 
-    def unfuse_norms(self) -> "WanVAE":
-        """Put back the modules :meth:`fuse_norms` swapped (the benchmark's before)."""
+    def unfuse(self) -> "WanVAE":
+        """Put back the modules :meth:`fuse` swapped (the benchmark's before)."""
         for parent in list(self.vae.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, (ChannelRMSNorm, NearestUpsample)):
+                if isinstance(child, FUSED):
                     original = child.original[0]
-                    if isinstance(child, ChannelRMSNorm):  # the parameters as they are now (reassigned
-                        original.gamma, original.bias = child.gamma, child.bias  # by a load, say)
+                    # the parameters as they are now (reassigned by a load, say)
+                    if isinstance(child, ChannelRMSNorm):
+                        original.gamma, original.bias = child.gamma, child.bias
+                    elif isinstance(child, CausalConv3d):
+                        original.weight, original.bias = child.weight, child.bias
                     setattr(parent, name, original)
         return self
 

@@ -603,7 +603,7 @@ class Bench:
             for block in self.models.dit.blocks:  # nothing is compiled yet: this replaces build_models' compile
                 block.compile(dynamic=False)
         if variant.get("vae_unfused"):
-            self.models.vae.unfuse_norms()
+            self.models.vae.unfuse()
         if variant["naive_rope"]:
             self.gen.cache = self.settings.new_cache(self.models.dit, 1, self.gen.latent_shape[1:], naive_rope=True)
         self.cache = self.gen.cache

@@ -257,7 +257,7 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
             vae_cfg = OmegaConf.to_container(cfg.tiny_vae, resolve=True) if cfg.tiny_vae is not None else {}
             vae = WanVAE.from_config(vae_cfg).eval()
             if channels_last:
-                vae.to_channels_last().fuse_norms()
+                vae.to_channels_last().fuse()
                 if cuda:  # as build_models: cuDNN's autotuned algorithms, and their workspaces
                     torch.backends.cudnn.benchmark = True
         finally:

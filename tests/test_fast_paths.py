@@ -635,25 +635,29 @@ def test_cuda_only_switches_on_a_cpu_are_a_config_error(tiny, key):
 
 
 def test_vae_channels_last_switch_reaches_the_decoder(monkeypatch):
-    """``vae_channels_last=true`` (``auto``: on a GPU): the VAE's 3-D convolutions are built in the
-    channels-last layout, cuDNN autotunes them and the norms are fused; ``false`` leaves all three
-    alone. (The decode's equality with diffusers' contiguous VAE: ``tests/test_vae.py``.)"""
-    from model.vae import ChannelRMSNorm, NearestUpsample
+    """``vae_channels_last=true`` (``auto``: on a GPU): the VAE's convolutions are built in the
+    channels-last layout (3-D and 2-D), cuDNN autotunes them and the norms, upsamplers and causal
+    convolutions are fused; ``false`` leaves all three alone. (The decode's equality with
+    diffusers' contiguous VAE: ``tests/test_vae.py``.)"""
+    from model.vae import FUSED
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    layouts = {torch.nn.Conv3d: torch.channels_last_3d, torch.nn.Conv2d: torch.channels_last}
 
     def conv_weights(models):
-        return [m.weight for m in models.vae.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+        return [(m.weight, layout) for m in models.vae.vae.modules() for kind, layout in layouts.items()
+                if isinstance(m, kind)]
 
     def fused(models):
-        return sum(isinstance(m, (ChannelRMSNorm, NearestUpsample)) for m in models.vae.modules())
+        return sum(isinstance(m, FUSED) for m in models.vae.modules())
 
     off = build_models(load_config(REPO / "configs" / "tiny.yaml", ["vae_channels_last=false"]))
-    assert all(w.is_contiguous() for w in conv_weights(off)) and not torch.backends.cudnn.benchmark
+    assert all(w.is_contiguous() for w, _ in conv_weights(off)) and not torch.backends.cudnn.benchmark
     assert fused(off) == 0
     on = build_models(load_config(REPO / "configs" / "tiny.yaml", ["vae_channels_last=true"]))
-    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv_weights(on))
-    assert not all(w.is_contiguous() for w in conv_weights(on))
+    assert {layout for _, layout in conv_weights(on)} == set(layouts.values())  # both kinds are there
+    assert all(w.is_contiguous(memory_format=layout) for w, layout in conv_weights(on))
+    assert not all(w.is_contiguous() for w, _ in conv_weights(on))
     assert torch.backends.cudnn.benchmark and fused(on) > 0
 
 

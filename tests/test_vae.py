@@ -202,7 +202,7 @@ def _random_norm_weights(vae: WanVAE, seed: int = 5) -> WanVAE:
 
 def test_channels_last_decoder_equals_the_default_layout(vae):
     """``vae_channels_last`` (the default on a GPU): the convolutions channels-last and the norms
-    fused (:meth:`WanVAE.fuse_norms`) decode the same frames, streaming, as diffusers' modules in
+    fused (:meth:`WanVAE.fuse`) decode the same frames, streaming, as diffusers' modules in
     the contiguous layout (fp32)."""
     import copy
 
@@ -210,7 +210,7 @@ def test_channels_last_decoder_equals_the_default_layout(vae):
     z = torch.randn(1, 6, 16, H // 8, W // 8)
     plain = _random_norm_weights(copy.deepcopy(vae))
     want = torch.cat([plain.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
-    last = copy.deepcopy(plain).to_channels_last().fuse_norms()
+    last = copy.deepcopy(plain).to_channels_last().fuse()
     assert any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                for p in last.parameters())
     got = torch.cat([last.streaming_decoder().decode_block(z[:, i:i + 3]) for i in (0, 3)], dim=1)
@@ -219,33 +219,63 @@ def test_channels_last_decoder_equals_the_default_layout(vae):
     torch.testing.assert_close(last.encode(video), plain.encode(video), rtol=1e-4, atol=1e-5)
 
 
-def test_fused_norms_swap_diffusers_modules_and_back(vae):
-    """Every channel RMS norm and nearest upsampler of the decoder and the encoder is swapped, the
-    parameters stay the same objects under the same state-dict names, and unfuse_norms restores
-    diffusers' modules."""
+def test_fuse_swaps_diffusers_modules_and_back(vae):
+    """Every channel RMS norm, nearest upsampler and causal convolution of the decoder and the
+    encoder is swapped, the parameters stay the same objects under the same state-dict names, and
+    unfuse restores diffusers' modules."""
     import copy
 
     from diffusers.models.autoencoders import autoencoder_kl_wan as lib
 
-    from model.vae import ChannelRMSNorm, NearestUpsample
+    from model.vae import CausalConv3d, ChannelRMSNorm, NearestUpsample
 
     v = copy.deepcopy(vae)
     kinds = lambda m: sorted(type(c).__name__ for c in m.modules())  # noqa: E731
     before, keys = kinds(v), list(v.state_dict())
-    norms = sum(isinstance(c, lib.WanRMS_norm) for c in v.modules())
-    ups = sum(isinstance(c, lib.WanUpsample) for c in v.modules())
-    assert norms > 0 and ups > 0
-    gammas = {id(p) for n, p in v.named_parameters() if n.endswith("gamma")}
-    v.fuse_norms()
-    assert sum(isinstance(c, ChannelRMSNorm) for c in v.modules()) == norms
-    assert sum(isinstance(c, NearestUpsample) for c in v.modules()) == ups
-    assert not any(isinstance(c, (lib.WanRMS_norm, lib.WanUpsample)) for c in v.modules())
-    assert list(v.state_dict()) == keys and {id(p) for n, p in v.named_parameters() if n.endswith("gamma")} == gammas
-    assert kinds(v.fuse_norms()) == kinds(v)  # a second call finds them fused and changes nothing
-    loaded = {k: t + 1 if k.endswith("gamma") else t for k, t in v.state_dict().items()}
+    pairs = ((lib.WanRMS_norm, ChannelRMSNorm), (lib.WanUpsample, NearestUpsample), (lib.WanCausalConv3d, CausalConv3d))
+    counts = [sum(isinstance(c, theirs) for c in v.modules()) for theirs, _ in pairs]
+    assert all(n > 0 for n in counts)
+    params = {n: id(p) for n, p in v.named_parameters()}
+    v.fuse()
+    assert [sum(isinstance(c, ours) for c in v.modules()) for _, ours in pairs] == counts
+    assert not any(isinstance(c, tuple(theirs for theirs, _ in pairs)) for c in v.modules())
+    assert list(v.state_dict()) == keys and {n: id(p) for n, p in v.named_parameters()} == params
+    assert kinds(v.fuse()) == kinds(v)  # a second call finds them fused and changes nothing
+    loaded = {k: t + 1 for k, t in v.state_dict().items()}
     v.load_state_dict(loaded, assign=True)  # new parameter objects in the fused modules
-    assert kinds(v.unfuse_norms()) == before
+    assert kinds(v.unfuse()) == before
     assert all(torch.equal(t, loaded[k]) for k, t in v.state_dict().items())  # diffusers' modules got them
+
+
+@pytest.mark.parametrize("kernel, padding, stride", [(3, 1, 1), (1, 0, 1), ((3, 1, 1), (1, 0, 0), 1),
+                                                     ((3, 1, 1), 0, (2, 1, 1))])
+@pytest.mark.parametrize("cache_frames", [None, 1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_causal_conv_with_inner_padding_equals_diffusers(kernel, padding, stride, cache_frames, layout):
+    """:class:`CausalConv3d` against diffusers' ``WanCausalConv3d`` (the oracle), with every
+    kernel the Wan VAE has (3×3×3 and 1×1×1 in the residual blocks, 3×1×1 in the upsamplers'
+    time convolutions, 3×1×1 with a time stride in the encoder's downsamplers): no cache, and a
+    cache of fewer, as many and more frames than the causal padding (diffusers' negative padding
+    drops input frames then), in both layouts."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from model.vae import CausalConv3d
+
+    g = torch.Generator().manual_seed(2)
+    theirs = WanCausalConv3d(6, 5, kernel, stride=stride, padding=padding)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(theirs.weight.shape, generator=g))
+        theirs.bias.copy_(torch.randn(theirs.bias.shape, generator=g))
+    ours = CausalConv3d(theirs)
+    x = torch.randn(2, 6, 4, 5, 7, generator=g)
+    cache = None if cache_frames is None else torch.randn(2, 6, cache_frames, 5, 7, generator=g)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        ours.weight.data = ours.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    want = theirs(x, cache)
+    assert want.shape[2] > 0
+    torch.testing.assert_close(ours(x, cache), want, rtol=1e-5, atol=1e-5)
+    assert ours.weight is theirs.weight and ours.bias is theirs.bias
 
 
 @pytest.mark.parametrize("shape, layout", [((2, 24, 3, 5, 7), "channels_last_3d"), ((2, 24, 3, 5, 7), "contiguous"),
@@ -305,7 +335,7 @@ def test_bf16_decode_with_fused_norms_is_as_close_to_fp32_as_diffusers(vae):
 
     truth = decode(plain)
     low = copy.deepcopy(plain).to(torch.bfloat16)
-    fused = copy.deepcopy(low).to_channels_last().fuse_norms()
+    fused = copy.deepcopy(low).to_channels_last().fuse()
     err = {name: ((decode(v) - truth).norm() / truth.norm()).item() for name, v in (("theirs", low), ("ours", fused))}
     assert err["ours"] < 5e-2 and err["ours"] <= 1.1 * err["theirs"], err
 
