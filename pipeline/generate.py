@@ -207,8 +207,9 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
         dit.use_cuda_graphs()
     if cfg.vae_channels_last:
         # the VAE channels-last and in its dtype throughout: its norms one pass over the (innermost)
-        # channels, no float32 copies, no padded copies before its convolutions; cuDNN times its algorithms once per convolution shape (a
-        # few, the streaming decode's) and keeps the fastest (docs/PERFORMANCE.md §17)
+        # channels, no float32 copies, no padded copies before its convolutions; cuDNN times its
+        # algorithms once per convolution shape (a few, the streaming decode's) and keeps the
+        # fastest (docs/PERFORMANCE.md §17)
         vae.to_channels_last().fuse()
         torch.backends.cudnn.benchmark = True
     if cfg.compile_vae:

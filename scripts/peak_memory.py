@@ -15,8 +15,10 @@ frees it, each rounded up to 512 bytes as CUDA's caching allocator rounds a bloc
 workspaces, tens of MiB) and what a compiled or graphed forward plans differently.
 
 It prints what stays resident after the first block (weights, KV cache, text keys/values),
-the peak of each stage above it, the overall peak with the operator that reached it, and the
-largest tensors alive at that moment. Seconds on a CPU, so it can run in CI: a change that
+the peak of each stage above it, the overall peak with the operator that reached it, the
+largest tensors alive at that moment, and each stage's memory traffic per block: the bytes its
+operators read and write, each as one unfused kernel would (a floor for the eager path's time at
+the GPU's bandwidth; a compiled stage fuses some of them away). Seconds on a CPU, so it can run in CI: a change that
 adds a full-size temporary shows up here before it reaches a GPU. With ``--device cuda`` the
 models get random weights on the GPU and run for real under the same count, and the report
 adds ``torch.cuda.max_memory_allocated`` of the same blocks: the difference is what the count
@@ -80,6 +82,7 @@ class LiveBytes(TorchDispatchMode):
     _serial: int = 0
     _mark: int | None = None
     paused: bool = False  # ops run while paused are not counted (see as_on_a_gpu)
+    traffic: dict = field(default_factory=dict)  # stage → {operator: bytes it read and wrote}, from mark()
 
     def __post_init__(self):
         super().__init__()
@@ -89,10 +92,32 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.paused:
             return out
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t, func)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for t in outs:
+            self._track(t, func)
+        if self._mark is not None and outs:
+            self._count_traffic(func, [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)], outs)
         return out
+
+    def _count_traffic(self, func, ins: list, outs: list) -> None:
+        """The bytes an operator reads (its tensor arguments) and writes (its outputs), as an
+        unfused kernel moves them through memory: views and allocations move none; ``copy_`` does
+        not read what it overwrites; a broadcast operand counts its storage, not its expanded size."""
+        name = func.__name__.split(".")[0]
+        if name.startswith(("empty", "new_empty")):
+            return
+        storages = {t.untyped_storage()._cdata for t in ins}
+        if not func._schema.is_mutable and all(t.untyped_storage()._cdata in storages for t in outs):
+            return  # a view (or an alias) of an input
+        if name == "copy_":
+            ins = ins[1:]
+        self.moved(name, sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in (*ins, *outs)))
+
+    def moved(self, name: str, nbytes: int) -> None:
+        """Count ``nbytes`` of memory traffic for operator ``name`` in the current stage."""
+        if self._mark is not None:
+            ops = self.traffic.setdefault(self.stage, {})
+            ops[name] = ops.get(name, 0) + nbytes
 
     def _track(self, t: torch.Tensor, func) -> None:
         storage = t.untyped_storage()
@@ -115,7 +140,7 @@ class LiveBytes(TorchDispatchMode):
 
     def mark(self) -> int:
         """Start measuring: returns the bytes resident now; peaks are kept from here."""
-        self._mark, self.peak, self.at_peak, self.stage_peaks = self._serial, self.now, [], {}
+        self._mark, self.peak, self.at_peak, self.stage_peaks, self.traffic = self._serial, self.now, [], {}, {}
         return self.now
 
     def bytes_of(self, tensors) -> int:
@@ -217,10 +242,11 @@ def as_on_a_gpu(live: "LiveBytes"):
                     dtype=torch.float32, device=input.device)  # the per-row scale, dropped at once
         live.paused = True
         try:
-            value = real(input, normalized_shape, weight, eps)
+            out.copy_(real(input, normalized_shape, weight, eps))
         finally:
             live.paused = False
-        return out.copy_(value)
+        live.moved("rms_norm", 2 * out.numel() * out.element_size())  # the kernel reads the input, writes out
+        return out
 
     return mock.patch.object(torch.nn.functional, "rms_norm", fused)
 
@@ -301,6 +327,7 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
             "vae_layout": "channels-last, fused norms" if channels_last else "contiguous",
             "resident_bytes": start,
             "peak": live.peak, "peak_at": live.peak_at, "stage_peaks": live.stage_peaks, "at_peak": live.at_peak[:8],
+            "traffic": live.traffic,
             "cache_bytes": cache.memory_bytes(), "events": events, "latent_shape": latent_shape, "dtype": dtype}
 
 
@@ -319,6 +346,13 @@ def report(cfg, r: dict, config_path: str) -> str:
     lines.append(f"peak: {r['peak'] / MIB:,.0f} MiB = {r['peak'] / 2 ** 30:.2f} GiB (reached by {r['peak_at']})")
     lines.append("largest tensors alive at the peak besides the resident ones: " + "; ".join(
         f"{what} ({nbytes / MIB:,.1f} MiB, {stage})" for nbytes, what, stage in r["at_peak"]))
+    steady = len(r["events"]) - 1  # the blocks after the first, where the traffic is counted
+    for stage, ops in r["traffic"].items():
+        unit, size = ("GiB", 2 ** 30) if sum(ops.values()) / steady >= 2 ** 30 else ("MiB", MIB)
+        top = sorted(ops.items(), key=lambda item: -item[1])[:6]
+        lines.append(f"memory traffic of {stage}, per block: {sum(ops.values()) / steady / size:,.1f} {unit} read and "
+                     "written by its operators, unfused (most: " + ", ".join(
+                         f"{op} {nbytes / steady / size:,.1f}" for op, nbytes in top) + ")")
     if r["measured"] is not None:
         lines.append(f"torch.cuda.max_memory_allocated of the same blocks: {r['measured'] / MIB:,.0f} MiB "
                      f"({(r['measured'] - r['peak']) / MIB:+,.0f} MiB: workspaces and what else the count misses)")
