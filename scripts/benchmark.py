@@ -86,7 +86,10 @@ VARIANTS = {
     "compile": {"overrides": ["compile=true"]},
     # the compiled blocks traced with static shapes (torch.compile(dynamic=False)): one graph per
     # cache layout instead of one dynamic in the held length (docs/PERFORMANCE.md §9; runtime switch)
-    "static_compile": {"static_compile": True},
+    "static_compile": {"compile_options": {"dynamic": False}},
+    # the compiled blocks with inductor's autotuned GEMM templates, which can fuse the GELU, the gates
+    # and the residual adds into the GEMMs' epilogues (a longer one-time compile; no CUDA graphs)
+    "autotune_compile": {"compile_options": {"mode": "max-autotune-no-cudagraphs"}},
     "cuda_graphs": {"overrides": ["cuda_graphs=true"]},  # cached forwards replayed as CUDA graphs (GPU only)
     "fp32": {"overrides": ["dtype=float32"]},
     "bf16": {"overrides": ["dtype=bfloat16"]},
@@ -488,7 +491,7 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 def parse_variant(name: str) -> dict:
     spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False,
-            "cudnn_benchmark": False, "render": False, "static_compile": False, "vae_unfused": False}
+            "cudnn_benchmark": False, "render": False, "compile_options": {}, "vae_unfused": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -500,7 +503,7 @@ def parse_variant(name: str) -> dict:
         spec["sync_write"] |= v.get("sync_write", False)
         spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
         spec["render"] |= v.get("render", False)
-        spec["static_compile"] |= v.get("static_compile", False)
+        spec["compile_options"] = {**spec["compile_options"], **v.get("compile_options", {})}
         spec["vae_unfused"] |= v.get("vae_unfused", False)
     return spec
 
@@ -599,9 +602,9 @@ class Bench:
         self.device = self.models.device
         self.gen = VideoGenerator(cfg, self.models)
         self.settings = self.gen.settings
-        if variant.get("static_compile") and cfg.compile:
+        if variant.get("compile_options") and cfg.compile:
             for block in self.models.dit.blocks:  # nothing is compiled yet: this replaces build_models' compile
-                block.compile(dynamic=False)
+                block.compile(**variant["compile_options"])
         if variant.get("vae_unfused"):
             self.models.vae.unfuse()
         if variant["naive_rope"]:
@@ -1078,11 +1081,11 @@ def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) ->
     """DiT-only before/after numbers for variants that share one model (runtime switches):
     one process, the variants' rollouts alternating round after round, so that a busy spell on
     a shared machine hits every variant alike. No memory numbers (one process for all)."""
-    built = ("static_compile", "vae_unfused", "render")  # switches applied when a variant's models are built
-    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({tuple(s[k] for k in built) for s in specs}) > 1:
+    built = ("compile_options", "vae_unfused", "render")  # switches applied when a variant's models are built
+    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({repr([s[k] for k in built]) for s in specs}) > 1:
         raise SystemExit("--interleave needs variants that share the config and the built models (naive_rope, "
                          "rope_f64, real_rope, text_kv_per_forward, sdpa_*); run config variants (compile, fp32, "
-                         "bf16, static_compile, vae_*, render) without it")
+                         "bf16, *_compile, vae_*, render) without it")
     cfg = load_bench_config(opts["config_path"], opts["overrides"] + specs[0]["overrides"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])

@@ -6,14 +6,14 @@
 #                                        image lacks into .whl/ (git-ignored; carry it to the GPU)
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
 #                                        rows (eager; the default, i.e. the compiled DiT and the channels-
-#                                        last VAE on a GPU; the default timed as a render, without stage
-#                                        boundaries; the same with the decode on its own stream; the
-#                                        default with CUDA graphs, at 10 s; the default at 60 s), write
-#                                        the tables
-#   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the VAE and writer
-#                                        levers against the default at 10 s (the channels-last VAE with
-#                                        diffusers' norms; the contiguous VAE; the writer on the critical
-#                                        path; the DiT compiled with static shapes; the compiled decoder);
+#                                        last, fused VAE on a GPU; the default timed as a render, without
+#                                        stage boundaries; the same with the decode on its own stream, at
+#                                        10 s; the default at 60 s), write the tables
+#   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the levers against
+#                                        the default at 10 s, most telling first (the channels-last VAE
+#                                        with diffusers' modules; the DiT compiled with inductor's GEMM
+#                                        autotuning, then with static shapes; the contiguous VAE; CUDA
+#                                        graphs; the writer on the critical path; the compiled decoder);
 #                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
@@ -112,22 +112,23 @@ EOF
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
     ROWS=(eager default compile)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
+    LEVERS=(default vae_unfused autotune_compile static_compile vae_contiguous sync_write compile_vae)
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
-    ROWS=(eager default render decode_stream default+cuda_graphs)
+    ROWS=(eager default render decode_stream)
+    LEVERS=(default vae_unfused autotune_compile static_compile vae_contiguous default+cuda_graphs sync_write compile_vae)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
 
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
-    echo "==> levers: the channels-last VAE with diffusers' norms, the contiguous VAE (the default's befores);"
-    echo "    the writer on the critical path; the DiT compiled with static shapes; the compiled VAE decoder"
-    echo "    (last: torch < 2.13 compiles it in pieces)"
-    timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants default \
-        vae_unfused vae_contiguous sync_write static_compile compile_vae \
+    echo "==> levers: the channels-last VAE with diffusers' modules (the fused VAE's before); the DiT compiled"
+    echo "    with GEMM autotuning, then with static shapes; the contiguous VAE; CUDA graphs; the writer on the"
+    echo "    critical path; the compiled VAE decoder (last: torch < 2.13 compiles it in pieces)"
+    timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants "${LEVERS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     echo "==> one prompt's encoding by umt5-xxl (random weights), on the GPU and offloaded to the CPU"
     if [ "$MODE" = cpu ]; then TEXT=(--devices cpu "${CONFIG[@]}"); else
@@ -136,6 +137,7 @@ if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one
         > "$OUT/text_encoder.log" 2>&1 || true
     { echo "# GPU check, levers ($(date -u +%Y-%m-%d), $MODE)"; echo; sed 's/^/    /' "$OUT/env.txt"; echo
       cat "$OUT/levers_$MODE.md" 2>/dev/null || echo "(no table: see levers.log)"; echo
+      grep -h "CUDA graphs:" "$OUT/levers.log" 2>/dev/null | sed 's/^.*INFO /    /' || true; echo
       cat "$OUT/text_encoder.md" 2>/dev/null || echo "(no text encoder table: see text_encoder.log)"; } \
         > "$OUT/summary_levers.md"
     cat "$OUT/summary_levers.md"
@@ -179,8 +181,6 @@ if [ "$PART" = main ]; then
         cat "$OUT/rows_$MODE.md" 2>/dev/null || echo "(benchmark produced no table: see benchmark.log)"
         echo
         cat "$OUT/rows_long_$MODE.md" 2>/dev/null || echo "(long benchmark produced no table: see benchmark_long.log)"
-        echo
-        grep -h "CUDA graphs:" "$OUT/benchmark.log" "$OUT/benchmark_long.log" 2>/dev/null | sed 's/^.*INFO /    /' || true
         echo
         sed 's/^/    /' "$OUT/peak_memory.txt" 2>/dev/null || true
     } > "$OUT/summary.md"

@@ -1029,9 +1029,10 @@ def test_gpu_idle_counts_the_gaps_between_kernels():
     assert bench.gpu_idle([], blocks=1)["ms_per_block"] == 0
 
 
-def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypatch):
-    """The benchmark's ``static_compile`` variant replaces the default's compile of each block by
-    ``dynamic=False`` before anything is traced; without ``compile`` it changes nothing."""
+def test_compile_variants_compile_the_blocks_with_their_options(monkeypatch):
+    """The benchmark's ``static_compile`` and ``autotune_compile`` variants replace the default's
+    compile of each block by one with ``dynamic=False`` / inductor's autotuning mode (both, when
+    combined) before anything is traced; without ``compile`` they change nothing."""
     bench = benchmark_module()
     # build_models with compile=true points TORCHINDUCTOR_CACHE_DIR at our cache for the process:
     # undone after the test, so that later subprocesses (some run as another user) do not inherit it
@@ -1046,9 +1047,13 @@ def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypat
 
     monkeypatch.setattr(torch.nn.Module, "compile", spy)
     cfg = bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), ["compile=true"])
-    bench.Bench(cfg, bench.parse_variant("static_compile"))
     layers = cfg.model.num_layers
-    assert calls == [{}] * layers + [{"dynamic": False}] * layers
+    autotune = {"mode": "max-autotune-no-cudagraphs"}
+    for variant, options in (("static_compile", {"dynamic": False}), ("autotune_compile", autotune),
+                             ("static_compile+autotune_compile", {"dynamic": False, **autotune})):
+        calls.clear()
+        bench.Bench(cfg, bench.parse_variant(variant))
+        assert calls == [{}] * layers + [options] * layers, variant
     calls.clear()
     bench.Bench(bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), []), bench.parse_variant("static_compile"))
     assert calls == []
@@ -1056,10 +1061,11 @@ def test_static_compile_variant_compiles_the_blocks_with_static_shapes(monkeypat
 
 def test_interleave_refuses_variants_whose_models_differ():
     """``--interleave`` builds one model for all its variants: a variant applied at build time
-    (static_compile, vae_unfused, render) would be measured as the first one, so it is refused."""
+    (static_compile, autotune_compile, vae_unfused, render) would be measured as the first one, so
+    it is refused."""
     bench = benchmark_module()
     opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0}
-    for other in ("static_compile", "vae_unfused", "render", "compile"):
+    for other in ("static_compile", "autotune_compile", "vae_unfused", "render", "compile"):
         with pytest.raises(SystemExit, match="--interleave needs variants that share"):
             bench.run_interleaved([bench.parse_variant("default"), bench.parse_variant(other)], [2.0], opts)
 
