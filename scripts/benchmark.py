@@ -97,11 +97,11 @@ VARIANTS = {
     "sdpa_cudnn": {"sdpa": "cudnn"},
     "sdpa_efficient": {"sdpa": "efficient"},
     "sdpa_math": {"sdpa": "math"},
-    # the VAE's convolutions: channels-last 3-D weights with cuDNN autotuning (the default on a GPU
+    # the VAE's convolutions: channels-last weights with cuDNN autotuning (the default on a GPU
     # since an H200 measured it), and its "before", the contiguous layout without autotuning
     "vae_channels_last": {"overrides": ["vae_channels_last=true"]},
     "vae_contiguous": {"overrides": ["vae_channels_last=false"]},
-    # the channels-last VAE with diffusers' own norms and upsamplers back (what the H200 measured)
+    # the channels-last VAE with diffusers' own norms, upsamplers and causal convolutions back (WanVAE.unfuse)
     "vae_unfused": {"vae_unfused": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},  # cuDNN autotunes each convolution shape once (runtime switch)
     "compile_vae": {"overrides": ["compile_vae=true"]},  # torch.compile of the VAE decoder
@@ -1082,7 +1082,7 @@ def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) ->
     one process, the variants' rollouts alternating round after round, so that a busy spell on
     a shared machine hits every variant alike. No memory numbers (one process for all)."""
     built = ("compile_options", "vae_unfused", "render")  # switches applied when a variant's models are built
-    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({repr([s[k] for k in built]) for s in specs}) > 1:
+    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({repr([sorted(s[k].items()) if isinstance(s[k], dict) else s[k] for k in built]) for s in specs}) > 1:
         raise SystemExit("--interleave needs variants that share the config and the built models (naive_rope, "
                          "rope_f64, real_rope, text_kv_per_forward, sdpa_*); run config variants (compile, fp32, "
                          "bf16, *_compile, vae_*, render) without it")

@@ -101,16 +101,19 @@ class LiveBytes(TorchDispatchMode):
 
     def _count_traffic(self, func, ins: list, outs: list) -> None:
         """The bytes an operator reads (its tensor arguments) and writes (its outputs), as an
-        unfused kernel moves them through memory: views and allocations move none; ``copy_`` does
-        not read what it overwrites; a broadcast operand counts its storage, not its expanded size."""
+        unfused kernel moves them through memory: views (in place too) and allocations move none;
+        ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read what they overwrite; a broadcast
+        operand counts its storage, not its expanded size."""
         name = func.__name__.split(".")[0]
-        if name.startswith(("empty", "new_empty")):
-            return
+        if name.startswith(("empty", "new_empty")) or torch.Tag.inplace_view in func.tags:
+            return  # an allocation, or a view changed in place (t_, unsqueeze_, ...)
         storages = {t.untyped_storage()._cdata for t in ins}
         if not func._schema.is_mutable and all(t.untyped_storage()._cdata in storages for t in outs):
             return  # a view (or an alias) of an input
-        if name == "copy_":
+        if name in ("copy_", "fill_", "zero_"):  # write-only
             ins = ins[1:]
+        if func._overloadname.startswith("out"):  # an out= variant writes its out tensor, does not read it
+            ins = [t for t in ins if not any(t is o for o in outs)]
         self.moved(name, sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in (*ins, *outs)))
 
     def moved(self, name: str, nbytes: int) -> None:
@@ -324,7 +327,7 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
         measured = torch.cuda.max_memory_allocated()
         history_peak = history()
     return {"measured": measured, "history": history_peak, "device": device or "fake", "resident": resident,
-            "vae_layout": "channels-last, fused norms" if channels_last else "contiguous",
+            "vae_layout": "channels-last, fused" if channels_last else "contiguous",
             "resident_bytes": start,
             "peak": live.peak, "peak_at": live.peak_at, "stage_peaks": live.stage_peaks, "at_peak": live.at_peak[:8],
             "traffic": live.traffic,

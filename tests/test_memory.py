@@ -74,8 +74,11 @@ def test_traffic_counts_what_unfused_kernels_read_and_write():
         z = torch.empty(1000)                  # an allocation moves nothing
         z.copy_(y)                             # reads y, writes z
         s = col.expand(100, 10) + full         # reads 400 + 4,000, writes 4,000
+        full.t_()                              # a view changed in place moves nothing
+        torch.add(x, 1, out=z)                 # reads x, writes z
+        z.zero_()                              # writes z
     assert view.shape == (100, 10) and s.shape == (100, 10)
-    assert live.traffic == {"s": {"add": 8000 + 8400, "add_": 8000, "copy_": 8000}}
+    assert live.traffic == {"s": {"add": 8000 + 8400 + 8000, "add_": 8000, "copy_": 8000, "zero_": 4000}}
 
 
 def test_allocator_history_peak_and_who_holds_it():

@@ -240,7 +240,9 @@ def test_fuse_swaps_diffusers_modules_and_back(vae):
     assert [sum(isinstance(c, ours) for c in v.modules()) for _, ours in pairs] == counts
     assert not any(isinstance(c, tuple(theirs for theirs, _ in pairs)) for c in v.modules())
     assert list(v.state_dict()) == keys and {n: id(p) for n, p in v.named_parameters()} == params
-    assert kinds(v.fuse()) == kinds(v)  # a second call finds them fused and changes nothing
+    after = kinds(v)
+    assert kinds(v.fuse()) == after  # a second call finds them fused and changes nothing
+    assert {n: id(p) for n, p in v.named_parameters()} == params
     loaded = {k: t + 1 for k, t in v.state_dict().items()}
     v.load_state_dict(loaded, assign=True)  # new parameter objects in the fused modules
     assert kinds(v.unfuse()) == before
@@ -322,7 +324,7 @@ def test_nearest_upsample_in_bf16_is_bit_identical():
 
 
 def test_bf16_decode_with_fused_norms_is_as_close_to_fp32_as_diffusers(vae):
-    """The whole streaming decode in bf16: channels-last with fused norms against diffusers'
+    """The whole streaming decode in bf16: channels-last and fused against diffusers'
     modules, each against the fp32 decode: the fused VAE is no further from it (bf16 rounding)."""
     import copy
 
