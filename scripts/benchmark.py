@@ -1082,7 +1082,9 @@ def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) ->
     one process, the variants' rollouts alternating round after round, so that a busy spell on
     a shared machine hits every variant alike. No memory numbers (one process for all)."""
     built = ("compile_options", "vae_unfused", "render")  # switches applied when a variant's models are built
-    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({repr([sorted(s[k].items()) if isinstance(s[k], dict) else s[k] for k in built]) for s in specs}) > 1:
+    def models_of(s):  # the compile options compare whatever order the variant named them in
+        return repr([sorted(s[k].items()) if isinstance(s[k], dict) else s[k] for k in built])
+    if len({tuple(s["overrides"]) for s in specs}) > 1 or len({models_of(s) for s in specs}) > 1:
         raise SystemExit("--interleave needs variants that share the config and the built models (naive_rope, "
                          "rope_f64, real_rope, text_kv_per_forward, sdpa_*); run config variants (compile, fp32, "
                          "bf16, *_compile, vae_*, render) without it")
