@@ -18,8 +18,8 @@ It prints what stays resident after the first block (weights, KV cache, text key
 the peak of each stage above it, the overall peak with the operator that reached it, the
 largest tensors alive at that moment, and each stage's memory traffic per block: the bytes its
 operators read and write, each as one unfused kernel would (a floor for the eager path's time at
-the GPU's bandwidth; a compiled stage fuses some of them away). Seconds on a CPU, so it can run in CI: a change that
-adds a full-size temporary shows up here before it reaches a GPU. With ``--device cuda`` the
+the GPU's bandwidth; a compiled stage fuses some of them away). About a minute on a CPU at full
+size, so it can run in CI: a change that adds a full-size temporary shows up here before it reaches a GPU. With ``--device cuda`` the
 models get random weights on the GPU and run for real under the same count, and the report
 adds ``torch.cuda.max_memory_allocated`` of the same blocks: the difference is what the count
 cannot see. It also records CUDA's allocator history over those blocks and lists what is alive
