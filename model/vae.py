@@ -30,6 +30,8 @@ from utils.errors import WAN_DOWNLOAD_HINT, ConfigError, WeightsMissingError, fi
 
 log = logging.getLogger(__name__)
 
+CACHE_FRAMES = 2  # frames of its input each of the decoder's causal convolutions keeps (diffusers' CACHE_T)
+
 
 
 class ChannelRMSNorm(torch.nn.Module):
@@ -101,18 +103,85 @@ class CausalConv3d(torch.nn.Conv3d):
         return super().forward(x)
 
 
-FUSED = (ChannelRMSNorm, NearestUpsample, CausalConv3d)  # what WanVAE.fuse swaps in
+class CausalResample(torch.nn.Module):
+    """Diffusers' ``WanResample`` in its ``upsample3d`` mode (the decoder's time-and-space
+    upsampler) with the same submodules and computation, written so that Dynamo traces it.
+    On the video's first latent frame the upsampler marks its cache slot with the string ``"Rep"``
+    (no time upsampling yet) and later tests the slot with ``== "Rep"``. Once the slot holds a
+    tensor, that comparison returns ``NotImplemented``, and Dynamo of torch 2.8 to 2.12 breaks the
+    graph there, inside the decoder's loop over its up blocks, so ``compile_vae`` compiled the
+    decoder in pieces. Here the marker is told apart by its type.
+    The same computation, bit for bit, and a channels-last activation stays channels-last
+    (``tests/test_vae.py``)."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        self.original = (original,)  # a tuple: not a submodule, its submodules are this module's
+        self.mode, self.resample, self.time_conv = original.mode, original.resample, original.time_conv
+
+    def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list = [0]) -> torch.Tensor:
+        if feat_cache is not None:
+            idx = feat_idx[0]
+            cached = feat_cache[idx]
+            if cached is None:  # the first latent frame: no time upsampling, the slot marked
+                feat_cache[idx] = "Rep"
+            else:
+                first = isinstance(cached, str)  # the second latent frame: nothing cached before it
+                cache_x = x[:, :, -CACHE_FRAMES:].clone()
+                if cache_x.shape[2] < CACHE_FRAMES:
+                    cache_x = torch.cat([torch.zeros_like(cache_x) if first else cached[:, :, -1:], cache_x], dim=2)
+                x = self.time_conv(x) if first else self.time_conv(x, cached)  # [b, 2c, t, h, w]
+                halves = x.unflatten(1, (2, x.shape[1] // 2))  # frame j's two halves: frames 2j and 2j + 1
+                x = torch.stack((halves[:, 0], halves[:, 1]), 3).flatten(2, 3)
+                feat_cache[idx] = cache_x
+            feat_idx[0] += 1
+        b, c, t, h, w = x.shape
+        images = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))  # a view for a channels-last x
+        return images.view(b, t, *images.shape[1:]).transpose(1, 2)
 
 
-def decoder_compiles_whole() -> bool:
-    """Whether Dynamo traces diffusers' Wan decoder as one graph per cache state. The decoder
-    compares its cache entries, tensors from the second latent frame on, with the marker string
-    ``"Rep"``; torch 2.8 to 2.12 break the graph at that comparison, and a break inside the
-    decoder's loop over its up blocks makes Dynamo skip the decoder's own frame and compile the
-    frames it calls one by one. Tried on the CPU: whole with 2.6.0, 2.7.1 and 2.13.0; in pieces
-    with 2.8.0, 2.9.1, 2.10.0, 2.11.0 and 2.12.1 (``tests/test_vae.py`` checks the torch it runs on)."""
-    version = torch.__version__  # a TorchVersion: compares as a version, not as a string
-    return not (version >= "2.8" and version < "2.13")
+FUSED = (ChannelRMSNorm, NearestUpsample, CausalConv3d, CausalResample)  # what WanVAE.fuse swaps in
+
+
+def _swap_in(parent: torch.nn.Module, kinds: dict) -> int:
+    """Replace, depth first, every child whose exact type is in ``kinds`` by ``kinds[type](child)``,
+    then look inside the replacement (whose children are the original's). Returns the count."""
+    swapped = 0
+    for name, child in list(parent.named_children()):
+        swap = kinds.get(type(child))
+        if swap is not None and _swappable(swap, child):
+            child = swap(child)
+            setattr(parent, name, child)
+            swapped += 1
+        swapped += _swap_in(child, kinds)
+    return swapped
+
+
+def _swappable(swap: type, child: torch.nn.Module) -> bool:
+    if swap is ChannelRMSNorm:
+        return child.channel_first
+    if swap is NearestUpsample:
+        return child.mode in ("nearest", "nearest-exact")
+    if swap is CausalResample:
+        return child.mode == "upsample3d"
+    return True
+
+
+def _swap_out(parent: torch.nn.Module) -> None:
+    """Put back the originals of :data:`FUSED` modules, children first (so that a convolution
+    inside a swapped upsampler hands its parameters back before the upsampler goes)."""
+    for name, child in list(parent.named_children()):
+        _swap_out(child)
+        if isinstance(child, FUSED):
+            original = child.original[0]
+            # the parameters as they are now (reassigned by a load, say)
+            if isinstance(child, ChannelRMSNorm):
+                original.gamma, original.bias = child.gamma, child.bias
+            elif isinstance(child, CausalConv3d):
+                original.weight, original.bias = child.weight, child.bias
+            elif isinstance(child, CausalResample):
+                original.resample, original.time_conv = child.resample, child.time_conv
+            setattr(parent, name, original)
 
 
 class WanVAE(torch.nn.Module):
@@ -260,58 +329,42 @@ class WanVAE(torch.nn.Module):
         return self
 
     def fuse(self) -> "WanVAE":
-        """Swap three of diffusers' modules for ones that move fewer bytes (made for the
+        """Swap diffusers' modules for ones that move fewer bytes (made for the
         channels-last layout of :meth:`to_channels_last`): its channel RMS norms for
         :class:`ChannelRMSNorm` (one pass over the innermost channels, no float32 copies), its
-        nearest upsamplers for :class:`NearestUpsample` (no float32 round trip) and its causal
+        nearest upsamplers for :class:`NearestUpsample` (no float32 round trip), its causal
         convolutions for :class:`CausalConv3d` (the zero padding inside the convolution, not a
-        padded copy of every input): the VAE in its dtype throughout. Same frames to the dtype's
-        rounding (``tests/test_vae.py``). Returns ``self``."""
-        library = inspect.getmodule(autoencoder_cls())
-        kinds = {getattr(library, name, None): swap for name, swap in (
-            ("WanRMS_norm", ChannelRMSNorm), ("WanUpsample", NearestUpsample), ("WanCausalConv3d", CausalConv3d))}
-        kinds.pop(None, None)
-        swapped = sum(isinstance(m, FUSED) for m in self.vae.modules())  # fused before
-        for parent in list(self.vae.modules()):
-            for name, child in list(parent.named_children()):
-                swap = kinds.get(type(child))
-                if swap is None or isinstance(child, FUSED):
-                    continue
-                if (swap is ChannelRMSNorm and not child.channel_first) or \
-                        (swap is NearestUpsample and child.mode not in ("nearest", "nearest-exact")):
-                    continue
-                setattr(parent, name, swap(child))
-                swapped += 1
-        if not swapped:
-            log.warning("fuse: no WanRMS_norm, WanUpsample or WanCausalConv3d found in diffusers' %s; the VAE "
-                        "runs as it is", type(self.vae).__name__)
+        padded copy of every input), and its time upsamplers for :class:`CausalResample` (the
+        same bytes, but traceable by Dynamo as one graph): the VAE in its dtype throughout. Same
+        frames to the dtype's rounding (``tests/test_vae.py``). Idempotent; returns ``self``."""
+        if not self._swap(("WanRMS_norm", ChannelRMSNorm), ("WanUpsample", NearestUpsample),
+                          ("WanCausalConv3d", CausalConv3d), ("WanResample", CausalResample)):
+            log.warning("fuse: no WanRMS_norm, WanUpsample, WanCausalConv3d or WanResample found in diffusers' %s; "
+                        "the VAE runs as it is", type(self.vae).__name__)
         return self
+
+    def _swap(self, *swaps: tuple[str, type]) -> int:
+        """Swap diffusers' modules named in ``swaps`` (``(class name, replacement)``) for their
+        replacements, those not swapped already; returns how many are swapped now."""
+        library = inspect.getmodule(autoencoder_cls())
+        kinds = {getattr(library, name, None): swap for name, swap in swaps}
+        kinds.pop(None, None)
+        before = sum(isinstance(m, tuple(kinds.values())) for m in self.vae.modules())
+        return before + _swap_in(self.vae, kinds)
 
     def unfuse(self) -> "WanVAE":
         """Put back the modules :meth:`fuse` swapped (the benchmark's before)."""
-        for parent in list(self.vae.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, FUSED):
-                    original = child.original[0]
-                    # the parameters as they are now (reassigned by a load, say)
-                    if isinstance(child, ChannelRMSNorm):
-                        original.gamma, original.bias = child.gamma, child.bias
-                    elif isinstance(child, CausalConv3d):
-                        original.weight, original.bias = child.weight, child.bias
-                    setattr(parent, name, original)
+        _swap_out(self.vae)
         return self
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":
         """``torch.compile`` the decoder in place. The streaming decode calls it once per latent
         frame with the causal cache (a list it reads and refills) and traces without a graph
         break: one graph for the first frame, one while the cache fills, one for every later
-        frame, then no recompilation. Torch 2.8 to 2.12 compile it in pieces instead, with a
-        warning (:func:`decoder_compiles_whole`). Off by default (``compile_vae``):
-        ``scripts/benchmark.py --variants compile_vae`` measures it."""
-        if not decoder_compiles_whole():
-            log.warning("compile_vae: torch %s compiles the VAE decoder in pieces, each block on its own, "
-                        "recompiling as the cache fills (Dynamo of torch 2.8 to 2.12 cannot trace diffusers' "
-                        "cache marker); torch >= 2.13 compiles it whole", torch.__version__)
+        frame, then no recompilation. Diffusers' time upsamplers break the graph on torch 2.8 to
+        2.12, so they are swapped for :class:`CausalResample` first (what :meth:`fuse` does too).
+        Off by default (``compile_vae``): ``scripts/benchmark.py --variants compile_vae`` measures it."""
+        self._swap(("WanResample", CausalResample))
         self.vae.decoder.compile(**compile_kwargs)
         return self
 
