@@ -12,8 +12,9 @@
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the levers against
 #                                        the default at 10 s, most telling first (the channels-last VAE
 #                                        with diffusers' modules; the DiT compiled with inductor's GEMM
-#                                        autotuning, then with static shapes; the contiguous VAE; CUDA
-#                                        graphs; the writer on the critical path; the compiled decoder);
+#                                        autotuning; the compiled decoder; the DiT compiled with static
+#                                        shapes; the contiguous VAE; CUDA graphs; the writer on the
+#                                        critical path);
 #                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
@@ -112,13 +113,13 @@ EOF
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
     ROWS=(eager default compile)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
-    LEVERS=(default vae_unfused vae_contiguous sync_write compile_vae)  # the *_compile ones need a GPU's compile
+    LEVERS=(default vae_unfused compile_vae vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
     ROWS=(eager default render decode_stream)
-    LEVERS=(default vae_unfused autotune_compile static_compile vae_contiguous default+cuda_graphs sync_write compile_vae)
+    LEVERS=(default vae_unfused autotune_compile compile_vae static_compile vae_contiguous default+cuda_graphs sync_write)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
@@ -126,8 +127,8 @@ UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_hea
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
     echo "==> levers: the channels-last VAE with diffusers' modules (the fused VAE's before); the DiT compiled"
-    echo "    with GEMM autotuning, then with static shapes; the contiguous VAE; CUDA graphs; the writer on the"
-    echo "    critical path; the compiled VAE decoder (last: its one-time compile is not measured yet)"
+    echo "    with GEMM autotuning; the compiled VAE decoder; the DiT with static shapes; the contiguous VAE;"
+    echo "    CUDA graphs; the writer on the critical path"
     timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants "${LEVERS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     levers_rc=${PIPESTATUS[0]}
