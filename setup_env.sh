@@ -61,7 +61,7 @@ if [ "$DEV" = 1 ]; then
         echo "==> no chromium/chromedriver and no apt-get as root: tests/test_live_browser.py will be skipped" \
              "(install your system's chromium and its chromedriver to run it)"
     fi
-    echo "==> done (no weights downloaded); run the tests with: .venv/bin/python -m pytest -q"
+    echo "==> done (no weights downloaded); run the tests with: .venv/bin/python -m pytest -q -n 2 --dist loadfile"
     exit 0
 fi
 

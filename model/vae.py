@@ -111,8 +111,7 @@ class CausalResample(torch.nn.Module):
     tensor, that comparison returns ``NotImplemented``, and Dynamo of torch 2.8 to 2.12 breaks the
     graph there, inside the decoder's loop over its up blocks, so ``compile_vae`` compiled the
     decoder in pieces. Here the marker is told apart by its type.
-    The same computation, bit for bit, and a channels-last activation stays channels-last
-    (``tests/test_vae.py``)."""
+    The same computation and memory layout, bit for bit (``tests/test_vae.py``)."""
 
     def __init__(self, original: torch.nn.Module):
         super().__init__()

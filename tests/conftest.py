@@ -1,9 +1,18 @@
+import os
 from pathlib import Path
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `pytest -n N`'s workers (the README's command)
+    # one thread per worker (and for the processes its tests start): the models here are tiny, and
+    # two workers with two OpenMP threads each on a 2-core machine contend (9 minutes against 13)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from model.wan import WanDiT
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from model.wan import WanDiT  # noqa: E402
 
 # A DiT small enough for CPU tests; head dim 16 splits into RoPE parts 8/4/4.
 TINY_DIT = dict(dim=32, ffn_dim=64, freq_dim=16, in_dim=4, out_dim=4, num_heads=2, num_layers=2,
