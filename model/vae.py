@@ -30,8 +30,6 @@ from utils.errors import WAN_DOWNLOAD_HINT, ConfigError, WeightsMissingError, fi
 
 log = logging.getLogger(__name__)
 
-CACHE_FRAMES = 2  # frames of its input each of the decoder's causal convolutions keeps (diffusers' CACHE_T)
-
 
 
 class ChannelRMSNorm(torch.nn.Module):
@@ -117,6 +115,7 @@ class CausalResample(torch.nn.Module):
         super().__init__()
         self.original = (original,)  # a tuple: not a submodule, its submodules are this module's
         self.mode, self.resample, self.time_conv = original.mode, original.resample, original.time_conv
+        self.cache_frames = inspect.getmodule(type(original)).CACHE_T  # frames of its input a cache slot keeps
 
     def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list = [0]) -> torch.Tensor:
         if feat_cache is not None:
@@ -126,8 +125,8 @@ class CausalResample(torch.nn.Module):
                 feat_cache[idx] = "Rep"
             else:
                 first = isinstance(cached, str)  # the second latent frame: nothing cached before it
-                cache_x = x[:, :, -CACHE_FRAMES:].clone()
-                if cache_x.shape[2] < CACHE_FRAMES:
+                cache_x = x[:, :, -self.cache_frames:].clone()
+                if cache_x.shape[2] < self.cache_frames:
                     cache_x = torch.cat([torch.zeros_like(cache_x) if first else cached[:, :, -1:], cache_x], dim=2)
                 x = self.time_conv(x) if first else self.time_conv(x, cached)  # [b, 2c, t, h, w]
                 halves = x.unflatten(1, (2, x.shape[1] // 2))  # frame j's two halves: frames 2j and 2j + 1

@@ -3,7 +3,7 @@ from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `pytest -n N`'s workers (the README's command)
     # one thread per worker (and for the processes its tests start): the models here are tiny, and
-    # two workers with two OpenMP threads each on a 2-core machine contend (9 minutes against 13)
+    # two workers with two OpenMP threads each on a 2-core machine contend (10 minutes against 15)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
