@@ -127,7 +127,8 @@ class CausalResample(torch.nn.Module):
                 first = isinstance(cached, str)  # the second latent frame: nothing cached before it
                 cache_x = x[:, :, -self.cache_frames:].clone()
                 if cache_x.shape[2] < self.cache_frames:
-                    cache_x = torch.cat([torch.zeros_like(cache_x) if first else cached[:, :, -1:], cache_x], dim=2)
+                    before = torch.zeros_like(cache_x) if first else cached[:, :, -1:].to(cache_x.device)
+                    cache_x = torch.cat([before, cache_x], dim=2)
                 x = self.time_conv(x) if first else self.time_conv(x, cached)  # [b, 2c, t, h, w]
                 halves = x.unflatten(1, (2, x.shape[1] // 2))  # frame j's two halves: frames 2j and 2j + 1
                 x = torch.stack((halves[:, 0], halves[:, 1]), 3).flatten(2, 3)
@@ -165,12 +166,13 @@ def _swappable(swap: type, child: torch.nn.Module) -> bool:
     return True
 
 
-def _swap_out(parent: torch.nn.Module) -> None:
-    """Put back the originals of :data:`FUSED` modules, children first (so that a convolution
-    inside a swapped upsampler hands its parameters back before the upsampler goes)."""
+def _swap_out(parent: torch.nn.Module, keep: tuple = ()) -> None:
+    """Put back the originals of :data:`FUSED` modules but those of the types in ``keep``, children
+    first (so that a convolution inside a swapped upsampler hands its parameters back before the
+    upsampler goes)."""
     for name, child in list(parent.named_children()):
-        _swap_out(child)
-        if isinstance(child, FUSED):
+        _swap_out(child, keep)
+        if isinstance(child, FUSED) and not isinstance(child, keep):
             original = child.original[0]
             # the parameters as they are now (reassigned by a load, say)
             if isinstance(child, ChannelRMSNorm):
@@ -188,6 +190,7 @@ class WanVAE(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
+        self.decoder_compiled = False  # compile_decoder() sets it
         cfg = vae.config
         for name in ("latents_mean", "latents_std"):
             values = getattr(cfg, name)
@@ -351,8 +354,9 @@ class WanVAE(torch.nn.Module):
         return before + _swap_in(self.vae, kinds)
 
     def unfuse(self) -> "WanVAE":
-        """Put back the modules :meth:`fuse` swapped (the benchmark's before)."""
-        _swap_out(self.vae)
+        """Put back the modules :meth:`fuse` swapped (the benchmark's before). Once the decoder is
+        compiled its time upsamplers stay :class:`CausalResample`: diffusers' would break its graph."""
+        _swap_out(self.vae, keep=(CausalResample,) if self.decoder_compiled else ())
         return self
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":
@@ -364,6 +368,7 @@ class WanVAE(torch.nn.Module):
         Off by default (``compile_vae``): ``scripts/benchmark.py --variants compile_vae`` measures it."""
         self._swap(("WanResample", CausalResample))
         self.vae.decoder.compile(**compile_kwargs)
+        self.decoder_compiled = True
         return self
 
     def streaming_decoder(self) -> "StreamingDecoder":

@@ -252,6 +252,10 @@ def test_fuse_swaps_diffusers_modules_and_back(vae):
     assert kinds(v.unfuse()) == before
     assert all(torch.equal(t, loaded[k]) for k, t in v.state_dict().items())  # diffusers' modules got them
     assert list(v.state_dict()) == keys
+    compiled = copy.deepcopy(vae).compile_decoder(backend="eager")  # swaps the time upsamplers itself
+    assert [sum(isinstance(c, ours) for c in compiled.modules()) for _, ours in pairs] == [0, counts[1], 0, 0]
+    assert sum(isinstance(c, CausalResample) for c in compiled.fuse().unfuse().modules()) == counts[1]  # kept
+    assert list(compiled.state_dict()) == keys
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
