@@ -362,9 +362,12 @@ class WanVAE(torch.nn.Module):
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":
         """``torch.compile`` the decoder in place. The streaming decode calls it once per latent
         frame with the causal cache (a list it reads and refills) and traces without a graph
-        break: one graph for the first frame, one while the cache fills, one for every later
-        frame, then no recompilation. Diffusers' time upsamplers break the graph on torch 2.8 to
-        2.12, so they are swapped for :class:`CausalResample` first (what :meth:`fuse` does too).
+        break. It compiles one graph, for the full cache: the first latent frames of a video,
+        while the cache fills (its slots hold nothing, a marker, fewer frames), run the plain
+        forward; compiling them would make three graphs, three times the one-time compile, for
+        two frames a video. No recompilation after. Diffusers' time upsamplers break the graph on
+        torch 2.8 to 2.12, so they are swapped for :class:`CausalResample` first (what
+        :meth:`fuse` does too).
         Off by default (``compile_vae``): ``scripts/benchmark.py --variants compile_vae`` measures it."""
         self._swap(("WanResample", CausalResample))
         self.vae.decoder.compile(**compile_kwargs)
@@ -387,6 +390,8 @@ class StreamingDecoder:
 
     def __init__(self, vae: WanVAE):
         self.wan_vae = vae
+        # latent frames until every cache slot holds what it holds from then on (one frame per call)
+        self.cache_frames = inspect.getmodule(autoencoder_cls()).CACHE_T
         self.reset()
 
     def reset(self) -> None:
@@ -405,8 +410,12 @@ class StreamingDecoder:
         x = vae.post_quant_conv(z.to(device=self.wan_vae.device, dtype=self.wan_vae.dtype))  # 1×1×1 conv
         outs = []
         for i in range(x.shape[2]):
-            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
-                                    first_chunk=self.num_latent_frames == 0))
+            # a compiled decoder runs its one graph once the cache is full; the frames before, whose
+            # cache is still filling, run the plain forward (compile_decoder)
+            filling = self.num_latent_frames < self.cache_frames
+            decoder = vae.decoder.forward if filling and self.wan_vae.decoder_compiled else vae.decoder
+            outs.append(decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
+                                first_chunk=self.num_latent_frames == 0))
             self.num_latent_frames += 1
         out = torch.cat(outs, dim=2)
         if vae.config.patch_size is not None:  # Wan2.2-style patchified VAE; None for Wan2.1
