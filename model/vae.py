@@ -365,7 +365,9 @@ class WanVAE(torch.nn.Module):
         break. It compiles one graph, for the full cache: the first latent frames of a video,
         while the cache fills (its slots hold nothing, a marker, fewer frames), run the plain
         forward; compiling them would make three graphs, three times the one-time compile, for
-        two frames a video. No recompilation after. Diffusers' time upsamplers break the graph on
+        two frames a video. No recompilation after. (A one-shot :meth:`decode`, which diffusers runs
+        through the compiled decoder frame by frame, would compile the filling states too; the
+        inference path does not call it.) Diffusers' time upsamplers break the graph on
         torch 2.8 to 2.12, so they are swapped for :class:`CausalResample` first (what
         :meth:`fuse` does too).
         Off by default (``compile_vae``): ``scripts/benchmark.py --variants compile_vae`` measures it."""
