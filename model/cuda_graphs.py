@@ -6,7 +6,8 @@ cache is preallocated, the prompt's text keys/values sit in buffers of their own
 a forward computes, besides the values of its inputs, is the cache's layout
 (:attr:`KVCache.layout <model.kv_cache.KVCache.layout>`): how many tokens are held (0 for the
 first block, then ``local_attn_size - num_frame_per_block`` frames' worth, and after a KV Flush
-``sink + flush_keep`` frames: two or three values for a whole video), and for the clean pass
+``sink + flush_keep`` frames, the layouts while the window fills, one frame after an image
+start: a handful of values for a whole video), and for the clean pass
 which frames it writes into the held slots. Each layout's forward is captured as a CUDA graph
 and replayed: one launch instead of thousands of kernel launches, so the GPU no longer waits for
 the host to issue them. The first block's clean pass runs once per video: it is captured in the

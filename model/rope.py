@@ -9,8 +9,8 @@ frame's index in a tensor. That is what lets the KV cache hand out absolute, blo
 or cut positions (``model/kv_cache.py``), and there is no table with a 1024-position ceiling:
 angles are computed from the positions asked for.
 
-Angle tables are computed in float64 (they are tiny: one row per frame), memoised per run of
-positions, and applied in float32. The rotation itself is one complex multiply per element
+Angles are computed in float64 (a row per token, frame × grid), memoised per run of positions
+as float32 (cos, sin) tables, and applied in float32. The rotation itself is one complex multiply per element
 (:func:`rotate`, the fast path: one pass over the keys instead of the several of a real-valued
 formulation); :func:`apply_rope` takes the (cos, sin) pair and gives the same result. The tables
 :func:`rotate` takes are real, ``[L, head_dim // 2, 2]`` (cos, sin) pairs: a complex64 table's
@@ -75,18 +75,25 @@ class Rope:
         ).reshape(f * grid_h * grid_w, -1)
         return torch.cos(angles).float(), torch.sin(angles).float()
 
-    def table_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`table` for frames whose temporal positions are the concatenated runs
-        ``[(start, count), ...]``. Built on the device from ``arange`` (no host-to-device copy, no
-        synchronisation) and memoised: a rollout with relative positions reuses a handful of
-        tables for its whole length."""
-        cos, sin, _ = self._entry(runs, grid_h, grid_w, device)
-        return cos, sin
-
     def freqs_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> torch.Tensor:
-        """The same table as :meth:`table_for_runs` as one tensor of (cos, sin) pairs
-        ``[L, head_dim // 2, 2]`` (float32), the argument of :func:`rotate`; memoised likewise."""
-        return self._entry(runs, grid_h, grid_w, device)[2]
+        """Like :meth:`table` for frames whose temporal positions are the concatenated runs
+        ``[(start, count), ...]``, as one tensor of (cos, sin) pairs ``[L, head_dim // 2, 2]``
+        (float32), the argument of :func:`rotate`. Built on the device from ``arange`` (no
+        host-to-device copy, no synchronisation) and memoised: a rollout with relative positions
+        reuses a handful of tables for its whole length."""
+        key = (tuple((int(s), int(c)) for s, c in runs if c > 0), grid_h, grid_w, str(device))
+        hit = self._memo.get(key)
+        if hit is None:
+            pos = torch.cat([torch.arange(s, s + c, device=device) for s, c in key[0]]) if key[0] else \
+                torch.zeros(0, device=device, dtype=torch.long)
+            hit = torch.stack(self.table(pos, grid_h, grid_w), dim=-1)
+            self._remember(key, hit)
+        return hit
+
+    def table_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`freqs_for_runs` as (cos, sin), each ``[L, head_dim // 2]`` (views of it)."""
+        freqs = self.freqs_for_runs(runs, grid_h, grid_w, device)
+        return freqs[..., 0], freqs[..., 1]
 
     def shift_freqs(self, delta: int, num_frames: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """Table ``[num_frames * grid_h * grid_w, head_dim // 2, 2]`` of (cos, sin) pairs (the
@@ -108,18 +115,6 @@ class Rope:
         if len(self._memo) >= self._memo_size:
             self._memo.pop(next(iter(self._memo)))
         self._memo[key] = value
-
-    def _entry(self, runs: PositionRuns, grid_h: int, grid_w: int, device):
-        key = (tuple((int(s), int(c)) for s, c in runs if c > 0), grid_h, grid_w, str(device))
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
-        pos = torch.cat([torch.arange(s, s + c, device=device) for s, c in key[0]]) if key[0] else \
-            torch.zeros(0, device=device, dtype=torch.long)
-        cos, sin = self.table(pos, grid_h, grid_w)
-        out = (cos, sin, torch.stack((cos, sin), dim=-1))
-        self._remember(key, out)
-        return out
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 ABSOLUTE_TABLE_POSITIONS = 1024
 
 
-
 def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -106,8 +105,6 @@ def compile_cache_dir() -> Path:
             return Path(path or torch_default or ours)
         path = os.environ["TORCHINDUCTOR_CACHE_DIR"] = ours
     return Path(path)
-
-
 
 
 def compile_unsupported(device: torch.device) -> str | None:

@@ -100,8 +100,8 @@ def commit_block(model: WanDiT, cache: KVCache, clean: torch.Tensor, context: to
                  context_noise: float, generator: torch.Generator | None, scheduler: FlowMatchScheduler) -> None:
     """The clean pass: run the finished block at timestep ``context_noise`` and append its keys
     and values to the cache. With ``context_noise > 0`` the block is first re-noised to that
-    timestep on ``scheduler``'s schedule (as Self-Forcing does); at 0 (the config's default) it
-    goes in clean."""
+    timestep on ``scheduler``'s schedule (as Self-Forcing's training does); at 0 (the config's
+    default, and Self-Forcing's inference) it goes in clean."""
     t = torch.full(clean.shape[:2], float(context_noise), device=clean.device)
     x = clean.detach()
     if context_noise > 0:
@@ -111,7 +111,10 @@ def commit_block(model: WanDiT, cache: KVCache, clean: torch.Tensor, context: to
 
 
 def apply_event(cache: KVCache, event: str | None, flush_keep: int) -> None:
-    """Execute a plan event: ``flush`` → KV Flush; ``cut`` → KV Flush + RoPE Cut."""
+    """Execute a plan event: ``flush`` → KV Flush; ``cut`` → KV Flush + RoPE Cut; ``start`` (a
+    video's first block) and None change nothing."""
+    if event not in (None, "start", "flush", "cut"):
+        raise ValueError(f"unknown block event {event!r}: expected None, 'start', 'flush' or 'cut'")
     if event in ("flush", "cut"):
         cache.flush(flush_keep)
     if event == "cut":
@@ -121,21 +124,26 @@ def apply_event(cache: KVCache, event: str | None, flush_keep: int) -> None:
 @dataclass(frozen=True)
 class BlockSpec:
     """What one block of a rollout is made of: the event before it (``start`` | ``flush`` |
-    ``cut`` | None), the text embedding it is generated with, and the index of the segment
-    (action) it belongs to. Batch inference derives them from a plan (:func:`plan_blocks`); a
-    live session decides each one when the rollout asks for it."""
+    ``cut`` | None), the text embedding it is generated with, the index of the segment
+    (action) it belongs to, and whether it is the video's last block (``final``: the rollout
+    ends after it without its clean pass, whose keys no block would read). Batch inference
+    derives them from a plan (:func:`plan_blocks`); a live session decides each one when the
+    rollout asks for it (and learns that it was the last only then)."""
 
     event: str | None
     context: torch.Tensor
     segment: int = 0
+    final: bool = False
 
 
 def plan_blocks(block_events: Sequence[str | None], block_segment: Sequence[int],
                 contexts: Sequence[torch.Tensor]) -> Iterator[BlockSpec]:
     """The blocks of a planned video: block i has event ``block_events[i]`` and the embedding of
-    its segment, ``contexts[block_segment[i]]``."""
-    for event, segment in zip(block_events, block_segment):
-        yield BlockSpec(event, contexts[segment], segment)
+    its segment, ``contexts[block_segment[i]]``; the last one is ``final``."""
+    if len(block_events) != len(block_segment):
+        raise ValueError(f"{len(block_events)} block events for {len(block_segment)} block segments")
+    for i, (event, segment) in enumerate(zip(block_events, block_segment)):
+        yield BlockSpec(event, contexts[segment], segment, final=i == len(block_events) - 1)
 
 
 @torch.no_grad()
@@ -156,7 +164,9 @@ def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, blocks: It
     can be decoded one forward sooner after its spec was read: 4 forwards with four steps, not 5
     (the first block's frames, and a live action's, come a fifth of a block's DiT time earlier).
     The DiT's forwards and the random draws are the same, in the same order; the consumer must
-    not change a yielded block in place before it asks for the next."""
+    not change a yielded block in place before it asks for the next. A ``final`` spec ends the
+    rollout after its block, without the clean pass nothing would read (a source that ends
+    without marking its last spec, like a live session, pays that forward once, at the end)."""
     model_param = next(model.parameters())
     device, dtype = model_param.device, model_param.dtype
     batch = cache.batch_size
@@ -179,4 +189,6 @@ def rollout(model: WanDiT, cache: KVCache, settings: RolloutSettings, blocks: It
                             dtype=torch.float32).to(dtype)
         clean = denoise_block(model, cache, noise, spec.context, timesteps, scheduler, generator=generator)
         yield spec, clean
+        if spec.final:  # no block follows: its clean pass would write keys that nothing reads
+            return
         last = clean, spec.context

@@ -120,14 +120,19 @@ def test_context_noise_renoises_the_cache_write(tiny):
     assert all(torch.equal(a, b) for a, b in zip(runs["noisy"], runs["noisy2"]))
 
 
+@pytest.mark.parametrize("marked", [True, False], ids=["final-marked", "unmarked"])
 @pytest.mark.parametrize("context_noise", [0, 200])
-def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
+def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise, marked):
     """The rollout yields a block as soon as it is denoised and runs its clean pass when the next
     block is asked for, before it reads that block's spec: the first block comes after its
     denoising steps alone (one forward sooner), and from the moment a block's spec is read (a
     live action lands) to its latents there are only its own steps. The latents (through a flush
     and a cut, with the clean pass's random re-noising too) are those of the plain order: each
-    block denoised, committed, then handed out."""
+    block denoised, committed, then handed out. A plan marks its last block ``final``: the
+    rollout then ends without that block's clean pass (no block reads it); a source that does not
+    mark it (a live session) pays it when it ends."""
+    from dataclasses import replace
+
     from pipeline.rollout import apply_event, commit_block, denoise_block
 
     cfg = load_config("configs/tiny.yaml", [f"context_noise={context_noise}"])
@@ -146,7 +151,7 @@ def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
     def specs():
         for spec in plan_blocks(plan.block_events, plan.block_segment, texts):
             forwards.append("spec")
-            yield spec
+            yield spec if marked else replace(spec, final=False)
     try:
         cache = settings.new_cache(models.dit, 1, latent[1:])
         gen = torch.Generator().manual_seed(5)
@@ -160,7 +165,10 @@ def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
     assert seen[0] == ["spec"] + [False] * steps
     for i in range(1, blocks):
         assert seen[i] == seen[i - 1] + [True, "spec"] + [False] * steps
-    assert forwards == seen[-1] + [True]  # asked for more: the last clean pass, then the end of the specs
+    if marked:  # asked for more after the final block: the end, no clean pass, no spec read
+        assert forwards == seen[-1]
+    else:  # asked for more: the last clean pass, then the end of the specs
+        assert forwards == seen[-1] + [True]
 
     cache = settings.new_cache(models.dit, 1, latent[1:])
     gen = torch.Generator().manual_seed(5)
@@ -173,3 +181,10 @@ def test_a_block_is_yielded_before_its_clean_pass(tiny, context_noise):
             clean = denoise_block(models.dit, cache, noise, context, timesteps, scheduler, generator=gen)
             commit_block(models.dit, cache, clean, context, settings.context_noise, gen, scheduler)
             assert torch.equal(clean, got[i]), i
+
+
+def test_an_unknown_event_is_an_error():
+    from pipeline.rollout import apply_event
+
+    with pytest.raises(ValueError, match="unknown block event 'flsh'"):
+        apply_event(None, "flsh", 2)
