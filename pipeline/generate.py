@@ -302,6 +302,12 @@ class VideoGenerator:
         last :attr:`TEXTS_KEPT` distinct texts stay in host memory (4 MiB each at full size), so a
         text seen again (a live session going back to "the fox walks", a prompt file's repeated
         segment) costs a copy instead of an encode (1.4 s for umt5-xxl offloaded to a 2-core CPU)."""
+        return self.keep_text(text).to(self.m.device)
+
+    def keep_text(self, text: str) -> torch.Tensor:
+        """The embedding of ``text`` in host memory, encoded now unless it is among the last
+        :attr:`TEXTS_KEPT` distinct texts (:meth:`encode_text` copies it to the device); a live
+        session encodes an action when it is sent, before it lands."""
         with self._kept_lock:
             kept = self._kept.pop(text, None)
             if kept is not None:
@@ -312,7 +318,7 @@ class VideoGenerator:
                 self._kept[text] = kept
                 while len(self._kept) > self.TEXTS_KEPT:
                     self._kept.popitem(last=False)
-        return kept.to(self.m.device)
+        return kept
 
     def encode_texts(self, plan: Plan) -> list[torch.Tensor]:
         """One embedding per segment, computed once per distinct text."""

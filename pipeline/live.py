@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from pipeline.generate import ABSOLUTE_TABLE_POSITIONS, VideoGenerator, output_name, write_sidecar
 from pipeline.grammar import Script, Segment, render
-from pipeline.plan import CUT, FLUSH, START, video_frames_after
+from pipeline.plan import CUT, FLUSH, START, plan_script, video_frames_after
 from pipeline.rollout import BlockSpec
 from utils.errors import OutputError, UserError
 from utils.video import VideoWriteError, VideoWriter
@@ -67,7 +67,7 @@ class Action:
     warning: str | None = None
     block: int | None = None
     landed: float | None = None
-    context: torch.Tensor | None = field(default=None, repr=False)  # dropped once its segment ends
+    context: torch.Tensor | None = field(default=None, repr=False)  # set when it lands, dropped when its segment ends
 
     def to_json_dict(self, t0: float) -> dict:
         rel = lambda t: None if t is None else round(t - t0, 3)  # noqa: E731
@@ -119,6 +119,7 @@ class LiveSession:
         self._started_iterating = False
         self._finished = threading.Event()
         self._warned_positions = False
+        self._next_record = 0.0  # perf_counter time of the next per-block sidecar rewrite
         self._image_latent = None if image is None else generator.image_latent(image)
         self._pending.append(self._make_action(START, first_action, subtitle))
 
@@ -181,8 +182,13 @@ class LiveSession:
         with self._lock:
             self._next_id += 1
             action_id = self._next_id
-        return Action(action_id, kind, text, subtitle or None, time.monotonic(), warning,
-                      context=self.gen.encode_text(text))
+            queued = len(self._pending)
+        # Encoded now, while it waits, if it will still be among the generator's kept texts when it
+        # lands (a copy to the device then); a long queue (a script piped in at once) is encoded as
+        # each action lands instead: what waits holds text only, however many actions are queued.
+        if queued < self.gen.TEXTS_KEPT // 2:
+            self.gen.keep_text(text)
+        return Action(action_id, kind, text, subtitle or None, time.monotonic(), warning)
 
     # ------------------------------------------------------------------- the rollout's source
     def _blocks(self) -> Iterator[BlockSpec]:
@@ -191,9 +197,14 @@ class LiveSession:
         index = 0
         while not self._stop.is_set():
             with self._lock:
-                action = self._pending.popleft() if self._pending else None
+                action = self._pending[0] if self._pending else None
+            # its embedding, outside the lock (kept since it was sent, or encoded now); only this loop
+            # takes actions off the queue, so the head is still this action afterwards
+            context = None if action is None else self.gen.encode_text(action.text)
+            with self._lock:
                 if action is not None:
-                    action.block = index
+                    self._pending.popleft()
+                    action.block, action.context = index, context
                     if self.segments:
                         self.segments[-1].context = None  # that segment is over: free its embedding
                     self.segments.append(action)
@@ -212,6 +223,7 @@ class LiveSession:
         if not self.gen.lock.acquire(blocking=False):
             raise LiveError("another session is using this generator; stop it first")
         width, height = int(self.cfg.width), int(self.cfg.height)
+        writer = None
         try:
             # a recording: under its final name from the first frame, kept however the session ends;
             # written in line (no writer thread), so the sidecar never counts a frame not yet piped
@@ -227,7 +239,7 @@ class LiveSession:
                     self.blocks_done = block.index + 1
                     self.frames_written = block.first_frame + len(block.frames)
                     self._check_positions()
-                    self._write_record()  # every block: a killed process leaves a sidecar at most a block behind
+                    self._write_record_in_step()
                     yield LiveBlock(block.index, block.frames.numpy(), block.latents, block.first_frame, action,
                                     landed, now - t)
                     t = time.perf_counter()
@@ -236,6 +248,11 @@ class LiveSession:
             self.frames_written, self.error = exc.frames_kept, str(exc)
             raise
         finally:
+            if writer is not None and self.error is None and writer.frames_written > self.frames_written:
+                # Ctrl-C or SIGTERM arrived while a block's frames were piped: the writer held it until
+                # they were all sent, so that block is in the video, though it never reached the loop
+                self.blocks_done += 1
+                self.frames_written = writer.frames_written
             with self._lock:
                 dropped, self._pending = list(self._pending), deque()
             self._stop.set()
@@ -260,18 +277,26 @@ class LiveSession:
         """The session so far as a prompt of the grammar: one segment per action, durations
         exact to the block, ``#`` on new scenes, subtitles after ``;``. Empty before the
         first block."""
+        return render(self._script())
+
+    def _script(self) -> Script:
+        """The transcript as the grammar parses it (:func:`transcript_script`)."""
         done = [a for a in self.segments if a.block is not None and a.block < self.blocks_done]
-        return transcript([(a.text, a.subtitle, a.kind == CUT, a.block) for a in done], self.blocks_done,
-                          fps=self.fps, frames_per_block=int(self.cfg.num_frame_per_block),
-                          temporal_factor=self.gen.m.vae.temporal_factor,
-                          lead_frames=int(self._image_latent is not None))
+        return transcript_script([(a.text, a.subtitle, a.kind == CUT, a.block) for a in done], self.blocks_done,
+                                 fps=self.fps, frames_per_block=int(self.cfg.num_frame_per_block),
+                                 temporal_factor=self.gen.m.vae.temporal_factor,
+                                 lead_frames=int(self._image_latent is not None))
 
     def record(self) -> dict:
         """The sidecar: what any render records, with the transcript as its prompt, and the
-        actions with the blocks they landed on."""
-        prompt = self.transcript
-        plan = self.gen.plan(prompt, image_start=self._image_latent is not None).to_json_dict() if prompt else None
-        return {"prompt": prompt, "seed": self.seed, "checkpoint": self.checkpoint, "image": self.image,
+        actions with the blocks they landed on. The plan is the transcript's, planned from the
+        segments it was rendered from (what parsing it gives back), not parsed again: a record
+        is written after every block, and parsing a long session's prompt costs more than a
+        block's time."""
+        script = self._script()
+        plan = plan_script(script, self.cfg, self.gen.m.vae.temporal_factor,
+                           self._image_latent is not None).to_json_dict() if script.segments else None
+        return {"prompt": render(script), "seed": self.seed, "checkpoint": self.checkpoint, "image": self.image,
                 "plan": plan, "config": OmegaConf.to_container(self.cfg, resolve=True), "video": self.path.name,
                 "frames_written": self.frames_written, "complete": self.complete, "error": self.error,
                 "live": {"blocks": self.blocks_done,
@@ -279,6 +304,19 @@ class LiveSession:
 
     def _write_record(self) -> None:
         write_sidecar(self.path, self.record())
+
+    RECORD_SHARE = 0.02  # at most this share of the session's time goes to rewriting its sidecar
+
+    def _write_record_in_step(self) -> None:
+        """The sidecar rewritten as the session goes, so that a killed process leaves one that
+        matches its video up to a block or so: after every block while that is quick, and once
+        a long session's record (one segment per action) takes longer to write, no more often
+        than keeps it to :attr:`RECORD_SHARE` of the time."""
+        start = time.perf_counter()
+        if start < self._next_record:
+            return
+        self._write_record()
+        self._next_record = start + (time.perf_counter() - start) / self.RECORD_SHARE
 
     def _check_positions(self) -> None:
         """Absolute positions grow with the session: warn once when they pass the trained range."""
@@ -294,11 +332,17 @@ def transcript(segments: Sequence[tuple[str, str | None, bool, int]], blocks: in
     order (the first at block 0), ``blocks`` blocks in all. Each duration is its segment's video
     frames / fps, so every boundary is the block boundary nearest the cumulative time and the
     total is exactly the frames generated (:mod:`pipeline.plan`)."""
+    return render(transcript_script(segments, blocks, fps=fps, frames_per_block=frames_per_block,
+                                    temporal_factor=temporal_factor, lead_frames=lead_frames))
+
+
+def transcript_script(segments: Sequence[tuple[str, str | None, bool, int]], blocks: int, *, fps: float,
+                      frames_per_block: int, temporal_factor: int, lead_frames: int = 0) -> Script:
+    """:func:`transcript` before it is rendered: the :class:`Script` that parsing it gives back."""
     ends = [first for _, _, _, first in segments[1:]] + [blocks]
     frames = lambda b: video_frames_after(b, frames_per_block, temporal_factor, lead_frames)  # noqa: E731
-    script = tuple(Segment(text, (frames(end) - (0 if k == 0 else frames(first))) / fps, cut and k > 0, subtitle)
-                   for k, ((text, subtitle, cut, first), end) in enumerate(zip(segments, ends)))
-    return render(Script(script)) if script else ""
+    return Script(tuple(Segment(text, (frames(end) - (0 if k == 0 else frames(first))) / fps, cut and k > 0, subtitle)
+                        for k, ((text, subtitle, cut, first), end) in enumerate(zip(segments, ends))))
 
 
 class _Subtitles:

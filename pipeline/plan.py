@@ -237,9 +237,13 @@ def make_plan(script: Script, fps: float, frames_per_block: int,
 
 def plan_prompt(prompt: str, cfg, temporal_factor: int, image_start: bool = False) -> Plan:
     """Parse and plan one prompt with the timing keys of a config."""
-    return make_plan(parse(prompt, float(cfg.default_segment_seconds)), fps=cfg.fps,
-                     frames_per_block=int(cfg.num_frame_per_block), temporal_factor=temporal_factor,
-                     lead_frames=1 if image_start else 0)
+    return plan_script(parse(prompt, float(cfg.default_segment_seconds)), cfg, temporal_factor, image_start)
+
+
+def plan_script(script: Script, cfg, temporal_factor: int, image_start: bool = False) -> Plan:
+    """Plan a parsed prompt with the timing keys of a config."""
+    return make_plan(script, fps=cfg.fps, frames_per_block=int(cfg.num_frame_per_block),
+                     temporal_factor=temporal_factor, lead_frames=1 if image_start else 0)
 
 
 def check_prompts(prompts: list[str], cfg, temporal_factor: int, image_start: bool = False) -> list[Plan]:

@@ -219,6 +219,109 @@ def test_memory_is_flat_over_a_long_session(gen, tmp_path, monkeypatch):
     assert sum(a.context is not None for a in session.segments) == 0  # all freed at the end
 
 
+def test_a_queue_of_actions_holds_text_only_and_each_lands_with_its_embedding(gen, tmp_path, monkeypatch):
+    """Actions sent faster than blocks (a script piped in at once) wait as text: the first few are
+    encoded as they are sent (so they land with a copy), the rest as they land; memory does not
+    grow with the queue, and each action lands with its own text's embedding."""
+    monkeypatch.setattr(gen, "TEXTS_KEPT", 4)
+    encoded = []
+    encoder = gen.m.text_encoder
+    monkeypatch.setattr(gen.m, "text_encoder", _CountingEncoder(encoder, encoded))
+    session = LiveSession(gen, "walk 0", seed=0, output_folder=tmp_path)
+    for k in range(1, 12):
+        session.next_action(f"walk {k}")
+    assert all(a.context is None for a in session.pending) and len(gen._kept) <= 4
+    assert encoded == [f"walk {k}" for k in range(2)]  # queued behind fewer than TEXTS_KEPT // 2
+    contexts = {}
+    for block in session:
+        contexts[block.action.text] = block.action.context.clone()
+        if block.index == 12:
+            session.stop()
+    assert [(a.text, a.block) for a in session.segments] == [(f"walk {k}", k) for k in range(12)]
+    assert encoded == [f"walk {k}" for k in range(12)]  # every text encoded once
+    for k in range(12):
+        assert torch.equal(contexts[f"walk {k}"], encoder([f"walk {k}"]))
+
+
+class _CountingEncoder:
+    """The text encoder, recording the texts it encodes."""
+
+    def __init__(self, encoder, log):
+        self.encoder, self.log = encoder, log
+
+    def __call__(self, texts):
+        self.log.extend(texts)
+        return self.encoder(texts)
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+
+def test_ctrl_c_while_a_block_is_written_counts_that_block_in_the_sidecar(gen, tmp_path, monkeypatch):
+    """SIGINT that lands while a block's frames are piped is held until they are sent (the
+    video keeps them) and surfaces before the block reaches the session's loop: the sidecar still
+    counts that block, and its transcript plans to exactly the frames in the video."""
+    import os
+    import signal
+
+    from utils.video import VideoWriter
+
+    send, calls = VideoWriter._send, []
+
+    def interrupt_third_block(self, arr):
+        calls.append(len(arr))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return send(self, arr)
+    monkeypatch.setattr(VideoWriter, "_send", interrupt_third_block)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in session:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    record = json.loads(session.path.with_suffix(".json").read_text())
+    frames = probe_video(session.path)["frames"]
+    assert frames == sum(calls) == record["frames_written"] and record["live"]["blocks"] == 3
+    assert not record["complete"]
+    assert plan_prompt(record["prompt"], gen.cfg, gen.m.vae.temporal_factor).total_frames == frames
+
+
+def test_a_long_sessions_sidecar_is_rewritten_within_its_share_of_the_time(gen, tmp_path, monkeypatch):
+    """The record grows with the actions; rewriting it after every block would cost a long
+    session more than a block's time. It is rewritten after each block while that is quick,
+    else no more often than keeps it to RECORD_SHARE of the time; the last record is complete."""
+    clock = [0.0]
+    monkeypatch.setattr("pipeline.live.time.perf_counter", lambda: clock[0])
+    writes = []
+
+    def slow_write(video, record):  # each write takes 1 s of the fake clock
+        writes.append(record["live"]["blocks"])
+        clock[0] += 1.0
+        write_sidecar(video, record)
+    monkeypatch.setattr("pipeline.live.write_sidecar", slow_write)
+    session = LiveSession(gen, "a fox runs", seed=0, output_folder=tmp_path)
+    for block in session:
+        clock[0] += 10.0  # each block takes 10 s: with writes of 1 s, one write per 50 s (5 blocks)
+        if block.index == 11:
+            session.stop()
+    assert writes[:-1] == [1, 6, 11] and writes[-1] == 12
+    record = json.loads(session.path.with_suffix(".json").read_text())
+    assert record["complete"] and record["live"]["blocks"] == 12
+
+
+def test_the_record_plans_what_its_prompt_parses_to(gen, tmp_path):
+    """The sidecar's plan is made from the segments the transcript is rendered from (no parse
+    per block): the same as planning the prompt it records."""
+    session = LiveSession(gen, "a fox ; run", seed=0, output_folder=tmp_path)
+    steer_at(session, {1: lambda s: s.new_scene("a \\ harbour | dawn [x]", subtitle="the ; harbour"),
+                       3: lambda s: s.next_action("   the  sea  "), 4: lambda s: s.stop()})
+    record = session.record()
+    assert record["plan"] == gen.plan(record["prompt"]).to_json_dict()
+
+
 def test_playback_clock_advances_in_real_time_and_stalls_when_starved():
     now = [0.0]
     clock = PlaybackClock(16, now=lambda: now[0])
@@ -329,8 +432,8 @@ class UndecodableAfter(io.StringIO):
 
 
 def test_terminal_input_that_cannot_be_decoded_ends_it_in_one_line(gen, tmp_path, caplog, monkeypatch):
-    encode = gen.encode_text
-    monkeypatch.setattr(gen, "encode_text", lambda text: encode(text) if text != "boom" else 1 / 0)  # a bug
+    encode = gen.keep_text  # encodes an action when it is sent (the queue is short)
+    monkeypatch.setattr(gen, "keep_text", lambda text: encode(text) if text != "boom" else 1 / 0)  # a bug
     lines = UndecodableAfter("a fox runs\nboom\nthe fox jumps\nBAD\nnever read\n")
     session = run_terminal_within(gen, lines, tmp_path)
     assert [a.text for a in session.segments] == ["a fox runs", "the fox jumps"] and session.complete
