@@ -55,7 +55,7 @@ class DMD:
         return self.scheduler.x0_from_flow(flow.float(), x_t.float(), t)
 
     def generator_loss(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DMD loss of a generated clip ``x`` ``[B, F, C, h, w]`` (with grad); ``cond``/``uncond``:
         the prompt's and the negative prompt's text embeddings ``[B, L, d]``."""
         b, f = x.shape[:2]
@@ -71,10 +71,11 @@ class DMD:
             grad = torch.nan_to_num((fake - real) / normalizer)
         x64 = x.double()
         loss = 0.5 * F.mse_loss(x64, (x64 - grad.double()).detach(), reduction="mean")
-        return loss, {"dmd_grad_mean_abs": grad.abs().mean().item(), "score_timestep": t[:, 0].mean().item()}
+        # metrics stay on the device (no host sync before the backward); the trainer reads them after its step
+        return loss, {"dmd_grad_mean_abs": grad.abs().mean(), "score_timestep": t[:, 0].mean()}
 
     def critic_loss(self, x: torch.Tensor, cond: torch.Tensor,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Flow-matching loss of the fake score on a generated clip ``x`` (no grad to ``x``)."""
         x = x.detach()
         b, f = x.shape[:2]
@@ -84,4 +85,4 @@ class DMD:
         flow = self.fake_score(x_t, t, cond)
         target = self.scheduler.flow_target(x.float(), noise.float())
         loss = F.mse_loss(flow.float(), target)
-        return loss, {"critic_timestep": t[:, 0].mean().item()}
+        return loss, {"critic_timestep": t[:, 0].mean()}

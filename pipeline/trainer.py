@@ -386,15 +386,16 @@ class Trainer:
     def adamw(self, model: WanDiT, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=self.tc.weight_decay)
 
-    def optimizer_step(self, model: WanDiT, opt: torch.optim.Optimizer, logs: list[dict[str, float]],
+    def optimizer_step(self, model: WanDiT, opt: torch.optim.Optimizer, logs: list[dict[str, torch.Tensor | float]],
                        name: str) -> dict[str, float]:
         """Clip ``model``'s accumulated gradients, step ``opt`` (and the EMA after a generator
-        step); return the micro-batches' mean metrics and ``<name>_grad_norm``."""
+        step); return the micro-batches' mean metrics (read from the device once, here, not
+        between a forward and its backward) and ``<name>_grad_norm``."""
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
         opt.step()
         if model is self.generator and self.ema is not None:
             self.ema.update(self.generator)
-        out = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        out = {k: _scalar(sum(d[k] for d in logs) / len(logs)) for k in logs[0]}
         out[f"{name}_grad_norm"] = _scalar(norm)
         return out
 
@@ -569,7 +570,7 @@ class DMDTrainer(Trainer):
             clip = self._rollout(cond, noise, exits, grad=True)
             loss, info = self.dmd.generator_loss(clip, cond, uncond, noise)
             (loss / self.accum).backward()
-            logs.append({"generator_loss": loss.item(), **info, "exit_step": float(exits[0])})
+            logs.append({"generator_loss": loss.detach(), **info, "exit_step": float(exits[0])})
         return self.optimizer_step(self.generator, self.gen_opt, logs, "generator")
 
     def critic_step(self) -> dict[str, float]:
@@ -583,7 +584,7 @@ class DMDTrainer(Trainer):
                 clip = self._rollout(cond, noise, exits, grad=False)
             loss, info = self.dmd.critic_loss(clip, cond, noise)
             (loss / self.accum).backward()
-            logs.append({"critic_loss": loss.item(), **info})
+            logs.append({"critic_loss": loss.detach(), **info})
         return self.optimizer_step(self.critic, self.critic_opt, logs, "critic")
 
     def train_iteration(self) -> dict[str, float]:

@@ -49,6 +49,8 @@ def test_generator_loss_matches_its_definition(dmd):
     x = x.requires_grad_(True)
     loss, info = dmd.generator_loss(x, cond, uncond, torch.Generator().manual_seed(9))
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
+    # metrics stay tensors on the device: reading them (a host sync) waits until after the backward
+    assert all(isinstance(v, torch.Tensor) and v.device == x.device and not v.requires_grad for v in info.values())
 
     # the same draws, by hand
     g = torch.Generator().manual_seed(9)
