@@ -253,6 +253,9 @@ class WanDiT(nn.Module):
             raise ValueError(f"timesteps must be [B, F] = {[b, f]}, got {list(t.shape)}")
         gh, gw = self.grid(height, width)
         text = _LazyText(self, context)
+        if num_frame_per_block is None and (local_attn_size > 0 or sink_size > 0):
+            raise ValueError("local_attn_size and sink_size restrict a block-causal forward: "
+                             "pass num_frame_per_block too")
         if kv_cache is None:
             rope_cur = self.rope.freqs_for_runs([(0, f)], gh, gw, x.device)
             mask = None

@@ -98,3 +98,11 @@ def test_config_contract():
     assert 1.40e9 < n < 1.43e9, n  # Wan2.1-T2V-1.3B: 1,418,996,800 parameters
     with pytest.raises(TypeError):
         WanDiT(**TINY_DIT, not_a_wan_key=1)
+
+
+def test_a_window_without_blocks_is_an_error(tiny_dit):
+    """A sink or window only means something for a block-causal forward: without
+    num_frame_per_block it would silently run bidirectional attention."""
+    x, t, ctx = torch.randn(1, 3, 4, 4, 6), torch.full((1, 3), 500.0), torch.randn(1, 8, 12)
+    with pytest.raises(ValueError, match="num_frame_per_block"):
+        tiny_dit(x, t, ctx, local_attn_size=2, sink_size=1)
