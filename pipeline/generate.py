@@ -287,7 +287,7 @@ class VideoGenerator:
         # decode_stream: each block decoded on a stream of its own, while the DiT generates the next
         resolve_switches(cfg, models.device)
         self.decode_stream = torch.cuda.Stream(models.device) if cfg.decode_stream else None
-        self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height))
+        self.subtitles = SubtitleRenderer(int(cfg.width), int(cfg.height), font_path=cfg.subtitle_font)
         self.lock = threading.Lock()  # held by a live session: one rollout at a time on this cache
         self._kept: OrderedDict[str, torch.Tensor] = OrderedDict()  # text -> embedding (host), see encode_text
         self._kept_lock = threading.Lock()  # live actions are encoded in threads of their own

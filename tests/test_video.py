@@ -1,4 +1,5 @@
 """utils/video.py: the streaming mp4 writer, its behaviour on errors and interruptions, subtitles."""
+import logging
 import os
 import signal
 import subprocess
@@ -298,6 +299,36 @@ def test_a_write_that_fails_at_close_is_reported_and_trimmed(tmp_path):
 def test_font_is_bundled():
     assert FONT_PATH.is_file() and FONT_PATH.parent == REPO_ROOT / "utils" / "fonts"
     assert (FONT_PATH.parent / "LICENSE-DejaVu.txt").is_file()
+
+
+def test_characters_the_font_lacks_are_named_once(caplog):
+    """DejaVu has Latin, Greek and Cyrillic, not CJK or emoji: those draw as its missing-glyph box,
+    and the subtitle is warned about once (each distinct text is rendered once)."""
+    renderer = SubtitleRenderer(160, 120)
+    assert renderer.missing("café Ωμέγα жар — 1/2 ∞") == ""
+    assert renderer.missing("狐狸 runs 🦊 狐") == "狐狸🦊"
+    box = renderer.overlay("\U0010FFFF")
+    assert np.array_equal(renderer.overlay("狐").alpha, box.alpha)  # what the warning is about
+    with caplog.at_level(logging.WARNING, logger="utils.video"):
+        frames = np.full((2, 120, 160, 3), 128, np.uint8)
+        for _ in range(3):
+            renderer.render(frames, "the fox 狐狸")
+        renderer.render(frames, "no box here")
+    warned = [r.getMessage() for r in caplog.records if "no glyph" in r.getMessage()]
+    assert not any("no box here" in w for w in warned)
+    warned = [w for w in warned if "the fox" in w]
+    assert len(warned) == 1 and "'狐狸'" in warned[0] and "subtitle_font" in warned[0]
+
+
+def test_subtitle_font_is_a_font_file_or_one_clear_error(tmp_path):
+    same = SubtitleRenderer(160, 120, font_path=str(FONT_PATH))
+    assert np.array_equal(same.overlay("a fox").alpha, SubtitleRenderer(160, 120).overlay("a fox").alpha)
+    (tmp_path / "notes.ttf").write_text("not a font")
+    for path, what in ((tmp_path / "missing.ttf", "does not exist"), (tmp_path, "is a folder"),
+                       (tmp_path / "notes.ttf", "cannot be loaded as a font")):
+        with pytest.raises(UserError, match=what) as err:
+            SubtitleRenderer(160, 120, font_path=path)
+        assert "\n" not in str(err.value) and "subtitle_font" in str(err.value)
 
 
 def test_subtitle_only_touches_the_bottom():

@@ -36,6 +36,7 @@ import queue
 import shutil
 import signal
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -498,15 +499,36 @@ class SubtitleOverlay:
         return self.alpha.shape[0]
 
 
+def load_font(path: str | Path | None, size: int) -> ImageFont.FreeTypeFont:
+    """A TrueType/OpenType font (``.ttf``, ``.otf``, ``.ttc``) at ``size`` pixels; None: the bundled
+    DejaVu Sans Bold. A file that is missing or not a font is a :class:`UserError`."""
+    path = FONT_PATH if path is None else Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"subtitle_font {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
+                        f"give a .ttf, .otf or .ttc file, or leave it empty for the bundled font")
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError as exc:
+        raise UserError(f"subtitle_font {path} cannot be loaded as a font ({first_line(str(exc))}); "
+                        f"give a .ttf, .otf or .ttc file") from None
+
+
 class SubtitleRenderer:
     """Burns subtitles into frames: white text with a black outline, centred near the bottom,
     wrapped (by measured pixel width) to fit the frame. Font size defaults to height / 18 (at
-    least 10 px). Each distinct text is rendered once; burning it into frames is a numpy blend."""
+    least 10 px); the font is the bundled DejaVu Sans Bold unless ``font_path`` gives another
+    (config ``subtitle_font``: one with CJK or other scripts DejaVu lacks). Each distinct text is
+    rendered once; burning it into frames is a numpy blend."""
 
-    def __init__(self, width: int, height: int, font_size: int | None = None):
+    # a code point no font maps (a noncharacter): what the font draws for a character it lacks
+    _NO_GLYPH = "\U0010FFFF"
+
+    def __init__(self, width: int, height: int, font_size: int | None = None, font_path: str | Path | None = None):
         self.width, self.height = int(width), int(height)
         self.font_size = int(font_size) if font_size else max(10, round(self.height / 18))
-        self.font = ImageFont.truetype(str(FONT_PATH), self.font_size)
+        self.font_path = FONT_PATH if font_path is None else Path(font_path).expanduser()
+        self.font = load_font(font_path, self.font_size)
+        self._no_glyph = self._glyph(self._NO_GLYPH)
         self.stroke = max(1, round(self.font_size / 12))
         self.margin_x = max(2 * self.stroke, round(self.width * 0.04))
         self.margin_bottom = round(self.height * 0.05)
@@ -514,6 +536,17 @@ class SubtitleRenderer:
         ascent, descent = self.font.getmetrics()
         self.line_height = ascent + descent + 2 * self.stroke
         self.overlay = functools.lru_cache(maxsize=64)(self._render_overlay)
+
+    def _glyph(self, char: str) -> tuple:
+        mask = self.font.getmask(char)
+        return mask.size, bytes(mask)
+
+    def missing(self, text: str) -> str:
+        """The distinct characters of ``text`` the font has no glyph for (they are drawn as its
+        "missing glyph" box), in order of appearance."""
+        return "".join(c for c in dict.fromkeys(text)
+                       if not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf")
+                       and self._glyph(c) == self._no_glyph)
 
     def text_width(self, text: str) -> float:
         """Drawn width of one line in pixels, outline included."""
@@ -546,6 +579,11 @@ class SubtitleRenderer:
         return lines
 
     def _render_overlay(self, text: str) -> SubtitleOverlay:
+        missing = self.missing(text)
+        if missing:
+            log.warning("subtitle %r: the font %s has no glyph for %r, drawn as boxes; set subtitle_font to a "
+                        "font file that has them (e.g. a Noto Sans CJK font for Chinese or Japanese)",
+                        text, self.font_path.name, missing)
         lines = tuple(self.wrap(text))
         block_height = len(lines) * self.line_height
         coverage = Image.new("L", (self.width, block_height), 0)  # text + outline
