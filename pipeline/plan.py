@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 START, FLUSH, CUT = "start", "flush", "cut"
 
 
-def video_frames_after(num_blocks: int, frames_per_block: int, temporal_factor: int = 4,
+def video_frames_after(num_blocks: int, frames_per_block: int, temporal_factor: int,
                        lead_frames: int = 0) -> int:
     """Video frames decoded from ``lead_frames`` given latent frames (1 for an image start)
     followed by the first ``num_blocks`` latent blocks (nothing at all → 0 frames)."""
@@ -52,7 +52,7 @@ def video_frames_after(num_blocks: int, frames_per_block: int, temporal_factor: 
     return 1 + temporal_factor * (latents - 1)
 
 
-def blocks_for_frames(frames: int, frames_per_block: int, temporal_factor: int = 4,
+def blocks_for_frames(frames: int, frames_per_block: int, temporal_factor: int,
                       lead_frames: int = 0) -> int:
     """The fewest blocks whose video frames cover ``frames``."""
     if frames <= video_frames_after(0, frames_per_block, temporal_factor, lead_frames):
@@ -122,7 +122,7 @@ class Plan:
     segments: tuple[PlannedSegment, ...]
     block_segment: PerBlock     # segment index of each block
     block_events: PerBlock      # event before each block: start | flush | cut | None
-    temporal_factor: int = 4
+    temporal_factor: int        # video frames per latent frame (the VAE's)
     warnings: tuple[str, ...] = ()
     lead_frames: int = 0        # latent frames given before the first block (1: image start)
 
@@ -167,7 +167,7 @@ def _nearest_boundary(target: float, lo: int, hi: int, fpb: int, tf: int, lead: 
 
 
 def make_plan(script: Script, fps: float, frames_per_block: int,
-              temporal_factor: int = 4, lead_frames: int = 0) -> Plan:
+              temporal_factor: int, lead_frames: int = 0) -> Plan:
     """Plan ``script`` at ``fps`` with blocks of ``frames_per_block`` latent frames (module
     docstring has the rules). ``lead_frames`` latent frames (an image start: 1) come before the
     first block and count towards the first segment."""
