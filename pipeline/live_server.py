@@ -254,6 +254,8 @@ class LiveServer:
                 msg = json.loads(data)
             except json.JSONDecodeError as exc:
                 raise BadRequest(f"malformed message (not JSON: {exc.msg} at character {exc.pos})") from None
+            except RecursionError:  # "[[[[..." under the size limit: deeper than the parser recurses
+                raise BadRequest("malformed message (JSON nested too deeply)") from None
             if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
                 raise BadRequest('malformed message: expected a JSON object with a "type"')
             kind = msg["type"]

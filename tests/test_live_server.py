@@ -71,7 +71,7 @@ def test_serves_its_page_and_nothing_else(models, tmp_path):
     run(body, make_server(models, tmp_path))
 
 
-def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_path):
+def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_path, caplog):
     server = make_server(models, tmp_path, ahead_blocks=1000)  # no pacing: blocks as fast as the CPU makes them
 
     async def body(client):
@@ -80,6 +80,7 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
         assert hello["role"] == "controller" and not hello["state"]["running"]
         cases = [
             ("not json", "malformed"), ("[1, 2]", "malformed"), ({"no": "type"}, "malformed"),
+            ("[" * 5000, "nested too deeply"), ('{"a":' * 3000, "nested too deeply"),  # under the size limit
             ({"type": "fly"}, "unknown message type"), (b"\x00\x01", "binary"),
             ({"type": "start", "text": "x" * 20000}, "refused"),     # past live.max_message_bytes
             ({"type": "start", "text": "x" * 5000}, "characters"),   # past live.max_text_chars
@@ -121,6 +122,7 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
         await recv(ws, "stopped")
         await ws.close()
     run(body, server)
+    assert not [r for r in caplog.records if r.exc_info], "a bad request logged a traceback"
     videos = sorted(tmp_path.glob("*.mp4"))
     assert len(videos) == 2
     for video in videos:
