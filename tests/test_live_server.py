@@ -16,7 +16,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.generate import VideoGenerator, build_models
-from pipeline.live_server import WS_MAX_MESSAGE, LiveServer
+from pipeline.live_server import WS_MAX_MESSAGE, LiveServer, own_hosts
 from utils.config import load_config
 from utils.video import probe_video
 
@@ -69,6 +69,50 @@ def test_serves_its_page_and_nothing_else(models, tmp_path):
         for path in ("/../pyproject.toml", "/pipeline/live.py", "/outputs", "/index.html", "/live_page/live.js"):
             assert (await client.get(path)).status == 404, path
     run(body, make_server(models, tmp_path))
+
+
+def test_only_the_servers_own_page_may_connect(models, tmp_path, caplog):
+    """A web site open in the same browser cannot steer or watch: a websocket (or any request)
+    whose Origin is not the page's own is refused with 403 and one log line. The page's own
+    origin, as 127.0.0.1, localhost or through a tunnel to another local port, is served, and
+    so is a client that sends no Origin (a script)."""
+    async def body(client):
+        port = client.port
+        here = f"127.0.0.1:{port}"
+        refused = [
+            {"Origin": "https://evil.example.com"},                                      # another site
+            {"Origin": f"http://evil.example.com:{port}"},
+            {"Origin": f"http://evil.example.com:{port}", "Host": f"evil.example.com:{port}"},  # DNS rebinding
+            {"Origin": f"http://localhost:{port + 1}"},                                  # another local server
+            {"Origin": f"https://{here}"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1:x"},
+        ]
+        for headers in refused:
+            caplog.clear()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
+                await client.ws_connect("/ws", headers=headers)
+            assert refusal.value.status == 403, headers
+            lines = [r.getMessage() for r in caplog.records if r.name == "live"]
+            assert len(lines) == 1 and "refused" in lines[0] and headers["Origin"] in lines[0], lines
+        assert (await client.post("/ws", headers={"Origin": "https://evil.example.com"})).status == 403
+        accepted = [{}, {"Origin": f"http://{here}"},
+                    {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
+                    {"Origin": "http://localhost:8000", "Host": "localhost:8000"}]  # ssh -L 8000:127.0.0.1:<port>
+        for headers in accepted:
+            ws = await client.ws_connect("/ws", headers=headers)
+            assert (await recv(ws, "hello"))["role"] == "controller", headers
+            await ws.close()
+        server.own_hosts = own_hosts("gpu-box.lab")  # started with --host gpu-box.lab
+        ws = await client.ws_connect("/ws", headers={"Origin": f"http://gpu-box.lab:{port}",
+                                                     "Host": f"gpu-box.lab:{port}"})
+        assert (await recv(ws, "hello"))["type"] == "hello"
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await client.ws_connect("/ws", headers={"Origin": f"http://box.lab:{port}", "Host": f"box.lab:{port}"})
+    server = make_server(models, tmp_path)
+    with caplog.at_level("INFO", logger="live"):
+        run(body, server)
+    assert {"localhost", "127.0.0.1"} <= own_hosts("127.0.0.1") and "gpu-box.lab" in own_hosts("gpu-box.lab")
+    assert socket.gethostname().lower() in own_hosts("0.0.0.0") and "0.0.0.0" not in own_hosts("0.0.0.0")
 
 
 def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_path, caplog):
