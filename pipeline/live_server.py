@@ -184,9 +184,15 @@ class LiveServer:
         try:
             await stop.wait()
         finally:
+            # the close waits for the block being generated and the video's last frames: a second
+            # Ctrl-C meanwhile is logged and dropped (as batch rendering does), not a traceback
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await runner.cleanup()
+                loop.add_signal_handler(sig, _ignored_while_closing, sig)
+            try:
+                await runner.cleanup()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
 
     # ----------------------------------------------------------------------------- HTTP
     @web.middleware
@@ -467,6 +473,10 @@ class LiveServer:
             self.session, self.worker = None, None
         self._broadcast({"type": "stopped", **self.last_stopped})
         self._broadcast_state()
+
+
+def _ignored_while_closing(sig: signal.Signals) -> None:
+    log.warning("ignored %s while closing the video", sig.name)
 
 
 def own_hosts(host: str) -> set[str]:

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -284,6 +286,44 @@ def test_sigterm_stops_the_server_and_closes_the_video(tmp_path):
     assert proc.wait(60) == 0
     rest = proc.stderr.read()
     assert "Traceback" not in rest
+    video = next(tmp_path.glob("*.mp4"))
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["complete"] and record["live"]["blocks"] >= 2
+    assert probe_video(video)["frames"] == record["frames_written"]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_closing_is_logged_and_the_close_finishes(tmp_path):
+    """Ctrl-C twice: the first closes the session, the second (while the video is closing) is
+    logged and dropped; the page hears the session end, the process exits 0 with no traceback,
+    and the mp4 and its sidecar agree."""
+    proc = subprocess.Popen([sys.executable, "inference.py", "--live", "--config_path", "configs/tiny.yaml",
+                             "--port", "0", "--output_folder", str(tmp_path)], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not any("live: open " in line for line in lines) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    url = next((line.split("open ")[1].split()[0] for line in lines if "live: open " in line), None)
+    assert url, "the server never printed its URL:\n" + "".join(lines)
+
+    async def steer():
+        async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws") as ws:
+            await ws.send_str(json.dumps({"type": "start", "text": "a fox runs"}))
+            await recv(ws, "block")
+            await recv(ws, "block")
+            proc.send_signal(signal.SIGINT)
+            while not any("shutting down" in line for line in lines):  # the close has begun
+                await asyncio.sleep(0.001)
+            proc.send_signal(signal.SIGINT)
+            stopped = await recv(ws, "stopped")
+            assert stopped["complete"]
+    asyncio.run(asyncio.wait_for(steer(), 120))
+    assert proc.wait(60) == 0
+    time.sleep(0.2)  # the reader thread takes the last lines
+    err = "".join(lines)
+    assert "Traceback" not in err and "ignored SIGINT while closing the video" in err, err
     video = next(tmp_path.glob("*.mp4"))
     record = json.loads(video.with_suffix(".json").read_text())
     assert record["complete"] and record["live"]["blocks"] >= 2
