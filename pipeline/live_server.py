@@ -11,8 +11,9 @@ Protocol (JSON text messages; frames are binary JPEG messages):
 * server → page: ``hello`` (role, settings, state), ``state``, ``started``, ``queued`` (an
   action was accepted, with its id and the page's ``ref``), ``block`` (index, segment, the
   action that landed on it, speed and lead over playback) followed by one binary message per
-  frame, ``stopped`` (video name and transcript), ``warning`` (an accepted action's note, e.g. text past the
-  encoder's tokens), ``error`` (one line for a bad request).
+  frame, ``stopped`` (video name, transcript and the shell command that renders it again),
+  ``warning`` (an accepted action's note, e.g. text past the encoder's tokens), ``error`` (one
+  line for a bad request).
 
 Only the server's own page may connect: a request whose ``Origin`` header (every browser sends
 one with a websocket) is not the origin the page was loaded from is refused with HTTP 403, so a
@@ -44,6 +45,7 @@ from PIL import Image
 
 from pipeline.generate import VideoGenerator
 from pipeline.live import LiveBlock, LiveError, LiveSession, PlaybackClock, paced
+from pipeline.live_terminal import replay_command
 from utils.errors import UserError
 
 log = logging.getLogger("live")
@@ -466,9 +468,11 @@ class LiveServer:
         self.last_stopped = {"video": session.path.name if session.path.exists() else None,
                              "transcript": session.transcript, "seed": session.seed, "blocks": session.blocks_done,
                              "frames": session.frames_written, "seconds": session.frames_written / self.fps,
-                             "complete": session.complete, "error": error}
-        log.info("session ended: %d blocks, %d frames → %s; replay with --prompt %r --seed %d",
-                 session.blocks_done, session.frames_written, session.path, session.transcript, session.seed)
+                             "complete": session.complete, "error": error,
+                             "replay": replay_command(session.transcript, session.seed, self.image)}
+        log.info("session ended: %d blocks, %d frames → %s; render it again with this run's --config_path and "
+                 "overrides: %s", session.blocks_done, session.frames_written, session.path,
+                 self.last_stopped["replay"])
         if self.session is session:
             self.session, self.worker = None, None
         self._broadcast({"type": "stopped", **self.last_stopped})

@@ -3,7 +3,10 @@ only its own files, answers every bad request with one clear message and keeps g
 page steer while others watch, survives pages that leave mid-stream, and closes the video on
 shutdown."""
 import asyncio
+import importlib
+import io
 import json
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.generate import VideoGenerator, build_models
 from pipeline.live_server import WS_MAX_MESSAGE, LiveServer, own_hosts
+from pipeline.live_terminal import replay_command, run_terminal
 from utils.config import load_config
 from utils.video import probe_video
 
@@ -174,6 +178,62 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
     for video in videos:
         record = json.loads(video.with_suffix(".json").read_text())
         assert record["complete"] and probe_video(video)["frames"] == record["frames_written"]
+
+
+# prompts that %r printed wrong: a backslash doubled ("a\\;b" for "a;b"), $5 and a backtick
+# expanded by the shell (double quotes around an apostrophe), a leading '-' read as an option
+TRICKY = ["a;b", "it's $5 `echo hi` a;b", "-x"]
+
+
+def replayed(command: str, monkeypatch) -> tuple[str, int]:
+    """The --prompt and --seed that inference.py reads from a printed command, split by shlex and
+    by a real POSIX shell (which expands what the command leaves unquoted)."""
+    words = shlex.split(command)
+    shell = subprocess.run(["sh", "-c", 'printf "%s\\0" ' + command], capture_output=True, check=True)
+    assert shell.stdout.decode().split("\0")[:-1] == words, command
+    assert words[:2] == ["python", "inference.py"], command
+    monkeypatch.syspath_prepend(str(REPO))
+    args = importlib.import_module("inference").parse_args(words[2:])
+    return args.prompt, args.seed
+
+
+def check_replay(command: str, video: Path, text: str, monkeypatch) -> None:
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["prompt"].startswith(text.replace(";", "\\;") + "["), record["prompt"]  # \; in the grammar
+    assert replayed(command, monkeypatch) == (record["prompt"], record["seed"]), command
+
+
+def test_the_replay_command_runs_as_printed(models, tmp_path, caplog, monkeypatch):
+    """The command that the server (its log and the page) and the terminal mode print to render a
+    session again gives inference.py the sidecar's prompt exactly, through a POSIX shell."""
+    server = make_server(models, tmp_path / "page", ahead_blocks=1000)
+
+    async def body(client):
+        ws = await client.ws_connect("/ws")
+        for text in TRICKY:
+            caplog.clear()
+            await ws.send_str(json.dumps({"type": "start", "text": text}))
+            await recv(ws, "block")
+            await ws.send_str(json.dumps({"type": "stop"}))
+            stopped = await recv(ws, "stopped")
+            check_replay(stopped["replay"], tmp_path / "page" / stopped["video"], text, monkeypatch)
+            logged = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].endswith(": " + stopped["replay"]), logged
+        hello = await recv(await client.ws_connect("/ws"), "hello")   # a page that connects later
+        assert hello["state"]["last"]["replay"] == stopped["replay"]
+    with caplog.at_level("INFO", logger="live"):
+        run(body, server)
+
+    for text in TRICKY:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="live"):
+            session = run_terminal(server.gen, io.StringIO(text.replace(";", "\\;") + "\n"), ahead_blocks=1000,
+                                   seed=3, output_folder=tmp_path / "terminal")
+        logged = [r.getMessage() for r in caplog.records if "render it again" in r.getMessage()]
+        assert len(logged) == 1, caplog.text
+        check_replay(logged[0][logged[0].index("python inference.py"):], session.path, text, monkeypatch)
+    assert shlex.split(replay_command("a[1s]", 2, "my $pic.png"))[2:] == ["--prompt=a[1s]", "--seed=2",
+                                                                           "--image=my $pic.png"]  # a session's picture
 
 
 def test_a_message_past_the_socket_limit_closes_only_that_page(models, tmp_path):

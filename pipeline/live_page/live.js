@@ -182,6 +182,7 @@ function showLast(m) {
   $("last-video").textContent = m.video || "";
   $("last-seed").textContent = m.seed;
   $("transcript").textContent = m.transcript;
+  $("replay").textContent = m.replay || "";  // quoted for the shell by the server
 }
 
 // ---------------------------------------------------------------------------------- state & UI
