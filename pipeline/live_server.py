@@ -11,8 +11,17 @@ Protocol (JSON text messages; frames are binary JPEG messages):
 * server → page: ``hello`` (role, settings, state), ``state``, ``started``, ``queued`` (an
   action was accepted, with its id and the page's ``ref``), ``block`` (index, segment, the
   action that landed on it, speed and lead over playback) followed by one binary message per
-  frame, ``stopped`` (video name and transcript), ``warning`` (an accepted action's note, e.g. text past the
-  encoder's tokens), ``error`` (one line for a bad request).
+  frame, ``stopped`` (video name, transcript and the shell command that renders it again),
+  ``warning`` (an accepted action's note, e.g. text past the encoder's tokens), ``error`` (one
+  line for a bad request).
+
+Only the server's own page may connect: a request whose ``Origin`` header (every browser sends
+one with a websocket) is not the origin the page was loaded from is refused with HTTP 403, so a
+web site open in the same browser cannot steer the session or read its frames. The page's origin
+is the ``Host`` it asked for, when that is a name no other site can take over: an IP address,
+``localhost``, the ``--host`` given or this machine's name (an SSH tunnel to another local port
+works; a DNS name pointed at this machine by someone else does not). Clients that send no
+``Origin`` (scripts, not browsers) are served.
 
 One session at a time. The first page to connect steers; pages that connect while it is there
 watch, and are told so if they try to steer. When the steering page goes away the session pauses
@@ -22,17 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import json
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from PIL import Image
 
 from pipeline.generate import VideoGenerator
 from pipeline.live import LiveBlock, LiveError, LiveSession, PlaybackClock, paced
+from pipeline.live_terminal import replay_command
 from utils.errors import UserError
 
 log = logging.getLogger("live")
@@ -40,6 +53,8 @@ log = logging.getLogger("live")
 PAGE_DIR = Path(__file__).resolve().parent / "live_page"
 PAGE_FILES = {"/": ("index.html", "text/html"), "/live.js": ("live.js", "text/javascript"),
               "/live.css": ("live.css", "text/css")}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 WS_MAX_MESSAGE = 1 << 20       # aiohttp closes the socket (code 1009) past this; our own limit is lower
 CLIENT_MAX_BLOCKS = 8          # blocks queued for a slow page before it starts skipping blocks
 
@@ -115,7 +130,8 @@ class LiveServer:
         self.last_stopped: dict | None = None
         self._connections = 0
         self._tasks: set[asyncio.Task] = set()
-        self.app = web.Application()
+        self.own_hosts = own_hosts("127.0.0.1")  # the names (besides IP addresses) the page may be loaded from
+        self.app = web.Application(middlewares=[self._same_origin_only])
         for route in PAGE_FILES:
             self.app.router.add_get(route, self._page)
         self.app.router.add_get("/ws", self._websocket)
@@ -150,6 +166,7 @@ class LiveServer:
     async def serve(self, host: str, port: int, ready=None) -> None:
         """Serve until SIGINT or SIGTERM (then shut down cleanly). ``ready(url)`` is called once
         the socket listens."""
+        self.own_hosts = await asyncio.to_thread(own_hosts, host)
         runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -169,11 +186,45 @@ class LiveServer:
         try:
             await stop.wait()
         finally:
+            # the close waits for the block being generated and the video's last frames: a second
+            # Ctrl-C meanwhile is logged and dropped (as batch rendering does), not a traceback
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await runner.cleanup()
+                loop.add_signal_handler(sig, _ignored_while_closing, sig)
+            try:
+                await runner.cleanup()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
 
     # ----------------------------------------------------------------------------- HTTP
+    @web.middleware
+    async def _same_origin_only(self, request: web.Request, handler):
+        """Refuse (403) a browser's request sent by a page that is not this server's own."""
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._own_origin(request, origin):
+            log.warning("refused a connection from the web page %s (at %s): only this server's own page, "
+                        "opened at the address the server printed, may connect", origin[:200], request.remote)
+            raise web.HTTPForbidden(text="only this server's own page may connect\n")
+        return await handler(request)
+
+    def _own_origin(self, request: web.Request, origin: str) -> bool:
+        """``origin`` is the origin the request was addressed to (scheme, host and port of its ``Host``),
+        and that host is a name a foreign site cannot point here (DNS rebinding): an IP address,
+        ``localhost``, the host the server was started with or this machine's name."""
+        try:
+            sent, asked = urlsplit(origin), urlsplit(f"//{request.headers.get('Host', '')}")
+            sent_port = sent.port or {"http": 80, "https": 443}.get(sent.scheme)
+            asked_port = asked.port or {"http": 80, "https": 443}.get(request.scheme)
+        except ValueError:  # a port that is not a number
+            return False
+        if (sent.scheme, sent.hostname, sent_port) != (request.scheme, asked.hostname, asked_port) or not sent.hostname:
+            return False
+        try:
+            ipaddress.ip_address(sent.hostname)
+            return True
+        except ValueError:
+            return sent.hostname in self.own_hosts
+
     async def _page(self, request: web.Request) -> web.Response:
         name, content_type = PAGE_FILES[request.path]
         return web.Response(body=(PAGE_DIR / name).read_bytes(), content_type=content_type,
@@ -254,6 +305,8 @@ class LiveServer:
                 msg = json.loads(data)
             except json.JSONDecodeError as exc:
                 raise BadRequest(f"malformed message (not JSON: {exc.msg} at character {exc.pos})") from None
+            except RecursionError:  # "[[[[..." under the size limit: deeper than the parser recurses
+                raise BadRequest("malformed message (JSON nested too deeply)") from None
             if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
                 raise BadRequest('malformed message: expected a JSON object with a "type"')
             kind = msg["type"]
@@ -415,13 +468,38 @@ class LiveServer:
         self.last_stopped = {"video": session.path.name if session.path.exists() else None,
                              "transcript": session.transcript, "seed": session.seed, "blocks": session.blocks_done,
                              "frames": session.frames_written, "seconds": session.frames_written / self.fps,
-                             "complete": session.complete, "error": error}
-        log.info("session ended: %d blocks, %d frames → %s; replay with --prompt %r --seed %d",
-                 session.blocks_done, session.frames_written, session.path, session.transcript, session.seed)
+                             "complete": session.complete, "error": error,
+                             "replay": replay_command(session.transcript, session.seed, self.image)}
+        log.info("session ended: %d blocks, %d frames → %s; render it again with this run's --config_path and "
+                 "overrides: %s", session.blocks_done, session.frames_written, session.path,
+                 self.last_stopped["replay"])
         if self.session is session:
             self.session, self.worker = None, None
         self._broadcast({"type": "stopped", **self.last_stopped})
         self._broadcast_state()
+
+
+def _ignored_while_closing(sig: signal.Signals) -> None:
+    log.warning("ignored %s while closing the video", sig.name)
+
+
+def own_hosts(host: str) -> set[str]:
+    """The host names (IP addresses aside) that the page of a server listening on ``host`` may be
+    loaded from: ``localhost``, ``host`` itself, and this machine's names when ``host`` is not
+    loopback (other machines reach it by name)."""
+    def name(h: str) -> str:  # as an origin's hostname reads it: lower case, IPv6 without brackets
+        return h.strip().strip("[]").lower()
+
+    names = {"localhost"}
+    if name(host) not in WILDCARD_HOSTS:
+        names.add(name(host))
+    if name(host) not in LOOPBACK_HOSTS:
+        names.add(name(socket.gethostname()))
+        try:
+            names.add(name(socket.getfqdn()))  # may ask DNS: once, at start
+        except OSError:
+            pass
+    return names - {""}
 
 
 def _ref(msg) -> object:

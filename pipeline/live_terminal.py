@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,16 @@ from pipeline.plan import CUT, FLUSH
 log = logging.getLogger("live")
 
 _SUBTITLE_SPLIT = re.compile(r"(?<!\\);")
+
+
+def replay_command(prompt: str, seed: int, image: str | None = None) -> str:
+    """The command that renders a session's video again (given the session's config, checkpoint and
+    overrides too), as a POSIX shell runs it: each value quoted (``shlex.quote``), the prompt as
+    ``--prompt=...`` so that one starting with ``-`` is not taken for an option."""
+    words = ["python", "inference.py", f"--prompt={shlex.quote(prompt)}", f"--seed={int(seed)}"]
+    if image is not None:
+        words.append(f"--image={shlex.quote(str(image))}")
+    return " ".join(words)
 
 
 def parse_line(line: str) -> tuple[str, str, str | None] | None:
@@ -132,6 +143,7 @@ def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed:
             bar.set_postfix(video=f"{session.frames_written / fps:.1f}s",
                             gen_fps=f"{len(block.frames) / max(block.seconds, 1e-9):.1f}",
                             ahead=f"{clock.buffered / fps:.2f}s")
-    log.info("%d blocks, %d frames (%.2f s) in %s; replay with: --prompt %r --seed %d", session.blocks_done,
-             session.frames_written, session.frames_written / fps, session.path, session.transcript, session.seed)
+    log.info("%d blocks, %d frames (%.2f s) in %s; render it again with this run's --config_path and overrides: %s",
+             session.blocks_done, session.frames_written, session.frames_written / fps, session.path,
+             replay_command(session.transcript, session.seed, image))
     return session

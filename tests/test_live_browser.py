@@ -6,6 +6,7 @@ shows, Stop records a video whose sidecar agrees with the page.
 ``LIVE_SCREENSHOT=docs/live.png`` saves the page's screenshot there (README's picture)."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -123,8 +125,79 @@ def test_steer_a_session_from_the_page(live_server, browser, tmp_path):
     video = next(out.glob("*.mp4"))
     record = json.loads(video.with_suffix(".json").read_text())
     assert record["complete"] and record["seed"] == 3 and record["prompt"] == transcript
+    replay = shlex.split(browser.find_element(By.ID, "replay").text)  # the page's command, as a shell reads it
+    assert replay == ["python", "inference.py", f"--prompt={record['prompt']}", "--seed=3"], replay
     assert {a["id"]: a["block"] for a in record["live"]["actions"]} == page_blocks
     assert [a["kind"] for a in record["live"]["actions"]] == ["start", "flush", "cut"]
     assert [s["first_block"] for s in record["plan"]["segments"]] == [0, next_block, scene_block]
     assert probe_video(video)["frames"] == record["frames_written"] == record["plan"]["total_frames"]
+    assert "Traceback" not in "".join(log)
+
+
+@pytest.mark.slow
+def test_the_page_keeps_the_typed_text_until_the_server_accepts_it(live_server, browser):
+    """The fields are emptied (and, for a start, the player reset) when the server accepts the
+    request, not when it is sent: text past live.max_text_chars (refused by the page itself), a
+    refused start, an action typed on a watching page and a start sent while the previous video
+    closes all keep what was typed."""
+    url, out, proc, log = live_server
+    wait = WebDriverWait(browser, 90, poll_frequency=0.05)
+    browser.get(url)
+    wait.until(lambda d: d.find_element(By.ID, "connection").text == "connected")
+
+    def fill(action, subtitle="", seed="3"):
+        browser.execute_script("for (const [id, v] of Object.entries(arguments[0])) "
+                               "document.getElementById(id).value = v;",
+                               {"action": action, "subtitle": subtitle, "seed": seed})
+
+    def fields():
+        return browser.execute_script("return [document.getElementById('action').value, "
+                                      "document.getElementById('subtitle').value];")
+
+    def message():
+        return browser.find_element(By.ID, "message").text
+
+    fill("x" * 4001, "too long")
+    browser.find_element(By.ID, "start").click()
+    wait.until(lambda d: "the action is 4001 characters long; the limit is 4000" in message())
+    assert fields() == ["x" * 4001, "too long"]
+
+    fill("a fox runs", "the fox", seed="-1")                      # the server refuses the seed
+    browser.find_element(By.ID, "start").click()
+    wait.until(lambda d: "seed" in message())
+    assert fields() == ["a fox runs", "the fox"]
+
+    fill("a fox runs", "the fox")
+    browser.find_element(By.ID, "start").click()
+    wait.until(lambda d: fields() == ["", ""])                     # started: the fields are emptied
+    wait.until(lambda d: d.execute_script("return page.played") > 0)
+
+    steering = browser.current_window_handle
+    browser.switch_to.new_window("tab")                            # a second page only watches
+    browser.get(url)
+    wait.until(lambda d: "watching" in d.find_element(By.ID, "role").text)
+    fill("from the watching page", "watcher")
+    browser.find_element(By.ID, "action").send_keys(Keys.ENTER)
+    wait.until(lambda d: "another page is steering" in message())
+    assert fields() == ["from the watching page", "watcher"]
+    browser.close()
+    browser.switch_to.window(steering)
+
+    fill("the fox jumps")
+    browser.find_element(By.ID, "next").click()
+    wait.until(lambda d: fields() == ["", ""])                     # queued: emptied
+    played = browser.execute_script("return page.played")
+    fill("a harbour", "harbour")                                   # Stop, then at once a start (Enter)
+    browser.execute_script("document.getElementById('stop').click(); steer('start');")
+    wait.until(lambda d: "still closing" in message())
+    assert fields() == ["a harbour", "harbour"]
+    assert browser.execute_script("return page.played") >= played  # the player was not reset
+    wait.until(lambda d: d.find_element(By.ID, "transcript").text)  # stopped
+    wait.until(lambda d: not d.find_element(By.ID, "start").get_attribute("disabled"))
+    browser.find_element(By.ID, "start").click()                   # the kept text starts the next session
+    wait.until(lambda d: fields() == ["", ""])
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda d: len(list(out.glob("*.json"))) == 2 and "stopped" in message())
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert [r["prompt"].split("[")[0] for r in records] == ["a fox runs", "a harbour"]
     assert "Traceback" not in "".join(log)

@@ -3,11 +3,16 @@ only its own files, answers every bad request with one clear message and keeps g
 page steer while others watch, survives pages that leave mid-stream, and closes the video on
 shutdown."""
 import asyncio
+import importlib
+import io
 import json
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +21,8 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.generate import VideoGenerator, build_models
-from pipeline.live_server import WS_MAX_MESSAGE, LiveServer
+from pipeline.live_server import WS_MAX_MESSAGE, LiveServer, own_hosts
+from pipeline.live_terminal import replay_command, run_terminal
 from utils.config import load_config
 from utils.video import probe_video
 
@@ -71,7 +77,51 @@ def test_serves_its_page_and_nothing_else(models, tmp_path):
     run(body, make_server(models, tmp_path))
 
 
-def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_path):
+def test_only_the_servers_own_page_may_connect(models, tmp_path, caplog):
+    """A web site open in the same browser cannot steer or watch: a websocket (or any request)
+    whose Origin is not the page's own is refused with 403 and one log line. The page's own
+    origin, as 127.0.0.1, localhost or through a tunnel to another local port, is served, and
+    so is a client that sends no Origin (a script)."""
+    async def body(client):
+        port = client.port
+        here = f"127.0.0.1:{port}"
+        refused = [
+            {"Origin": "https://evil.example.com"},                                      # another site
+            {"Origin": f"http://evil.example.com:{port}"},
+            {"Origin": f"http://evil.example.com:{port}", "Host": f"evil.example.com:{port}"},  # DNS rebinding
+            {"Origin": f"http://localhost:{port + 1}"},                                  # another local server
+            {"Origin": f"https://{here}"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1:x"},
+        ]
+        for headers in refused:
+            caplog.clear()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
+                await client.ws_connect("/ws", headers=headers)
+            assert refusal.value.status == 403, headers
+            lines = [r.getMessage() for r in caplog.records if r.name == "live"]
+            assert len(lines) == 1 and "refused" in lines[0] and headers["Origin"] in lines[0], lines
+        assert (await client.post("/ws", headers={"Origin": "https://evil.example.com"})).status == 403
+        accepted = [{}, {"Origin": f"http://{here}"},
+                    {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
+                    {"Origin": "http://localhost:8000", "Host": "localhost:8000"}]  # ssh -L 8000:127.0.0.1:<port>
+        for headers in accepted:
+            ws = await client.ws_connect("/ws", headers=headers)
+            assert (await recv(ws, "hello"))["role"] == "controller", headers
+            await ws.close()
+        server.own_hosts = own_hosts("gpu-box.lab")  # started with --host gpu-box.lab
+        ws = await client.ws_connect("/ws", headers={"Origin": f"http://gpu-box.lab:{port}",
+                                                     "Host": f"gpu-box.lab:{port}"})
+        assert (await recv(ws, "hello"))["type"] == "hello"
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await client.ws_connect("/ws", headers={"Origin": f"http://box.lab:{port}", "Host": f"box.lab:{port}"})
+    server = make_server(models, tmp_path)
+    with caplog.at_level("INFO", logger="live"):
+        run(body, server)
+    assert {"localhost", "127.0.0.1"} <= own_hosts("127.0.0.1") and "gpu-box.lab" in own_hosts("gpu-box.lab")
+    assert socket.gethostname().lower() in own_hosts("0.0.0.0") and "0.0.0.0" not in own_hosts("0.0.0.0")
+
+
+def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_path, caplog):
     server = make_server(models, tmp_path, ahead_blocks=1000)  # no pacing: blocks as fast as the CPU makes them
 
     async def body(client):
@@ -80,6 +130,7 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
         assert hello["role"] == "controller" and not hello["state"]["running"]
         cases = [
             ("not json", "malformed"), ("[1, 2]", "malformed"), ({"no": "type"}, "malformed"),
+            ("[" * 5000, "nested too deeply"), ('{"a":' * 3000, "nested too deeply"),  # under the size limit
             ({"type": "fly"}, "unknown message type"), (b"\x00\x01", "binary"),
             ({"type": "start", "text": "x" * 20000}, "refused"),     # past live.max_message_bytes
             ({"type": "start", "text": "x" * 5000}, "characters"),   # past live.max_text_chars
@@ -121,11 +172,68 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
         await recv(ws, "stopped")
         await ws.close()
     run(body, server)
+    assert not [r for r in caplog.records if r.exc_info], "a bad request logged a traceback"
     videos = sorted(tmp_path.glob("*.mp4"))
     assert len(videos) == 2
     for video in videos:
         record = json.loads(video.with_suffix(".json").read_text())
         assert record["complete"] and probe_video(video)["frames"] == record["frames_written"]
+
+
+# prompts that %r printed wrong: a backslash doubled ("a\\;b" for "a;b"), $5 and a backtick
+# expanded by the shell (double quotes around an apostrophe), a leading '-' read as an option
+TRICKY = ["a;b", "it's $5 `echo hi` a;b", "-x"]
+
+
+def replayed(command: str, monkeypatch) -> tuple[str, int]:
+    """The --prompt and --seed that inference.py reads from a printed command, split by shlex and
+    by a real POSIX shell (which expands what the command leaves unquoted)."""
+    words = shlex.split(command)
+    shell = subprocess.run(["sh", "-c", 'printf "%s\\0" ' + command], capture_output=True, check=True)
+    assert shell.stdout.decode().split("\0")[:-1] == words, command
+    assert words[:2] == ["python", "inference.py"], command
+    monkeypatch.syspath_prepend(str(REPO))
+    args = importlib.import_module("inference").parse_args(words[2:])
+    return args.prompt, args.seed
+
+
+def check_replay(command: str, video: Path, text: str, monkeypatch) -> None:
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["prompt"].startswith(text.replace(";", "\\;") + "["), record["prompt"]  # \; in the grammar
+    assert replayed(command, monkeypatch) == (record["prompt"], record["seed"]), command
+
+
+def test_the_replay_command_runs_as_printed(models, tmp_path, caplog, monkeypatch):
+    """The command that the server (its log and the page) and the terminal mode print to render a
+    session again gives inference.py the sidecar's prompt exactly, through a POSIX shell."""
+    server = make_server(models, tmp_path / "page", ahead_blocks=1000)
+
+    async def body(client):
+        ws = await client.ws_connect("/ws")
+        for text in TRICKY:
+            caplog.clear()
+            await ws.send_str(json.dumps({"type": "start", "text": text}))
+            await recv(ws, "block")
+            await ws.send_str(json.dumps({"type": "stop"}))
+            stopped = await recv(ws, "stopped")
+            check_replay(stopped["replay"], tmp_path / "page" / stopped["video"], text, monkeypatch)
+            logged = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].endswith(": " + stopped["replay"]), logged
+        hello = await recv(await client.ws_connect("/ws"), "hello")   # a page that connects later
+        assert hello["state"]["last"]["replay"] == stopped["replay"]
+    with caplog.at_level("INFO", logger="live"):
+        run(body, server)
+
+    for text in TRICKY:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="live"):
+            session = run_terminal(server.gen, io.StringIO(text.replace(";", "\\;") + "\n"), ahead_blocks=1000,
+                                   seed=3, output_folder=tmp_path / "terminal")
+        logged = [r.getMessage() for r in caplog.records if "render it again" in r.getMessage()]
+        assert len(logged) == 1, caplog.text
+        check_replay(logged[0][logged[0].index("python inference.py"):], session.path, text, monkeypatch)
+    assert shlex.split(replay_command("a[1s]", 2, "my $pic.png"))[2:] == ["--prompt=a[1s]", "--seed=2",
+                                                                           "--image=my $pic.png"]  # a session's picture
 
 
 def test_a_message_past_the_socket_limit_closes_only_that_page(models, tmp_path):
@@ -238,6 +346,44 @@ def test_sigterm_stops_the_server_and_closes_the_video(tmp_path):
     assert proc.wait(60) == 0
     rest = proc.stderr.read()
     assert "Traceback" not in rest
+    video = next(tmp_path.glob("*.mp4"))
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["complete"] and record["live"]["blocks"] >= 2
+    assert probe_video(video)["frames"] == record["frames_written"]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_closing_is_logged_and_the_close_finishes(tmp_path):
+    """Ctrl-C twice: the first closes the session, the second (while the video is closing) is
+    logged and dropped; the page hears the session end, the process exits 0 with no traceback,
+    and the mp4 and its sidecar agree."""
+    proc = subprocess.Popen([sys.executable, "inference.py", "--live", "--config_path", "configs/tiny.yaml",
+                             "--port", "0", "--output_folder", str(tmp_path)], cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not any("live: open " in line for line in lines) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    url = next((line.split("open ")[1].split()[0] for line in lines if "live: open " in line), None)
+    assert url, "the server never printed its URL:\n" + "".join(lines)
+
+    async def steer():
+        async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws") as ws:
+            await ws.send_str(json.dumps({"type": "start", "text": "a fox runs"}))
+            await recv(ws, "block")
+            await recv(ws, "block")
+            proc.send_signal(signal.SIGINT)
+            while not any("shutting down" in line for line in lines):  # the close has begun
+                await asyncio.sleep(0.001)
+            proc.send_signal(signal.SIGINT)
+            stopped = await recv(ws, "stopped")
+            assert stopped["complete"]
+    asyncio.run(asyncio.wait_for(steer(), 120))
+    assert proc.wait(60) == 0
+    time.sleep(0.2)  # the reader thread takes the last lines
+    err = "".join(lines)
+    assert "Traceback" not in err and "ignored SIGINT while closing the video" in err, err
     video = next(tmp_path.glob("*.mp4"))
     record = json.loads(video.with_suffix(".json").read_text())
     assert record["complete"] and record["live"]["blocks"] >= 2

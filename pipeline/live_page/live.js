@@ -19,6 +19,7 @@ const page = {
   refs: 0,             // our own request counter
   rows: new Map(),     // action id -> table row
   pressed: new Map(),  // request ref -> performance.now() of the key press
+  sent: new Map(),     // request ref -> the fields it sent, cleared once the server accepts it
   landedOn: new Map(), // block index -> action id that starts on it (delay measured at its first frame)
 };
 
@@ -33,6 +34,7 @@ function connect() {
     badge("connection", "disconnected, reconnecting…", "bad");
     if (event.code === 1009) say("error", "that message was too large, so the server closed the connection; reconnecting");
     page.incoming = null;
+    page.sent.clear();  // unanswered: what they sent stays in the fields
     setTimeout(connect, 1000);
   };
 }
@@ -62,13 +64,17 @@ function onJSON(m) {
       page.role = m.role;
       setState(m.state);
       break;
-    case "started":
+    case "started":  // a new session: a fresh player (its frames follow this message)
+      page.frames = [];
+      page.played = page.generated = 0;
       clearLog();
       addRow(m.action, m.ref);
+      accepted(m.ref);
       say("", `started: recording ${m.video}`);
       break;
     case "queued":
       addRow(m.action, m.ref);
+      accepted(m.ref);
       say(m.action.warning ? "warning" : "", m.action.warning || `queued: “${m.action.text}” lands on the next block`);
       break;
     case "block":
@@ -81,7 +87,9 @@ function onJSON(m) {
     case "warning":
       say("warning", m.message);
       break;
-    case "error":
+    case "error":  // a refused request: what was typed stays in the fields
+      page.sent.delete(m.ref);
+      page.pressed.delete(m.ref);
       say("error", m.message);
       break;
   }
@@ -182,6 +190,7 @@ function showLast(m) {
   $("last-video").textContent = m.video || "";
   $("last-seed").textContent = m.seed;
   $("transcript").textContent = m.transcript;
+  $("replay").textContent = m.replay || "";  // quoted for the shell by the server
 }
 
 // ---------------------------------------------------------------------------------- state & UI
@@ -213,18 +222,27 @@ function steer(kind) {
   const text = $("action").value.trim();
   if (!text) return say("error", "type an action first");
   const subtitle = $("subtitle").value.trim();
+  const limit = page.settings.max_text_chars;
+  for (const [what, value] of [["action", text], ["subtitle", subtitle]]) {
+    const chars = [...value].length;  // characters as the server counts them (code points)
+    if (limit && chars > limit) return say("error", `the ${what} is ${chars} characters long; the limit is ${limit}`);
+  }
   const message = kind === "start"
     ? { type: "start", text, subtitle, seed: Number($("seed").value) }
     : { type: "action", kind, text, subtitle };
-  if (kind === "start") {  // a new session: a fresh player
-    page.frames = [];
-    page.played = page.generated = 0;
-  }
   const ref = send(message);
   if (ref === null) return;
   page.pressed.set(ref, performance.now());
-  $("action").value = "";
-  $("subtitle").value = "";
+  page.sent.set(ref, { action: $("action").value, subtitle: $("subtitle").value });
+}
+
+// The server took request `ref` (started or queued): empty the fields, unless typed into since.
+function accepted(ref) {
+  const sent = page.sent.get(ref);
+  if (!sent) return;
+  page.sent.delete(ref);
+  if ($("action").value === sent.action) $("action").value = "";
+  if ($("subtitle").value === sent.subtitle) $("subtitle").value = "";
 }
 
 $("start").onclick = () => steer("start");
