@@ -7,7 +7,8 @@
     python inference.py --live                  # steer the video from a local web page while it plays
     python inference.py --live --stdin           # the same from the terminal: one action per line
 
-Trailing ``key=value`` arguments override the config (e.g. ``sink_size=2 local_attn_size=7 position_policy=absolute``).
+``key=value`` arguments, anywhere among the flags, override the config (e.g. ``sink_size=2 local_attn_size=7
+position_policy=absolute``).
 Under ``torchrun`` the prompts are split across ranks, one GPU each.
 """
 from __future__ import annotations
@@ -19,13 +20,22 @@ import os
 import sys
 from pathlib import Path
 
-from utils.errors import ConfigError, user_errors_exit
+from utils.errors import EXIT_USER_ERROR, ConfigError, user_errors_exit
 
 log = logging.getLogger("inference")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (``error: ...`` and where to look), exit code 2, like
+    every other user mistake; ``-h`` still prints the whole help."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} -h", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt in the Infinity-RoPE grammar")
     src.add_argument("--data_path", help="a text file with one prompt per line")
@@ -43,23 +53,51 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--image", default=None, help="start from this image (first latent frame) instead of noise")
     p.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit; loads no model")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, anywhere among the flags")
+    return p.parse_intermixed_args(argv)  # key=value before, between and after the flags
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args) -> tuple[list[str], list[str] | None]:
+    """The prompts to render and, for a prompt file, where each one is (``prompts.txt line 6``,
+    for its errors). Blank lines and lines starting with ``#`` are not prompts."""
     if args.prompt is not None:
-        return [args.prompt]
+        return [args.prompt], None
     path = Path(args.data_path)
+    if path.is_dir():
+        raise ConfigError(f"prompt file {path} is a folder; pass a UTF-8 text file with one prompt per line")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not text
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read prompt file {path}: {exc.strerror or exc}; pass a UTF-8 text "
-                          f"file with one prompt per line") from exc
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        data = path.read_bytes()
+    except OSError as exc:
+        why = "it does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+        raise ConfigError(f"cannot read prompt file {path}: {why}; pass a UTF-8 text file with one "
+                          f"prompt per line") from exc
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not text
+        if "\0" in text:  # UTF-16 without a byte-order mark decodes, NULs and all
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"prompt file {path} is not UTF-8 text ({not_utf8(data, exc)}); save it as UTF-8 "
+                          f"with one prompt per line") from None
+    prompts, where = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            prompts.append(line.strip())
+            where.append(f"{path} line {number}")
     if not prompts:
         raise ConfigError(f"prompt file {path} has no prompts (one per line; lines starting with # are skipped)")
-    return prompts
+    return prompts, where
+
+
+def not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, in words: its line and byte, or the other encoding it names."""
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            return f"it starts with a {name} byte-order mark"
+    line = data.count(b"\n", 0, exc.start) + 1
+    if data[exc.start] == 0:
+        return f"line {line} has a NUL byte: UTF-16 text, or not text at all"
+    return f"line {line} has the byte 0x{data[exc.start]:02x}, from another encoding such as Latin-1 or cp1252"
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -89,9 +127,9 @@ def main(argv=None) -> int:
         raise ConfigError("--stdin, --host and --port go with --live")
     if args.live:
         return live(args, cfg, rank, world)
-    prompts = read_prompts(args)
+    prompts, where = read_prompts(args)
     temporal = compression_factors(run_config(cfg))[1]
-    plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None)
+    plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None, where=where)
     if args.dry_run:
         for plan in plans:
             print(json.dumps(plan.to_json_dict(), ensure_ascii=False))

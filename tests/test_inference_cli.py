@@ -384,3 +384,71 @@ def test_ctrl_c_while_the_models_load_is_one_line(tmp_path, monkeypatch, caplog)
     assert inference.main(["--prompt", "a[1s]", *TINY, "--output_folder", str(tmp_path)]) == 130
     assert "interrupted while loading the models; nothing was written" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """``inference.main(argv)`` in this process, from the repository root: (exit code, stdout,
+    stderr). A traceback (anything but a user error's exit) fails the test by itself."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO))
+    import inference
+
+    def run(*argv):
+        try:
+            code = inference.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt", "a[1s]", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--prompt", "a[1s]", "--num_samples", "1.5"], "argument --num_samples: invalid int value: '1.5'"),
+    (["--prompt", "a[1s]", "--data_path", "p.txt"], "argument --data_path: not allowed with argument --prompt"),
+    (["--prompt", "a[1s]", "--bogus"], "unrecognized arguments: --bogus"),
+    (["fps=8"], "one of the arguments --prompt --data_path --live is required"),
+])
+def test_argument_mistakes_are_one_line(run_main, argv, fragment):
+    code, _, err = run_main(*argv)
+    line = one_error_line(err)
+    assert code == 2 and fragment in line and line.endswith("; see inference.py -h"), err
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("caf\xe9[1s]\n".encode("latin-1"), "prompts.txt is not UTF-8 text (line 1 has the byte 0xe9"),
+    ("# mine\nok[1s]\nb\xe9[1s]\n".encode("cp1252"), "(line 3 has the byte 0xe9"),
+    ("a[1s]\n".encode("utf-16"), "(it starts with a UTF-16 byte-order mark)"),
+    ("a[1s]\n".encode("utf-16-le"), "(line 1 has a NUL byte: UTF-16 text"),
+    (b"# comment\n\na[1s]\n\n  # also a comment\nb[1s] | [2s]\n", "prompts.txt line 6: prompt segment 2"),
+    (b"a[1s]\nb[1,5s]\n", "prompts.txt line 2: prompt segment 1"),
+])
+def test_prompt_file_mistakes_name_the_file_and_line(run_main, tmp_path, content, fragment):
+    (tmp_path / "prompts.txt").write_bytes(content)
+    code, out, err = run_main("--data_path", tmp_path / "prompts.txt", "--dry_run", *TINY)
+    assert code == 2 and fragment in one_error_line(err) and out == "", err
+
+
+def test_overrides_go_anywhere_among_the_flags(run_main):
+    code, out, err = run_main("--prompt", "a[1s]", "fps=8", "--dry_run", "sink_size=1", *TINY, "local_attn_size=7")
+    assert code == 0 and json.loads(out)["fps"] == 8, err
+
+
+@pytest.mark.parametrize("args, prompts", [
+    (["a[1s]", "fps=8", "--dry_run", "sink_size=1"], 1),  # overrides before and after a flag
+    (["fps=8", "--dry_run"], 4),         # an override first: the prompt file, not the prompt "fps=8"
+    (["model.num_layers=1", "--dry_run"], 4),
+])
+def test_inference_sh_passes_overrides_anywhere(args, prompts):
+    r = subprocess.run(["bash", "inference.sh", *args, *TINY], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plans = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(plans) == prompts and all(p["fps"] == 8 for p in plans) == (args[0] != "model.num_layers=1")
