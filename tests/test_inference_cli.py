@@ -156,6 +156,12 @@ def test_config_file_values_are_checked_and_legal_kinds_pass(tmp_path):
     cfg = load_config("configs/tiny.yaml", ["fps=23.976", "train.lr=1", "train.generator_ckpt=null",
                                             "cuda_graphs=auto", "compile=true", "denoising_step_list=[1000,500.5]"])
     assert cfg.fps == 23.976 and cfg.train.generator_ckpt is None and cfg.compile is True
+    # the edges of what the model checks allow
+    cfg = load_config("configs/tiny.yaml", ["device=cuda:1", "fps=1000", "model.patch_size=[1,1,1]",
+                                            "tiny_vae.num_res_blocks=0", "tiny_vae.dim_mult=[1,2]",
+                                            "tiny_vae.temperal_downsample=[true]",
+                                            "tokenizer_path=tests/assets/tokenizer"])
+    assert cfg.device == "cuda:1" and cfg.tiny_vae.dim_mult == [1, 2]
     # ${...} interpolations resolve against the merged config, and are checked once resolved
     linked = tmp_path / "linked.yaml"
     linked.write_text("train:\n  lr_critic: ${train.lr}\n")
@@ -452,3 +458,50 @@ def test_inference_sh_passes_overrides_anywhere(args, prompts):
     assert r.returncode == 0, r.stderr
     plans = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(plans) == prompts and all(p["fps"] == 8 for p in plans) == (args[0] != "model.num_layers=1")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.num_heads=0", "model.num_heads (0) must be a positive integer"),
+    ("model.num_layers=-1", "model.num_layers (-1) must be a positive integer"),
+    ("model.freq_dim=3", "model.freq_dim (3) must be even"),
+    ("model.out_dim=4", "model.out_dim (4) must equal model.in_dim (16)"),
+    ("model.patch_size=[1,0,2]", "model.patch_size ([1, 0, 2]) must be a list of 3 positive integers"),
+    ("model.patch_size=[1,-2,2]", "model.patch_size ([1, -2, 2]) must be a list of 3 positive integers"),
+    ("model.patch_size=[1,1.5,2]", "must be a list of 3 positive integers"),
+    ("model.patch_size=[1,2]", "must be a list of 3 positive integers"),
+    ("model.patch_size=[2,2,2]", "model.patch_size ([2, 2, 2]) must start with 1"),
+    ("model.rope_theta=0", "model.rope_theta (0) must be > 0"),
+    ("device=mps", "device must be cpu, cuda or cuda:N (an NVIDIA GPU), not 'mps'"),
+    ("fps=1e-300", "fps (1e-300) must be between 1 and 1000"),
+    ("fps=1e6", "fps (1000000.0) must be between 1 and 1000"),
+    ("tokenizer_path=5", "'tokenizer_path' in the command-line overrides must be null or a string"),
+    ("tiny_vae=5", "'tiny_vae' in the command-line overrides must be null or a mapping"),
+    ("tiny_text_encoder=5", "'tiny_text_encoder' in the command-line overrides must be null or a mapping"),
+    ("tiny_vae.dim_mult=abc", "tiny_vae.dim_mult must be a list of positive integers"),
+    ("tiny_vae.dim_mult=[1,0]", "tiny_vae.dim_mult must be a list of positive integers"),
+    ("tiny_vae.temperal_downsample=[true]", "tiny_vae.temperal_downsample ([True]) must have one entry per "
+                                            "downsampling level, len(tiny_vae.dim_mult) - 1 = 3"),
+    ("tiny_vae.temperal_downsample=[0,1,1]", "tiny_vae.temperal_downsample must be a list of true/false"),
+    ("tiny_vae.z_dim=4", "tiny_vae.z_dim (4) must equal model.in_dim (16)"),
+    ("tiny_vae.base_dim=0", "tiny_vae.base_dim must be a positive integer, not 0"),
+    ("tiny_text_encoder.num_layers=abc", "tiny_text_encoder.num_layers must be a positive integer, not 'abc'"),
+    ("tiny_text_encoder.d_model=16", "tiny_text_encoder.d_model (16) must equal model.text_dim (32)"),
+    ("tiny_text_encoder.dropout_rate=2", "tiny_text_encoder.dropout_rate must be a number in [0, 1)"),
+])
+def test_model_sizes_and_values_are_checked_before_anything_is_built(override, fragment):
+    """Each value as the code that reads it needs it (a head count divides, a patch is a kernel
+    size, the timestep embedding halves freq_dim...), refused in one line naming the key."""
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt", "a[0.5s]", *TINY, "model.num_heads=0"], "model.num_heads (0) must be a positive integer"),
+    (["--prompt", "a[0.5s]", "--config_path", "configs"], "config file configs is a folder; pass a YAML file"),
+])
+def test_config_mistakes_are_one_line_even_in_a_dry_run(run_main, argv, fragment):
+    code, out, err = run_main(*argv, "--dry_run")
+    assert code == 2 and fragment in one_error_line(err) and out == "", err
