@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_path, overrides)
     if args.num_samples < 1:
         raise ConfigError("--num_samples must be >= 1")
+    last_seed = cfg.seed + args.num_samples - 1  # the samples' seeds are seed, seed + 1, ...
+    if last_seed >= 2**63:
+        raise ConfigError(f"--num_samples {args.num_samples} from seed {cfg.seed} needs seeds up to {last_seed}, "
+                          f"past the largest, 2**63 - 1 = {2**63 - 1}; pass a smaller --seed")
     if not args.live and (args.stdin or args.host is not None or args.port is not None):
         raise ConfigError("--stdin, --host and --port go with --live")
     if args.live:

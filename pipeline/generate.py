@@ -34,7 +34,7 @@ from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
-from utils.config import SWITCHES, torch_dtype
+from utils.config import SWITCHES, safe_text, torch_dtype
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
 from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
@@ -406,14 +406,18 @@ class VideoGenerator:
             plan = self.plan(prompt, image_start=image is not None)
             contexts = self.encode_texts(plan)
             image_latent = None if image is None else self.image_latent(image)
+            # paths as text a JSON file holds (a byte that is not UTF-8 as \xNN); the config as this
+            # video ran: its seed is this video's (seed, seed + 1... of --num_samples)
+            record = {"prompt": prompt, "seed": int(seed),
+                      "checkpoint": None if self.cfg.random_init or checkpoint is None else safe_text(str(checkpoint)),
+                      "image": None if image is None else safe_text(str(image)), "plan": plan.to_json_dict(),
+                      "config": {**OmegaConf.to_container(self.cfg, resolve=True), "seed": int(seed)},
+                      "video": path.name, "frames_written": 0, "complete": False}
+            sidecar_bytes(record)  # a record that cannot be written fails now, not after the render
         except BaseException:
             _unreserve(path)
             raise
         self.warn_absolute_positions(plan.total_blocks * plan.frames_per_block + plan.lead_frames)
-        record = {"prompt": prompt, "seed": int(seed), "checkpoint": None if self.cfg.random_init else checkpoint,
-                  "image": None if image is None else str(image),
-                  "plan": plan.to_json_dict(), "config": OmegaConf.to_container(self.cfg, resolve=True),
-                  "video": path.name, "frames_written": 0, "complete": False}
         start = time.perf_counter()
         written = 0
         try:
@@ -427,7 +431,7 @@ class VideoGenerator:
                     written = block.first_frame + len(block.frames)
             record["complete"] = True
         except VideoWriteError as exc:  # disk full & co: the frames ffmpeg finished are kept
-            written, record["error"] = exc.frames_kept, str(exc)
+            written, record["error"] = exc.frames_kept, safe_text(str(exc))
             raise
         finally:
             record["frames_written"] = written
@@ -451,11 +455,16 @@ def _unreserve(path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def sidecar_bytes(record: dict) -> bytes:
+    """A video's record as the sidecar holds it: UTF-8 JSON (a text that is not UTF-8 raises)."""
+    return json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")
+
+
 def write_sidecar(video: Path, record: dict) -> None:
     """The record of a video as ``<video>.json``, replaced atomically (a reader never sees half)."""
     target = video.with_suffix(".json")
     tmp = target.with_name(f".{target.name}.tmp")
-    data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")  # fails before any file is opened
+    data = sidecar_bytes(record)  # fails before any file is opened
     try:
         tmp.write_bytes(data)
         os.replace(tmp, target)

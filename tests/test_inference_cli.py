@@ -501,7 +501,53 @@ def test_model_sizes_and_values_are_checked_before_anything_is_built(override, f
 @pytest.mark.parametrize("argv, fragment", [
     (["--prompt", "a[0.5s]", *TINY, "model.num_heads=0"], "model.num_heads (0) must be a positive integer"),
     (["--prompt", "a[0.5s]", "--config_path", "configs"], "config file configs is a folder; pass a YAML file"),
+    # a byte that is not UTF-8 on the command line (Python hands it over as a lone surrogate)
+    (["--prompt", "a[0.5s]", *TINY, "negative_prompt=bad\udce9"],
+     "override 'negative_prompt=bad\\xe9' is not UTF-8 text"),
+    (["--prompt", "a[0.5s]", *TINY, "negative_prompt=bad\x07"], "control characters are not allowed"),
+    (["--prompt", "a[0.5s]", *TINY, "--seed", str(2**63 - 1), "--num_samples", "2"],
+     f"needs seeds up to {2**63}, past the largest, 2**63 - 1"),
 ])
-def test_config_mistakes_are_one_line_even_in_a_dry_run(run_main, argv, fragment):
+def test_cli_mistakes_are_one_line_even_in_a_dry_run(run_main, argv, fragment):
     code, out, err = run_main(*argv, "--dry_run")
     assert code == 2 and fragment in one_error_line(err) and out == "", err
+
+
+def test_sidecar_records_paths_that_are_not_utf8_and_the_seed_used(tmp_path):
+    """A start image whose name holds a Latin-1 byte is recorded with ``\\xe9`` (JSON-safe), and
+    the second of ``--num_samples`` records its own seed in its config too: rendering from the
+    recorded config gives this video."""
+    import os
+
+    from PIL import Image
+
+    cfg = load_config("configs/tiny.yaml", ["seed=5"])
+    gen = VideoGenerator(cfg, build_models(cfg))
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # as Python hands over such a command-line path
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    gen.generate("a door opens[0.5s]", tmp_path / "v.mp4", seed=6, image=image)
+    sidecar = json.loads((tmp_path / "v.json").read_text(encoding="utf-8"))
+    assert sidecar["complete"] and sidecar["image"] == f"{tmp_path}/caf\\xe9.png"
+    assert sidecar["seed"] == sidecar["config"]["seed"] == 6 and cfg.seed == 5
+
+
+def test_a_record_that_cannot_be_written_fails_before_the_render(tmp_path, monkeypatch):
+    """The sidecar's record is serialised before the first block: a render never ends without it."""
+    import os
+
+    from PIL import Image
+
+    import pipeline.generate as generate
+
+    cfg = load_config("configs/tiny.yaml")
+    gen = VideoGenerator(cfg, build_models(cfg))
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    monkeypatch.setattr(generate, "safe_text", lambda text: text, raising=False)  # as if a path slipped by
+    monkeypatch.setattr(generate.VideoGenerator, "render", lambda *a, **kw: pytest.fail("rendered"))
+    out = tmp_path / "out"
+    out.mkdir()
+    path = generate.output_name(out, 0, "a", 0, reserve=True)
+    with pytest.raises(UnicodeEncodeError):
+        gen.generate("a[0.5s]", path, 0, image=image)
+    assert list(out.iterdir()) == []

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -139,16 +140,36 @@ def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
             _check_known(sub, ref, source, prefix=f"{dotted}.")
 
 
+def safe_text(text: str) -> str:
+    """``text`` with every byte that was not UTF-8 written as ``\\xNN`` (Python hands such bytes of a
+    command line or a file name over as lone surrogates, which no UTF-8 file or JSON can hold):
+    printable, JSON-safe, and the same string when it was valid text."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    """Every surrogate in ``text`` stands for an undecodable byte (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     """``["a.b=1", "c=[1,2]"]`` → a config; a malformed item is a ConfigError."""
     items = list(overrides)
     for item in items:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not key=value (e.g. sink_size=2 or model.num_layers=4)")
+            raise ConfigError(f"override '{safe_text(item)}' is not key=value (e.g. sink_size=2 or model.num_layers=4)")
+        if safe_text(item) != item:
+            raise ConfigError(f"override '{safe_text(item)}' is not UTF-8 text (a byte of another encoding, such as "
+                              f"Latin-1, shown as \\xNN); write it in UTF-8")
     try:
         return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {str(exc).splitlines()[0]}") from exc
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # yaml: control characters and the like
+        raise ConfigError(f"cannot parse overrides {items}: {first_line(exc)}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
