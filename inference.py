@@ -153,13 +153,13 @@ def main(argv=None) -> int:
     gen = load_generator(args, cfg, checkpoint, device)
     if gen is None:
         return 130
-    jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]
+    jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]  # i: NNN
     mine = jobs[rank::world]
     log.info("%d video(s) to render on %s (rank %d of %d)", len(mine), device, rank, world)
     try:
         with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
             for index, prompt, seed in mine:
-                path = output_name(folder, index, prompt, seed, reserve=True)
+                path = output_name(folder, index, plans[index].segments[0].text, seed, reserve=True)
                 gen.generate(prompt, path, seed, checkpoint=checkpoint, image=args.image)
     except KeyboardInterrupt as exc:
         log.warning("interrupted: the video being written was closed and stays playable")

@@ -13,11 +13,11 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import sysconfig
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -234,12 +234,24 @@ def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1)[None, None]
 
 
-def output_name(folder: Path, index: int, prompt: str, seed: int, reserve: bool = False) -> Path:
-    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken).
-    ``reserve``: take it atomically for a :class:`VideoWriter` by creating its (empty) partial
-    file, so renders running at once into one folder never pick the same name."""
-    slug = re.sub(r"[^a-zA-Z0-9]+", "-", prompt.split("[")[0].split("|")[0]).strip("-").lower()[:48] or "video"
-    stem = f"{index:03d}_{slug}_seed{seed}"
+SLUG_CHARS = 48  # the most characters of a video's name taken from its first action
+
+
+def slug(text: str) -> str:
+    """The words of ``text`` for a file name: its letters (any script, with their accents) and
+    digits, lower case, ``-`` for everything between them, at most :data:`SLUG_CHARS` characters
+    and no ``-`` at either end; ``video`` when it has none. ``Ünïcödé fox`` → ``ünïcödé-fox``."""
+    text = unicodedata.normalize("NFC", text).lower()
+    kept = "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else " " for c in text)
+    return "-".join(kept.split())[:SLUG_CHARS].strip("-") or "video"
+
+
+def output_name(folder: Path, index: int, text: str, seed: int, reserve: bool = False) -> Path:
+    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken) from the
+    prompt's number, its first segment's ``text`` (:func:`slug`; a live session: its first action)
+    and the seed. ``reserve``: take it atomically for a :class:`VideoWriter` by creating its (empty)
+    partial file, so renders running at once into one folder never pick the same name."""
+    stem = f"{index:03d}_{slug(text)}_seed{seed}"
     for n in itertools.count():
         path = folder / (f"{stem}-{n}.mp4" if n else f"{stem}.mp4")
         if path.exists() or path.with_suffix(".json").exists() or partial_name(path).exists():

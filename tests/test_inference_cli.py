@@ -325,13 +325,13 @@ def test_renders_into_one_folder_at_once_reserve_distinct_names(tmp_path):
     from pipeline.generate import _unreserve, output_name
     from utils.video import partial_name
 
-    first = output_name(tmp_path, 0, "a fox runs[5s]", 0, reserve=True)
-    second = output_name(tmp_path, 0, "a fox runs[5s]", 0, reserve=True)
+    first = output_name(tmp_path, 0, "a fox runs", 0, reserve=True)
+    second = output_name(tmp_path, 0, "a fox runs", 0, reserve=True)
     assert (first.name, second.name) == ("000_a-fox-runs_seed0.mp4", "000_a-fox-runs_seed0-1.mp4")
     assert partial_name(first).is_file() and partial_name(second).is_file()
     _unreserve(second)
     assert not partial_name(second).exists()
-    assert output_name(tmp_path, 0, "a fox runs[5s]", 0) == second  # free again
+    assert output_name(tmp_path, 0, "a fox runs", 0) == second  # free again
 
 
 def test_generate_that_fails_before_writing_leaves_nothing(tmp_path, monkeypatch):
@@ -551,3 +551,25 @@ def test_a_record_that_cannot_be_written_fails_before_the_render(tmp_path, monke
     with pytest.raises(UnicodeEncodeError):
         gen.generate("a[0.5s]", path, 0, image=image)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("prompt, name", [
+    ("a fox runs ; hello", "000_a-fox-runs_seed0.mp4"),  # the first segment's text, not its subtitle
+    ("A Fox runs[1s] | the fox jumps[1s]", "000_a-fox-runs_seed0.mp4"),
+    ("a \\| b[1s]", "000_a-b_seed0.mp4"),  # an escaped '|' is text
+    ("Ünïcödé fox[1s]", "000_ünïcödé-fox_seed0.mp4"),  # letters of any script, lower case
+    ("狐狸在雪地里奔跑[1s]", "000_狐狸在雪地里奔跑_seed0.mp4"),
+    ("x" * 47 + " y z[1s]", f"000_{'x' * 47}_seed0.mp4"),  # cut at 48 characters: no '-' left at its end
+    ("!?[1s]", "000_video_seed0.mp4"),
+])
+def test_video_names_come_from_the_first_segments_words(run_main, monkeypatch, tmp_path, prompt, name):
+    import inference
+
+    names = []
+
+    class Renders:
+        def generate(self, prompt, path, seed, **kw):
+            names.append(path.name)
+    monkeypatch.setattr(inference, "load_generator", lambda *a, **kw: Renders())
+    code, _, err = run_main("--prompt", prompt, *TINY, "--output_folder", tmp_path)
+    assert code == 0 and names == [name], err
