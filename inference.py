@@ -112,6 +112,16 @@ def main(argv=None) -> int:
     rank, world, local_rank = dist_info()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args, rank, world, local_rank)
+    except KeyboardInterrupt:
+        # a render, a live session, the model loading and the warm-up answer Ctrl-C themselves (what
+        # they wrote is closed); one that gets here came while starting up (imports, config, plans)
+        log.warning("interrupted while starting up; nothing was written")
+        return 130
+
+
+def run(args, rank: int, world: int, local_rank: int) -> int:
     # heavy imports after argument parsing: --help and --dry_run stay quick
     from model.vae_config import compression_factors, run_config
     from pipeline.plan import check_prompts
@@ -251,13 +261,21 @@ def live(args, cfg, rank: int, world: int) -> int:
         from pipeline.live_terminal import run_terminal
         from utils.video import sigterm_as_interrupt
 
+        lines, before = _Lines(sys.stdin), videos_in(folder)
         try:
             with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
-                run_terminal(gen, sys.stdin, ahead_blocks=int(cfg.live.ahead_blocks), seed=int(cfg.seed),
-                             output_folder=folder, checkpoint=checkpoint, image=args.image)
+                session = run_terminal(gen, lines, ahead_blocks=int(cfg.live.ahead_blocks), seed=int(cfg.seed),
+                                       output_folder=folder, checkpoint=checkpoint, image=args.image)
         except KeyboardInterrupt as exc:
-            log.warning("interrupted: the video was closed and stays playable")
+            if videos_in(folder) - before:
+                log.warning("interrupted: the video was closed and stays playable")
+            else:  # before the first action, or before its first frame
+                log.warning("interrupted before the first frame; nothing was written")
             return 128 + getattr(exc, "signum", 2)
+        if session is None and lines.had_text:
+            raise ConfigError("--live --stdin: the input ended without a usable first action (the lines given "
+                              "were refused, see above); start with the action's text, e.g. 'a red fox trots "
+                              "through the snow'")
         return 0
     from pipeline.live_server import LiveServer
 
@@ -267,6 +285,24 @@ def live(args, cfg, rank: int, world: int) -> int:
     except OSError as exc:  # taken in the meantime
         raise ConfigError(listen_error(str(cfg.live.host), int(cfg.live.port), exc)) from exc
     return 0
+
+
+class _Lines:
+    """stdin as ``--live --stdin`` reads it (line by line), noting whether a line held any text: an
+    input that ends before a usable first action is a mistake if it gave one, not if it gave none."""
+
+    def __init__(self, stream):
+        self.stream, self.had_text = stream, False
+
+    def readline(self) -> str:
+        line = self.stream.readline()
+        self.had_text = self.had_text or bool(line.strip())
+        return line
+
+
+def videos_in(folder: Path) -> set[str]:
+    """The videos in ``folder`` (a live recording has its final name from its first frame)."""
+    return {p.name for p in folder.glob("*.mp4") if not p.name.startswith(".")}
 
 
 def listen_error(host: str, port: int, exc: OSError) -> str:

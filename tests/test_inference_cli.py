@@ -573,3 +573,55 @@ def test_video_names_come_from_the_first_segments_words(run_main, monkeypatch, t
     monkeypatch.setattr(inference, "load_generator", lambda *a, **kw: Renders())
     code, _, err = run_main("--prompt", prompt, *TINY, "--output_folder", tmp_path)
     assert code == 0 and names == [name], err
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "a[1s]"], ["--live", "--stdin"]], ids=["batch", "live"])
+def test_ctrl_c_while_starting_up_is_one_line(run_main, monkeypatch, caplog, tmp_path, argv):
+    """Ctrl-C while torch and the pipeline import (seconds, before any model loads) ends with one
+    line and exit 130, not a traceback and death by SIGINT; nothing is written."""
+    import types
+
+    class Interrupted(types.ModuleType):  # the import is where the Ctrl-C lands
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise KeyboardInterrupt
+    monkeypatch.setitem(sys.modules, "pipeline.generate", Interrupted("pipeline.generate"))
+    try:
+        code, _, err = run_main(*argv, *TINY, "--output_folder", tmp_path)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C went through inference.main: a traceback and death by SIGINT")
+    assert code == 130 and "interrupted while starting up; nothing was written" in caplog.text, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("wrote, message", [
+    (False, "interrupted before the first frame; nothing was written"),
+    (True, "interrupted: the video was closed and stays playable"),
+])
+def test_live_ctrl_c_says_whether_a_video_was_written(run_main, monkeypatch, caplog, tmp_path, wrote, message):
+    import pipeline.live_terminal as live_terminal
+
+    def session(gen, lines, *, output_folder, **kw):
+        if wrote:  # a recording has its final name from its first frame
+            (output_folder / "000_a_seed0.mp4").write_bytes(b"frames")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(live_terminal, "run_terminal", session)
+    code, _, _ = run_main("--live", "--stdin", *TINY, "--output_folder", tmp_path)
+    assert code == 130 and message in caplog.text and "stays playable" not in caplog.text.replace(message, "")
+
+
+@pytest.mark.parametrize("stdin, code", [
+    ("#\n;\n", 2),  # lines given, none of them an action
+    ("", 0),        # nothing given: nothing to do
+    ("\n", 0),      # an empty line: stop at once
+])
+def test_live_stdin_without_a_usable_first_action(run_main, monkeypatch, tmp_path, stdin, code):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    got, _, err = run_main("--live", "--stdin", *TINY, "--output_folder", tmp_path)
+    assert got == code, err
+    if code:
+        assert "the input ended without a usable first action" in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
