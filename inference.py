@@ -139,16 +139,17 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
                           f"past the largest, 2**63 - 1 = {2**63 - 1}; pass a smaller --seed")
     if not args.live and (args.stdin or args.host is not None or args.port is not None):
         raise ConfigError("--stdin, --host and --port go with --live")
+    checkpoint_of(args, cfg)  # flags a random-weights run would not read: an error even in a dry run
     if args.live:
         return live(args, cfg, rank, world)
     prompts, where = read_prompts(args)
     temporal = compression_factors(run_config(cfg))[1]
     plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None, where=where)
+    check_image(args, cfg, decode=not args.dry_run)
     if args.dry_run:
         for plan in plans:
             print(json.dumps(plan.to_json_dict(), ensure_ascii=False))
         return 0
-    check_image(args, cfg)
     folder = output_folder(args)
 
     import torch
@@ -177,13 +178,25 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     return 0
 
 
-def check_image(args, cfg) -> None:
+def check_image(args, cfg, decode: bool = True) -> None:
     """``--image`` read once before any model loads: a file that is not a usable picture is an
-    error now, not after minutes of loading."""
+    error now, not after minutes of loading. ``decode=False`` (a dry run, which imports no torch):
+    only its header is read."""
     if args.image is None:
         return
-    if not Path(args.image).is_file():
-        raise ConfigError(f"--image {args.image} does not exist")
+    path = Path(args.image)
+    if path.is_dir():
+        raise ConfigError(f"--image {args.image} is a folder; pass a PNG or JPEG file")
+    if not path.is_file():
+        raise ConfigError(f"--image {args.image} does not exist; pass a PNG or JPEG file")
+    if not decode:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            Image.open(path).close()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ConfigError(f"cannot read image {args.image}: {exc}; pass a PNG or JPEG file") from exc
+        return
     from pipeline.generate import load_image
 
     load_image(args.image, int(cfg.width), int(cfg.height))
@@ -191,10 +204,13 @@ def check_image(args, cfg) -> None:
 
 def checkpoint_of(args, cfg) -> str:
     """The generator checkpoint to load: ``--checkpoint_path``, else the config's. A checkpoint
-    named on the command line of a random-weights run would silently not be read: an error."""
-    if cfg.random_init and args.checkpoint_path:
-        raise ConfigError(f"--checkpoint_path {args.checkpoint_path} is not read with random_init=true (random "
-                          f"weights); add random_init=false to render it")
+    named on the command line of a random-weights run, or ``--use_ema`` there, would silently not
+    be read: an error."""
+    for flag, given in (("--checkpoint_path", args.checkpoint_path), ("--use_ema", args.use_ema)):
+        if cfg.random_init and given:
+            shown = f"{flag} {given}" if flag == "--checkpoint_path" else flag
+            raise ConfigError(f"{shown} is not read with random_init=true (random weights); add random_init=false "
+                              f"to render from a checkpoint")
     return args.checkpoint_path or cfg.checkpoint_path
 
 

@@ -507,6 +507,12 @@ def test_model_sizes_and_values_are_checked_before_anything_is_built(override, f
     (["--prompt", "a[0.5s]", *TINY, "negative_prompt=bad\x07"], "control characters are not allowed"),
     (["--prompt", "a[0.5s]", *TINY, "--seed", str(2**63 - 1), "--num_samples", "2"],
      f"needs seeds up to {2**63}, past the largest, 2**63 - 1"),
+    (["--prompt", "a[0.5s]", *TINY, "--image", "docs"], "--image docs is a folder; pass a PNG or JPEG file"),
+    (["--prompt", "a[0.5s]", *TINY, "--image", "nonexistent.png"], "--image nonexistent.png does not exist"),
+    (["--prompt", "a[0.5s]", *TINY, "--image", "README.md"], "cannot read image README.md"),
+    (["--prompt", "a[0.5s]", *TINY, "--use_ema"], "--use_ema is not read with random_init=true"),
+    (["--prompt", "a[0.5s]", *TINY, "--checkpoint_path", "mine.pt"],
+     "--checkpoint_path mine.pt is not read with random_init=true"),
 ])
 def test_cli_mistakes_are_one_line_even_in_a_dry_run(run_main, argv, fragment):
     code, out, err = run_main(*argv, "--dry_run")
