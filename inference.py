@@ -7,7 +7,8 @@
     python inference.py --live                  # steer the video from a local web page while it plays
     python inference.py --live --stdin           # the same from the terminal: one action per line
 
-Trailing ``key=value`` arguments override the config (e.g. ``sink_size=2 local_attn_size=7 position_policy=absolute``).
+``key=value`` arguments, anywhere among the flags, override the config (e.g. ``sink_size=2 local_attn_size=7
+position_policy=absolute``).
 Under ``torchrun`` the prompts are split across ranks, one GPU each.
 """
 from __future__ import annotations
@@ -19,13 +20,22 @@ import os
 import sys
 from pathlib import Path
 
-from utils.errors import ConfigError, user_errors_exit
+from utils.errors import EXIT_USER_ERROR, ConfigError, user_errors_exit
 
 log = logging.getLogger("inference")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (``error: ...`` and where to look), exit code 2, like
+    every other user mistake; ``-h`` still prints the whole help."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} -h", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt in the Infinity-RoPE grammar")
     src.add_argument("--data_path", help="a text file with one prompt per line")
@@ -43,23 +53,51 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--image", default=None, help="start from this image (first latent frame) instead of noise")
     p.add_argument("--dry_run", action="store_true", help="print the plan as JSON and exit; loads no model")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, anywhere among the flags")
+    return p.parse_intermixed_args(argv)  # key=value before, between and after the flags
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args) -> tuple[list[str], list[str] | None]:
+    """The prompts to render and, for a prompt file, where each one is (``prompts.txt line 6``,
+    for its errors). Blank lines and lines starting with ``#`` are not prompts."""
     if args.prompt is not None:
-        return [args.prompt]
+        return [args.prompt], None
     path = Path(args.data_path)
+    if path.is_dir():
+        raise ConfigError(f"prompt file {path} is a folder; pass a UTF-8 text file with one prompt per line")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not text
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read prompt file {path}: {exc.strerror or exc}; pass a UTF-8 text "
-                          f"file with one prompt per line") from exc
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        data = path.read_bytes()
+    except OSError as exc:
+        why = "it does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+        raise ConfigError(f"cannot read prompt file {path}: {why}; pass a UTF-8 text file with one "
+                          f"prompt per line") from exc
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad) is not text
+        if "\0" in text:  # UTF-16 without a byte-order mark decodes, NULs and all
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"prompt file {path} is not UTF-8 text ({not_utf8(data, exc)}); save it as UTF-8 "
+                          f"with one prompt per line") from None
+    prompts, where = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            prompts.append(line.strip())
+            where.append(f"{path} line {number}")
     if not prompts:
         raise ConfigError(f"prompt file {path} has no prompts (one per line; lines starting with # are skipped)")
-    return prompts
+    return prompts, where
+
+
+def not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, in words: its line and byte, or the other encoding it names."""
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            return f"it starts with a {name} byte-order mark"
+    line = data.count(b"\n", 0, exc.start) + 1
+    if data[exc.start] == 0:
+        return f"line {line} has a NUL byte: UTF-16 text, or not text at all"
+    return f"line {line} has the byte 0x{data[exc.start]:02x}, from another encoding such as Latin-1 or cp1252"
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -74,6 +112,16 @@ def main(argv=None) -> int:
     rank, world, local_rank = dist_info()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args, rank, world, local_rank)
+    except KeyboardInterrupt:
+        # a render, a live session, the model loading and the warm-up answer Ctrl-C themselves (what
+        # they wrote is closed); one that gets here came while starting up (imports, config, plans)
+        log.warning("interrupted while starting up; nothing was written")
+        return 130
+
+
+def run(args, rank: int, world: int, local_rank: int) -> int:
     # heavy imports after argument parsing: --help and --dry_run stay quick
     from model.vae_config import compression_factors, run_config
     from pipeline.plan import check_prompts
@@ -85,18 +133,23 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_path, overrides)
     if args.num_samples < 1:
         raise ConfigError("--num_samples must be >= 1")
+    last_seed = cfg.seed + args.num_samples - 1  # the samples' seeds are seed, seed + 1, ...
+    if last_seed >= 2**63:
+        raise ConfigError(f"--num_samples {args.num_samples} from seed {cfg.seed} needs seeds up to {last_seed}, "
+                          f"past the largest, 2**63 - 1 = {2**63 - 1}; pass a smaller --seed")
     if not args.live and (args.stdin or args.host is not None or args.port is not None):
         raise ConfigError("--stdin, --host and --port go with --live")
+    checkpoint_of(args, cfg)  # flags a random-weights run would not read: an error even in a dry run
     if args.live:
         return live(args, cfg, rank, world)
-    prompts = read_prompts(args)
+    prompts, where = read_prompts(args)
     temporal = compression_factors(run_config(cfg))[1]
-    plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None)
+    plans = check_prompts(prompts, cfg, temporal, image_start=args.image is not None, where=where)
+    check_image(args, cfg, decode=not args.dry_run)
     if args.dry_run:
         for plan in plans:
             print(json.dumps(plan.to_json_dict(), ensure_ascii=False))
         return 0
-    check_image(args, cfg)
     folder = output_folder(args)
 
     import torch
@@ -111,13 +164,13 @@ def main(argv=None) -> int:
     gen = load_generator(args, cfg, checkpoint, device)
     if gen is None:
         return 130
-    jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]
+    jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]  # i: NNN
     mine = jobs[rank::world]
     log.info("%d video(s) to render on %s (rank %d of %d)", len(mine), device, rank, world)
     try:
         with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
             for index, prompt, seed in mine:
-                path = output_name(folder, index, prompt, seed, reserve=True)
+                path = output_name(folder, index, plans[index].segments[0].text, seed, reserve=True)
                 gen.generate(prompt, path, seed, checkpoint=checkpoint, image=args.image)
     except KeyboardInterrupt as exc:
         log.warning("interrupted: the video being written was closed and stays playable")
@@ -125,13 +178,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def check_image(args, cfg) -> None:
+def check_image(args, cfg, decode: bool = True) -> None:
     """``--image`` read once before any model loads: a file that is not a usable picture is an
-    error now, not after minutes of loading."""
+    error now, not after minutes of loading. ``decode=False`` (a dry run, which imports no torch):
+    only its header is read."""
     if args.image is None:
         return
-    if not Path(args.image).is_file():
-        raise ConfigError(f"--image {args.image} does not exist")
+    path = Path(args.image)
+    if path.is_dir():
+        raise ConfigError(f"--image {args.image} is a folder; pass a PNG or JPEG file")
+    if not path.is_file():
+        raise ConfigError(f"--image {args.image} does not exist; pass a PNG or JPEG file")
+    if not decode:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            Image.open(path).close()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ConfigError(f"cannot read image {args.image}: {exc}; pass a PNG or JPEG file") from exc
+        return
     from pipeline.generate import load_image
 
     load_image(args.image, int(cfg.width), int(cfg.height))
@@ -139,10 +204,13 @@ def check_image(args, cfg) -> None:
 
 def checkpoint_of(args, cfg) -> str:
     """The generator checkpoint to load: ``--checkpoint_path``, else the config's. A checkpoint
-    named on the command line of a random-weights run would silently not be read: an error."""
-    if cfg.random_init and args.checkpoint_path:
-        raise ConfigError(f"--checkpoint_path {args.checkpoint_path} is not read with random_init=true (random "
-                          f"weights); add random_init=false to render it")
+    named on the command line of a random-weights run, or ``--use_ema`` there, would silently not
+    be read: an error."""
+    for flag, given in (("--checkpoint_path", args.checkpoint_path), ("--use_ema", args.use_ema)):
+        if cfg.random_init and given:
+            shown = f"{flag} {given}" if flag == "--checkpoint_path" else flag
+            raise ConfigError(f"{shown} is not read with random_init=true (random weights); add random_init=false "
+                              f"to render from a checkpoint")
     return args.checkpoint_path or cfg.checkpoint_path
 
 
@@ -209,13 +277,21 @@ def live(args, cfg, rank: int, world: int) -> int:
         from pipeline.live_terminal import run_terminal
         from utils.video import sigterm_as_interrupt
 
+        lines, before = _Lines(sys.stdin), videos_in(folder)
         try:
             with sigterm_as_interrupt():  # SIGTERM closes the mp4 like Ctrl-C does
-                run_terminal(gen, sys.stdin, ahead_blocks=int(cfg.live.ahead_blocks), seed=int(cfg.seed),
-                             output_folder=folder, checkpoint=checkpoint, image=args.image)
+                session = run_terminal(gen, lines, ahead_blocks=int(cfg.live.ahead_blocks), seed=int(cfg.seed),
+                                       output_folder=folder, checkpoint=checkpoint, image=args.image)
         except KeyboardInterrupt as exc:
-            log.warning("interrupted: the video was closed and stays playable")
+            if videos_in(folder) - before:
+                log.warning("interrupted: the video was closed and stays playable")
+            else:  # before the first action, or before its first frame
+                log.warning("interrupted before the first frame; nothing was written")
             return 128 + getattr(exc, "signum", 2)
+        if session is None and lines.had_text:
+            raise ConfigError("--live --stdin: the input ended without a usable first action (the lines given "
+                              "were refused, see above); start with the action's text, e.g. 'a red fox trots "
+                              "through the snow'")
         return 0
     from pipeline.live_server import LiveServer
 
@@ -225,6 +301,24 @@ def live(args, cfg, rank: int, world: int) -> int:
     except OSError as exc:  # taken in the meantime
         raise ConfigError(listen_error(str(cfg.live.host), int(cfg.live.port), exc)) from exc
     return 0
+
+
+class _Lines:
+    """stdin as ``--live --stdin`` reads it (line by line), noting whether a line held any text: an
+    input that ends before a usable first action is a mistake if it gave one, not if it gave none."""
+
+    def __init__(self, stream):
+        self.stream, self.had_text = stream, False
+
+    def readline(self) -> str:
+        line = self.stream.readline()
+        self.had_text = self.had_text or bool(line.strip())
+        return line
+
+
+def videos_in(folder: Path) -> set[str]:
+    """The videos in ``folder`` (a live recording has its final name from its first frame)."""
+    return {p.name for p in folder.glob("*.mp4") if not p.name.startswith(".")}
 
 
 def listen_error(host: str, port: int, exc: OSError) -> str:

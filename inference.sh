@@ -4,7 +4,10 @@
 #   bash inference.sh                       # every prompt of prompts/infinity_rope_prompts.txt
 #   bash inference.sh "<prompt>" --config_path configs/tiny.yaml     # CPU, random weights
 #   bash inference.sh --live                # steer the video from a local web page while it plays
-# Anything after the prompt goes to inference.py (flags and key=value config overrides).
+#   bash inference.sh fps=8 --seed 3       # no prompt: the prompt file, with these flags and overrides
+# Anything after the prompt goes to inference.py (flags and key=value config overrides, in any order).
+# A first argument that starts with '-' or looks like an override (key=value, key.sub=value) is not a
+# prompt: the prompt file is rendered with it (write --prompt "..." for a prompt of that shape).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
@@ -16,7 +19,8 @@ for arg in "$@"; do  # --live: steer from a web page (or stdin); no prompt neede
         exec python inference.py --config_path configs/infinity_rope.yaml "$@"
     fi
 done
-if [ $# -ge 1 ] && [ "${1#--}" = "$1" ]; then
+override='^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*='
+if [ $# -ge 1 ] && [ "${1#-}" = "$1" ] && ! [[ $1 =~ $override ]]; then
     prompt=$1
     shift
     exec python inference.py --config_path configs/infinity_rope.yaml --prompt "$prompt" "$@"

@@ -13,11 +13,11 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import sysconfig
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from model.wan import WanDiT
 from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
-from utils.config import SWITCHES, torch_dtype
+from utils.config import SWITCHES, safe_text, torch_dtype
 from utils.errors import ConfigError, OutputError
 from utils.fs import reason
 from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
@@ -234,12 +234,24 @@ def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1)[None, None]
 
 
-def output_name(folder: Path, index: int, prompt: str, seed: int, reserve: bool = False) -> Path:
-    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken).
-    ``reserve``: take it atomically for a :class:`VideoWriter` by creating its (empty) partial
-    file, so renders running at once into one folder never pick the same name."""
-    slug = re.sub(r"[^a-zA-Z0-9]+", "-", prompt.split("[")[0].split("|")[0]).strip("-").lower()[:48] or "video"
-    stem = f"{index:03d}_{slug}_seed{seed}"
+SLUG_CHARS = 48  # the most characters of a video's name taken from its first action
+
+
+def slug(text: str) -> str:
+    """The words of ``text`` for a file name: its letters (any script, with their accents) and
+    digits, lower case, ``-`` for everything between them, at most :data:`SLUG_CHARS` characters
+    and no ``-`` at either end; ``video`` when it has none. ``Ünïcödé fox`` → ``ünïcödé-fox``."""
+    text = unicodedata.normalize("NFC", text).lower()
+    kept = "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else " " for c in text)
+    return "-".join(kept.split())[:SLUG_CHARS].strip("-") or "video"
+
+
+def output_name(folder: Path, index: int, text: str, seed: int, reserve: bool = False) -> Path:
+    """A safe, unique file name: ``003_a-fox-runs_seed42.mp4`` (``-1``, ``-2``… if taken) from the
+    prompt's number, its first segment's ``text`` (:func:`slug`; a live session: its first action)
+    and the seed. ``reserve``: take it atomically for a :class:`VideoWriter` by creating its (empty)
+    partial file, so renders running at once into one folder never pick the same name."""
+    stem = f"{index:03d}_{slug(text)}_seed{seed}"
     for n in itertools.count():
         path = folder / (f"{stem}-{n}.mp4" if n else f"{stem}.mp4")
         if path.exists() or path.with_suffix(".json").exists() or partial_name(path).exists():
@@ -412,14 +424,18 @@ class VideoGenerator:
             plan = self.plan(prompt, image_start=image is not None)
             contexts = self.encode_texts(plan)
             image_latent = None if image is None else self.image_latent(image)
+            # paths as text a JSON file holds (a byte that is not UTF-8 as \xNN); the config as this
+            # video ran: its seed is this video's (seed, seed + 1... of --num_samples)
+            record = {"prompt": prompt, "seed": int(seed),
+                      "checkpoint": None if self.cfg.random_init or checkpoint is None else safe_text(str(checkpoint)),
+                      "image": None if image is None else safe_text(str(image)), "plan": plan.to_json_dict(),
+                      "config": {**OmegaConf.to_container(self.cfg, resolve=True), "seed": int(seed)},
+                      "video": path.name, "frames_written": 0, "complete": False}
+            sidecar_bytes(record)  # a record that cannot be written fails now, not after the render
         except BaseException:
             _unreserve(path)
             raise
         self.warn_absolute_positions(plan.total_blocks * plan.frames_per_block + plan.lead_frames)
-        record = {"prompt": prompt, "seed": int(seed), "checkpoint": None if self.cfg.random_init else checkpoint,
-                  "image": None if image is None else str(image),
-                  "plan": plan.to_json_dict(), "config": OmegaConf.to_container(self.cfg, resolve=True),
-                  "video": path.name, "frames_written": 0, "complete": False}
         start = time.perf_counter()
         written = 0
         try:
@@ -433,7 +449,7 @@ class VideoGenerator:
                     written = block.first_frame + len(block.frames)
             record["complete"] = True
         except VideoWriteError as exc:  # disk full & co: the frames ffmpeg finished are kept
-            written, record["error"] = exc.frames_kept, str(exc)
+            written, record["error"] = exc.frames_kept, safe_text(str(exc))
             raise
         finally:
             record["frames_written"] = written
@@ -457,11 +473,16 @@ def _unreserve(path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def sidecar_bytes(record: dict) -> bytes:
+    """A video's record as the sidecar holds it: UTF-8 JSON (a text that is not UTF-8 raises)."""
+    return json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")
+
+
 def write_sidecar(video: Path, record: dict) -> None:
     """The record of a video as ``<video>.json``, replaced atomically (a reader never sees half)."""
     target = video.with_suffix(".json")
     tmp = target.with_name(f".{target.name}.tmp")
-    data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")  # fails before any file is opened
+    data = sidecar_bytes(record)  # fails before any file is opened
     try:
         tmp.write_bytes(data)
         os.replace(tmp, target)

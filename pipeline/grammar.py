@@ -135,6 +135,10 @@ def _duration(content: list[_Char], open_pos: int, seg: int) -> tuple[float, boo
         if not unit:
             raise _fail(f"duration '{number}' has no unit; add 's' for seconds, e.g. [{number}s]",
                         body[n - 1].pos + 1, seg)
+        comma = re.match(r",(\d+)", unit)
+        if comma:
+            raise _fail(f"'{number}{unit}' has a decimal comma; write a decimal point, e.g. "
+                        f"[{number}.{comma.group(1)}s{'#' if cut else ''}]", unit_chars[0].pos, seg)
         raise _fail(f"unknown unit '{unit}' in the duration; only seconds 's' are supported, "
                     f"{_EXAMPLE}", unit_chars[0].pos, seg)
     seconds = float(number)

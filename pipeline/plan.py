@@ -246,13 +246,16 @@ def plan_script(script: Script, cfg, temporal_factor: int, image_start: bool = F
                      temporal_factor=temporal_factor, lead_frames=1 if image_start else 0)
 
 
-def check_prompts(prompts: list[str], cfg, temporal_factor: int, image_start: bool = False) -> list[Plan]:
-    """Parse and plan every prompt before any model loads; the first bad one is the error."""
+def check_prompts(prompts: list[str], cfg, temporal_factor: int, image_start: bool = False,
+                  where: Sequence[str] | None = None) -> list[Plan]:
+    """Parse and plan every prompt before any model loads; the first bad one is the error. Its
+    message starts with ``where[i]`` (``prompts.txt line 6``) when given, else ``prompt i`` (1-based)
+    when there are several."""
     plans = []
     for i, prompt in enumerate(prompts):
         try:
             plans.append(plan_prompt(prompt, cfg, temporal_factor, image_start))
         except UserError as exc:
-            where = f"prompt {i + 1}: " if len(prompts) > 1 else ""
-            raise type(exc)(f"{where}{exc}") from exc
+            prefix = f"{where[i]}: " if where is not None else f"prompt {i + 1}: " if len(prompts) > 1 else ""
+            raise type(exc)(f"{prefix}{exc}") from exc
     return plans

@@ -156,6 +156,12 @@ def test_config_file_values_are_checked_and_legal_kinds_pass(tmp_path):
     cfg = load_config("configs/tiny.yaml", ["fps=23.976", "train.lr=1", "train.generator_ckpt=null",
                                             "cuda_graphs=auto", "compile=true", "denoising_step_list=[1000,500.5]"])
     assert cfg.fps == 23.976 and cfg.train.generator_ckpt is None and cfg.compile is True
+    # the edges of what the model checks allow
+    cfg = load_config("configs/tiny.yaml", ["device=cuda:1", "fps=1000", "model.patch_size=[1,1,1]",
+                                            "tiny_vae.num_res_blocks=0", "tiny_vae.dim_mult=[1,2]",
+                                            "tiny_vae.temperal_downsample=[true]",
+                                            "tokenizer_path=tests/assets/tokenizer"])
+    assert cfg.device == "cuda:1" and cfg.tiny_vae.dim_mult == [1, 2]
     # ${...} interpolations resolve against the merged config, and are checked once resolved
     linked = tmp_path / "linked.yaml"
     linked.write_text("train:\n  lr_critic: ${train.lr}\n")
@@ -319,13 +325,13 @@ def test_renders_into_one_folder_at_once_reserve_distinct_names(tmp_path):
     from pipeline.generate import _unreserve, output_name
     from utils.video import partial_name
 
-    first = output_name(tmp_path, 0, "a fox runs[5s]", 0, reserve=True)
-    second = output_name(tmp_path, 0, "a fox runs[5s]", 0, reserve=True)
+    first = output_name(tmp_path, 0, "a fox runs", 0, reserve=True)
+    second = output_name(tmp_path, 0, "a fox runs", 0, reserve=True)
     assert (first.name, second.name) == ("000_a-fox-runs_seed0.mp4", "000_a-fox-runs_seed0-1.mp4")
     assert partial_name(first).is_file() and partial_name(second).is_file()
     _unreserve(second)
     assert not partial_name(second).exists()
-    assert output_name(tmp_path, 0, "a fox runs[5s]", 0) == second  # free again
+    assert output_name(tmp_path, 0, "a fox runs", 0) == second  # free again
 
 
 def test_generate_that_fails_before_writing_leaves_nothing(tmp_path, monkeypatch):
@@ -383,4 +389,245 @@ def test_ctrl_c_while_the_models_load_is_one_line(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(generate, "build_models", interrupted)
     assert inference.main(["--prompt", "a[1s]", *TINY, "--output_folder", str(tmp_path)]) == 130
     assert "interrupted while loading the models; nothing was written" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """``inference.main(argv)`` in this process, from the repository root: (exit code, stdout,
+    stderr). A traceback (anything but a user error's exit) fails the test by itself."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO))
+    import inference
+
+    def run(*argv):
+        try:
+            code = inference.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt", "a[1s]", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--prompt", "a[1s]", "--num_samples", "1.5"], "argument --num_samples: invalid int value: '1.5'"),
+    (["--prompt", "a[1s]", "--data_path", "p.txt"], "argument --data_path: not allowed with argument --prompt"),
+    (["--prompt", "a[1s]", "--bogus"], "unrecognized arguments: --bogus"),
+    (["fps=8"], "one of the arguments --prompt --data_path --live is required"),
+])
+def test_argument_mistakes_are_one_line(run_main, argv, fragment):
+    code, _, err = run_main(*argv)
+    line = one_error_line(err)
+    assert code == 2 and fragment in line and line.endswith("; see inference.py -h"), err
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("caf\xe9[1s]\n".encode("latin-1"), "prompts.txt is not UTF-8 text (line 1 has the byte 0xe9"),
+    ("# mine\nok[1s]\nb\xe9[1s]\n".encode("cp1252"), "(line 3 has the byte 0xe9"),
+    ("a[1s]\n".encode("utf-16"), "(it starts with a UTF-16 byte-order mark)"),
+    ("a[1s]\n".encode("utf-16-le"), "(line 1 has a NUL byte: UTF-16 text"),
+    (b"# comment\n\na[1s]\n\n  # also a comment\nb[1s] | [2s]\n", "prompts.txt line 6: prompt segment 2"),
+    (b"a[1s]\nb[1,5s]\n", "prompts.txt line 2: prompt segment 1"),
+])
+def test_prompt_file_mistakes_name_the_file_and_line(run_main, tmp_path, content, fragment):
+    (tmp_path / "prompts.txt").write_bytes(content)
+    code, out, err = run_main("--data_path", tmp_path / "prompts.txt", "--dry_run", *TINY)
+    assert code == 2 and fragment in one_error_line(err) and out == "", err
+
+
+def test_overrides_go_anywhere_among_the_flags(run_main):
+    code, out, err = run_main("--prompt", "a[1s]", "fps=8", "--dry_run", "sink_size=1", *TINY, "local_attn_size=7")
+    assert code == 0 and json.loads(out)["fps"] == 8, err
+
+
+@pytest.mark.parametrize("args, prompts", [
+    (["a[1s]", "fps=8", "--dry_run", "sink_size=1"], 1),  # overrides before and after a flag
+    (["fps=8", "--dry_run"], 4),         # an override first: the prompt file, not the prompt "fps=8"
+    (["model.num_layers=1", "--dry_run"], 4),
+])
+def test_inference_sh_passes_overrides_anywhere(args, prompts):
+    r = subprocess.run(["bash", "inference.sh", *args, *TINY], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plans = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(plans) == prompts and all(p["fps"] == 8 for p in plans) == (args[0] != "model.num_layers=1")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.num_heads=0", "model.num_heads (0) must be a positive integer"),
+    ("model.num_layers=-1", "model.num_layers (-1) must be a positive integer"),
+    ("model.freq_dim=3", "model.freq_dim (3) must be even"),
+    ("model.out_dim=4", "model.out_dim (4) must equal model.in_dim (16)"),
+    ("model.patch_size=[1,0,2]", "model.patch_size ([1, 0, 2]) must be a list of 3 positive integers"),
+    ("model.patch_size=[1,-2,2]", "model.patch_size ([1, -2, 2]) must be a list of 3 positive integers"),
+    ("model.patch_size=[1,1.5,2]", "must be a list of 3 positive integers"),
+    ("model.patch_size=[1,2]", "must be a list of 3 positive integers"),
+    ("model.patch_size=[2,2,2]", "model.patch_size ([2, 2, 2]) must start with 1"),
+    ("model.rope_theta=0", "model.rope_theta (0) must be > 0"),
+    ("device=mps", "device must be cpu, cuda or cuda:N (an NVIDIA GPU), not 'mps'"),
+    ("fps=1e-300", "fps (1e-300) must be between 1 and 1000"),
+    ("fps=1e6", "fps (1000000.0) must be between 1 and 1000"),
+    ("tokenizer_path=5", "'tokenizer_path' in the command-line overrides must be null or a string"),
+    ("tiny_vae=5", "'tiny_vae' in the command-line overrides must be null or a mapping"),
+    ("tiny_text_encoder=5", "'tiny_text_encoder' in the command-line overrides must be null or a mapping"),
+    ("tiny_vae.dim_mult=abc", "tiny_vae.dim_mult must be a list of positive integers"),
+    ("tiny_vae.dim_mult=[1,0]", "tiny_vae.dim_mult must be a list of positive integers"),
+    ("tiny_vae.temperal_downsample=[true]", "tiny_vae.temperal_downsample ([True]) must have one entry per "
+                                            "downsampling level, len(tiny_vae.dim_mult) - 1 = 3"),
+    ("tiny_vae.temperal_downsample=[0,1,1]", "tiny_vae.temperal_downsample must be a list of true/false"),
+    ("tiny_vae.z_dim=4", "tiny_vae.z_dim (4) must equal model.in_dim (16)"),
+    ("tiny_vae.base_dim=0", "tiny_vae.base_dim must be a positive integer, not 0"),
+    ("tiny_text_encoder.num_layers=abc", "tiny_text_encoder.num_layers must be a positive integer, not 'abc'"),
+    ("tiny_text_encoder.d_model=16", "tiny_text_encoder.d_model (16) must equal model.text_dim (32)"),
+    ("tiny_text_encoder.dropout_rate=2", "tiny_text_encoder.dropout_rate must be a number in [0, 1)"),
+])
+def test_model_sizes_and_values_are_checked_before_anything_is_built(override, fragment):
+    """Each value as the code that reads it needs it (a head count divides, a patch is a kernel
+    size, the timestep embedding halves freq_dim...), refused in one line naming the key."""
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt", "a[0.5s]", *TINY, "model.num_heads=0"], "model.num_heads (0) must be a positive integer"),
+    (["--prompt", "a[0.5s]", "--config_path", "configs"], "config file configs is a folder; pass a YAML file"),
+    # a byte that is not UTF-8 on the command line (Python hands it over as a lone surrogate)
+    (["--prompt", "a[0.5s]", *TINY, "negative_prompt=bad\udce9"],
+     "override 'negative_prompt=bad\\xe9' is not UTF-8 text"),
+    (["--prompt", "a[0.5s]", *TINY, "negative_prompt=bad\x07"], "control characters are not allowed"),
+    (["--prompt", "a[0.5s]", *TINY, "--seed", str(2**63 - 1), "--num_samples", "2"],
+     f"needs seeds up to {2**63}, past the largest, 2**63 - 1"),
+    (["--prompt", "a[0.5s]", *TINY, "--image", "docs"], "--image docs is a folder; pass a PNG or JPEG file"),
+    (["--prompt", "a[0.5s]", *TINY, "--image", "nonexistent.png"], "--image nonexistent.png does not exist"),
+    (["--prompt", "a[0.5s]", *TINY, "--image", "README.md"], "cannot read image README.md"),
+    (["--prompt", "a[0.5s]", *TINY, "--use_ema"], "--use_ema is not read with random_init=true"),
+    (["--prompt", "a[0.5s]", *TINY, "--checkpoint_path", "mine.pt"],
+     "--checkpoint_path mine.pt is not read with random_init=true"),
+])
+def test_cli_mistakes_are_one_line_even_in_a_dry_run(run_main, argv, fragment):
+    code, out, err = run_main(*argv, "--dry_run")
+    assert code == 2 and fragment in one_error_line(err) and out == "", err
+
+
+def test_sidecar_records_paths_that_are_not_utf8_and_the_seed_used(tmp_path):
+    """A start image whose name holds a Latin-1 byte is recorded with ``\\xe9`` (JSON-safe), and
+    the second of ``--num_samples`` records its own seed in its config too: rendering from the
+    recorded config gives this video."""
+    import os
+
+    from PIL import Image
+
+    cfg = load_config("configs/tiny.yaml", ["seed=5"])
+    gen = VideoGenerator(cfg, build_models(cfg))
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # as Python hands over such a command-line path
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    gen.generate("a door opens[0.5s]", tmp_path / "v.mp4", seed=6, image=image)
+    sidecar = json.loads((tmp_path / "v.json").read_text(encoding="utf-8"))
+    assert sidecar["complete"] and sidecar["image"] == f"{tmp_path}/caf\\xe9.png"
+    assert sidecar["seed"] == sidecar["config"]["seed"] == 6 and cfg.seed == 5
+
+
+def test_a_record_that_cannot_be_written_fails_before_the_render(tmp_path, monkeypatch):
+    """The sidecar's record is serialised before the first block: a render never ends without it."""
+    import os
+
+    from PIL import Image
+
+    import pipeline.generate as generate
+
+    cfg = load_config("configs/tiny.yaml")
+    gen = VideoGenerator(cfg, build_models(cfg))
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    monkeypatch.setattr(generate, "safe_text", lambda text: text, raising=False)  # as if a path slipped by
+    monkeypatch.setattr(generate.VideoGenerator, "render", lambda *a, **kw: pytest.fail("rendered"))
+    out = tmp_path / "out"
+    out.mkdir()
+    path = generate.output_name(out, 0, "a", 0, reserve=True)
+    with pytest.raises(UnicodeEncodeError):
+        gen.generate("a[0.5s]", path, 0, image=image)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("prompt, name", [
+    ("a fox runs ; hello", "000_a-fox-runs_seed0.mp4"),  # the first segment's text, not its subtitle
+    ("A Fox runs[1s] | the fox jumps[1s]", "000_a-fox-runs_seed0.mp4"),
+    ("a \\| b[1s]", "000_a-b_seed0.mp4"),  # an escaped '|' is text
+    ("Ünïcödé fox[1s]", "000_ünïcödé-fox_seed0.mp4"),  # letters of any script, lower case
+    ("狐狸在雪地里奔跑[1s]", "000_狐狸在雪地里奔跑_seed0.mp4"),
+    ("x" * 47 + " y z[1s]", f"000_{'x' * 47}_seed0.mp4"),  # cut at 48 characters: no '-' left at its end
+    ("!?[1s]", "000_video_seed0.mp4"),
+])
+def test_video_names_come_from_the_first_segments_words(run_main, monkeypatch, tmp_path, prompt, name):
+    import inference
+
+    names = []
+
+    class Renders:
+        def generate(self, prompt, path, seed, **kw):
+            names.append(path.name)
+    monkeypatch.setattr(inference, "load_generator", lambda *a, **kw: Renders())
+    code, _, err = run_main("--prompt", prompt, *TINY, "--output_folder", tmp_path)
+    assert code == 0 and names == [name], err
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "a[1s]"], ["--live", "--stdin"]], ids=["batch", "live"])
+def test_ctrl_c_while_starting_up_is_one_line(run_main, monkeypatch, caplog, tmp_path, argv):
+    """Ctrl-C while torch and the pipeline import (seconds, before any model loads) ends with one
+    line and exit 130, not a traceback and death by SIGINT; nothing is written."""
+    import types
+
+    class Interrupted(types.ModuleType):  # the import is where the Ctrl-C lands
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise KeyboardInterrupt
+    monkeypatch.setitem(sys.modules, "pipeline.generate", Interrupted("pipeline.generate"))
+    try:
+        code, _, err = run_main(*argv, *TINY, "--output_folder", tmp_path)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C went through inference.main: a traceback and death by SIGINT")
+    assert code == 130 and "interrupted while starting up; nothing was written" in caplog.text, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("wrote, message", [
+    (False, "interrupted before the first frame; nothing was written"),
+    (True, "interrupted: the video was closed and stays playable"),
+])
+def test_live_ctrl_c_says_whether_a_video_was_written(run_main, monkeypatch, caplog, tmp_path, wrote, message):
+    import pipeline.live_terminal as live_terminal
+
+    def session(gen, lines, *, output_folder, **kw):
+        if wrote:  # a recording has its final name from its first frame
+            (output_folder / "000_a_seed0.mp4").write_bytes(b"frames")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(live_terminal, "run_terminal", session)
+    code, _, _ = run_main("--live", "--stdin", *TINY, "--output_folder", tmp_path)
+    assert code == 130 and message in caplog.text and "stays playable" not in caplog.text.replace(message, "")
+
+
+@pytest.mark.parametrize("stdin, code", [
+    ("#\n;\n", 2),  # lines given, none of them an action
+    ("", 0),        # nothing given: nothing to do
+    ("\n", 0),      # an empty line: stop at once
+])
+def test_live_stdin_without_a_usable_first_action(run_main, monkeypatch, tmp_path, stdin, code):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    got, _, err = run_main("--live", "--stdin", *TINY, "--output_folder", tmp_path)
+    assert got == code, err
+    if code:
+        assert "the input ended without a usable first action" in one_error_line(err)
     assert list(tmp_path.iterdir()) == []

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Iterable
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,6 +47,9 @@ def as_dict(config) -> dict:
 
 
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file "
+                          f"(see {CONFIG_DIR.relative_to(REPO_ROOT)}/)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
                           f"(see {CONFIG_DIR.relative_to(REPO_ROOT)}/)")
@@ -63,6 +68,9 @@ NULLABLE = {"train.generator_ckpt"}
 SWITCHES = ("compile", "cuda_graphs", "decode_stream", "vae_channels_last")
 # Keys whose default is a whole number but that take any number (fps: 23.976 works).
 FRACTIONAL = {"fps"}
+# Keys whose default is null, and what they take instead (a path, a mapping the consumer reads).
+NULL_DEFAULT_KINDS = {"tiny_text_encoder": DictConfig, "tiny_vae": DictConfig, "tokenizer_path": str,
+                      "train.score_ckpt": str}
 
 
 def _is_number(value) -> bool:
@@ -73,8 +81,13 @@ def _kind_problem(value, default, dotted: str) -> str | None:
     """What ``value`` must be where ``default`` stands, or None when it has the default's kind."""
     if dotted in SWITCHES:
         return None if value in (True, False, "auto") else "true, false or auto"
-    if default is None or (value is None and dotted in NULLABLE):
-        return None  # a null default admits any value; its consumer validates it
+    if value is None and (default is None or dotted in NULLABLE):
+        return None
+    if default is None:
+        kind = NULL_DEFAULT_KINDS.get(dotted)
+        if kind is None or isinstance(value, kind):
+            return None  # a null default admits any value; its consumer validates it
+        return "null or " + ("a mapping of keys to values" if kind is DictConfig else "a string (quote it in YAML)")
     if isinstance(default, DictConfig):
         return None if isinstance(value, DictConfig) else "a mapping of keys to values"
     if isinstance(default, ListConfig):
@@ -127,16 +140,36 @@ def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
             _check_known(sub, ref, source, prefix=f"{dotted}.")
 
 
+def safe_text(text: str) -> str:
+    """``text`` with every byte that was not UTF-8 written as ``\\xNN`` (Python hands such bytes of a
+    command line or a file name over as lone surrogates, which no UTF-8 file or JSON can hold):
+    printable, JSON-safe, and the same string when it was valid text."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    """Every surrogate in ``text`` stands for an undecodable byte (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     """``["a.b=1", "c=[1,2]"]`` → a config; a malformed item is a ConfigError."""
     items = list(overrides)
     for item in items:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not key=value (e.g. sink_size=2 or model.num_layers=4)")
+            raise ConfigError(f"override '{safe_text(item)}' is not key=value (e.g. sink_size=2 or model.num_layers=4)")
+        if safe_text(item) != item:
+            raise ConfigError(f"override '{safe_text(item)}' is not UTF-8 text (a byte of another encoding, such as "
+                              f"Latin-1, shown as \\xNN); write it in UTF-8")
     try:
         return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {str(exc).splitlines()[0]}") from exc
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # yaml: control characters and the like
+        raise ConfigError(f"cannot parse overrides {items}: {first_line(exc)}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -168,11 +201,7 @@ def validate(cfg: DictConfig) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    m = cfg.model
-    need(m.dim % m.num_heads == 0, f"model.dim ({m.dim}) must be divisible by model.num_heads ({m.num_heads})")
-    head_dim = m.dim // m.num_heads
-    need(head_dim % 2 == 0 and head_dim >= 6, f"head dim model.dim/model.num_heads = {head_dim} must be even and >= 6 for 3D RoPE")
-    need(isinstance(m.patch_size, ListConfig) and len(m.patch_size) == 3, "model.patch_size must be a list of 3 ints (t, h, w)")
+    _validate_model(cfg, need)
     need(cfg.num_frame_per_block >= 1, "num_frame_per_block must be >= 1")
     need(cfg.sink_size >= 0, "sink_size must be >= 0")
     need(cfg.local_attn_size >= cfg.sink_size + cfg.num_frame_per_block,
@@ -188,7 +217,9 @@ def validate(cfg: DictConfig) -> None:
     need(len(cfg.denoising_step_list) >= 1, "denoising_step_list must have at least one step")
     need(all(0 < s <= cfg.num_train_timestep for s in cfg.denoising_step_list),
          f"denoising_step_list values must lie in (0, num_train_timestep={cfg.num_train_timestep}]")
-    need(cfg.fps > 0, "fps must be > 0")
+    need(MIN_FPS <= cfg.fps <= MAX_FPS, f"fps ({cfg.fps}) must be between {MIN_FPS} and {MAX_FPS} frames per second")
+    need(isinstance(cfg.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"device must be cpu, cuda or cuda:N (an NVIDIA GPU), not {_shown(cfg.device)}")
     need(cfg.height > 0 and cfg.width > 0, f"height ({cfg.height}) and width ({cfg.width}) must be > 0")
     need(-2**63 <= cfg.seed < 2**63, f"seed ({cfg.seed}) must fit in 64 bits (between -2**63 and 2**63 - 1)")
     for key in ("dtype", "text_encoder_dtype"):
@@ -199,3 +230,75 @@ def validate(cfg: DictConfig) -> None:
     need(1 <= cfg.live.jpeg_quality <= 95, f"live.jpeg_quality ({cfg.live.jpeg_quality}) must be between 1 and 95")
     need(cfg.live.max_message_bytes >= 1024 and cfg.live.max_text_chars >= 1,
          "live.max_message_bytes must be >= 1024 and live.max_text_chars >= 1")
+
+
+# A video's frame rate: below one frame a second the blocks are slides, and ffmpeg's mp4 timing
+# fails at rates near 1e-6; above a thousand no player shows the frames.
+MIN_FPS, MAX_FPS = 1, 1000
+# model keys that are sizes and counts (widths, channels, heads, blocks, tokens)
+MODEL_SIZES = ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "text_len", "text_dim")
+# tiny_text_encoder keys (UMT5Config) that are sizes and counts, and tiny_vae's (AutoencoderKLWan)
+TEXT_ENCODER_SIZES = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                      "relative_attention_num_buckets", "relative_attention_max_distance")
+VAE_SIZES = ("base_dim", "z_dim", "decoder_base_dim")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_model(cfg: DictConfig, need) -> None:
+    """The DiT's and the tiny models' sizes, before any of them is built: each failure names the
+    key (a zero head count would divide by zero, a zero patch build a convolution of no size...)."""
+    m = cfg.model
+    for key in MODEL_SIZES:  # integers already (their defaults are)
+        need(m[key] >= 1, f"model.{key} ({m[key]}) must be a positive integer")
+    need(m.freq_dim % 2 == 0, f"model.freq_dim ({m.freq_dim}) must be even: the timestep embedding is "
+                              f"a cosine half and a sine half")
+    need(m.out_dim == m.in_dim, f"model.out_dim ({m.out_dim}) must equal model.in_dim ({m.in_dim}): the DiT "
+                                f"predicts noise - x0 of the latent it is given")
+    need(m.eps > 0, f"model.eps ({m.eps}) must be > 0")
+    need(m.rope_theta > 0, f"model.rope_theta ({m.rope_theta}) must be > 0 (RoPE frequencies are its powers)")
+    patch = m.patch_size
+    need(len(patch) == 3 and all(_whole(v) and v >= 1 for v in patch),
+         f"model.patch_size ({_shown(patch)}) must be a list of 3 positive integers (t, h, w)")
+    need(patch[0] == 1, f"model.patch_size ({_shown(patch)}) must start with 1: every latent frame has a "
+                        f"timestep of its own")
+    need(m.dim % m.num_heads == 0, f"model.dim ({m.dim}) must be divisible by model.num_heads ({m.num_heads})")
+    head_dim = m.dim // m.num_heads
+    need(head_dim % 2 == 0 and head_dim >= 6,
+         f"head dim model.dim/model.num_heads = {head_dim} must be even and >= 6 for 3D RoPE")
+    te = cfg.tiny_text_encoder
+    if te is not None:
+        for key in TEXT_ENCODER_SIZES:
+            need(key not in te or (_whole(te[key]) and te[key] >= 1),
+                 f"tiny_text_encoder.{key} must be a positive integer, not {_shown(te.get(key))}")
+        need("dropout_rate" not in te or (_is_number(te.dropout_rate) and 0 <= te.dropout_rate < 1),
+             f"tiny_text_encoder.dropout_rate must be a number in [0, 1), not {_shown(te.get('dropout_rate'))}")
+        need("layer_norm_epsilon" not in te or (_is_number(te.layer_norm_epsilon) and te.layer_norm_epsilon > 0),
+             f"tiny_text_encoder.layer_norm_epsilon must be a number > 0, not {_shown(te.get('layer_norm_epsilon'))}")
+        need(not cfg.random_init or "d_model" not in te or te.d_model == m.text_dim,
+             f"tiny_text_encoder.d_model ({te.get('d_model')}) must equal model.text_dim ({m.text_dim}): the DiT "
+             f"reads the text encoder's output")
+    vae = cfg.tiny_vae
+    if vae is not None:
+        for key in VAE_SIZES:
+            optional = key == "decoder_base_dim" and vae.get(key) is None  # null: base_dim
+            need(key not in vae or optional or (_whole(vae[key]) and vae[key] >= 1),
+                 f"tiny_vae.{key} must be a positive integer, not {_shown(vae.get(key))}")
+        need("num_res_blocks" not in vae or (_whole(vae.num_res_blocks) and vae.num_res_blocks >= 0),
+             f"tiny_vae.num_res_blocks must be an integer >= 0, not {_shown(vae.get('num_res_blocks'))}")
+        mult = vae.get("dim_mult")
+        need(mult is None or (isinstance(mult, ListConfig) and len(mult) >= 1
+                              and all(_whole(v) and v >= 1 for v in mult)),
+             f"tiny_vae.dim_mult must be a list of positive integers (a channel multiplier per level), "
+             f"not {_shown(mult)}")
+        down = vae.get("temperal_downsample")
+        need(down is None or (isinstance(down, ListConfig) and all(isinstance(v, bool) for v in down)),
+             f"tiny_vae.temperal_downsample must be a list of true/false, not {_shown(down)}")
+        need(mult is None or down is None or len(down) == len(mult) - 1,
+             f"tiny_vae.temperal_downsample ({_shown(down)}) must have one entry per downsampling level, "
+             f"len(tiny_vae.dim_mult) - 1 = {len(mult or ()) - 1}")
+        need(not cfg.random_init or "z_dim" not in vae or vae.z_dim == m.in_dim,
+             f"tiny_vae.z_dim ({vae.get('z_dim')}) must equal model.in_dim ({m.in_dim}): the DiT's latents are "
+             f"the VAE's")
