@@ -140,6 +140,11 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     if not args.live and (args.stdin or args.host is not None or args.port is not None):
         raise ConfigError("--stdin, --host and --port go with --live")
     checkpoint_of(args, cfg)  # flags a random-weights run would not read: an error even in a dry run
+    # the flags become the config's keys, so the config a sidecar records is the one the video ran with
+    if args.checkpoint_path is not None:
+        cfg.checkpoint_path = args.checkpoint_path
+    if args.use_ema:
+        cfg.use_ema = True
     if args.live:
         return live(args, cfg, rank, world)
     prompts, where = read_prompts(args)

@@ -42,6 +42,7 @@ from pipeline.generate import ABSOLUTE_TABLE_POSITIONS, VideoGenerator, output_n
 from pipeline.grammar import Script, Segment, render
 from pipeline.plan import CUT, FLUSH, START, plan_script, video_frames_after
 from pipeline.rollout import BlockSpec
+from utils.config import safe_text
 from utils.errors import OutputError, UserError
 from utils.video import VideoWriteError, VideoWriter
 
@@ -103,8 +104,9 @@ class LiveSession:
         self.gen, self.cfg = generator, generator.cfg
         self.seed = int(seed)
         self.fps = float(self.cfg.fps)
-        self.checkpoint = None if self.cfg.random_init else checkpoint
-        self.image = None if image is None else str(image)
+        # paths as text a JSON file holds (a byte that is not UTF-8 as \xNN)
+        self.checkpoint = None if self.cfg.random_init or checkpoint is None else safe_text(str(checkpoint))
+        self.image = None if image is None else safe_text(str(image))
         self.path = Path(path) if path is not None else output_name(Path(output_folder), index, first_action, seed)
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -507,6 +507,8 @@ def test_model_sizes_and_values_are_checked_before_anything_is_built(override, f
     (["--prompt", "a[0.5s]", *TINY, "negative_prompt=bad\x07"], "control characters are not allowed"),
     (["--prompt", "a[0.5s]", *TINY, "--seed", str(2**63 - 1), "--num_samples", "2"],
      f"needs seeds up to {2**63}, past the largest, 2**63 - 1"),
+    (["--prompt", "a[0.5s]", *TINY, "subtitle_font=nowhere/font.ttf"], "subtitle_font nowhere/font.ttf does not exist"),
+    (["--prompt", "a[0.5s]", *TINY, "subtitle_font=docs"], "subtitle_font docs is a folder"),
     (["--prompt", "a[0.5s]", *TINY, "--image", "docs"], "--image docs is a folder; pass a PNG or JPEG file"),
     (["--prompt", "a[0.5s]", *TINY, "--image", "nonexistent.png"], "--image nonexistent.png does not exist"),
     (["--prompt", "a[0.5s]", *TINY, "--image", "README.md"], "cannot read image README.md"),
@@ -535,6 +537,19 @@ def test_sidecar_records_paths_that_are_not_utf8_and_the_seed_used(tmp_path):
     sidecar = json.loads((tmp_path / "v.json").read_text(encoding="utf-8"))
     assert sidecar["complete"] and sidecar["image"] == f"{tmp_path}/caf\\xe9.png"
     assert sidecar["seed"] == sidecar["config"]["seed"] == 6 and cfg.seed == 5
+
+
+def test_checkpoint_flags_are_recorded_in_the_config(run_main, tmp_path, monkeypatch):
+    """--checkpoint_path and --use_ema become the config's keys: the config a sidecar records is
+    the one the video ran with (a render from it loads the same weights)."""
+    import inference
+
+    seen = {}
+    monkeypatch.setattr(inference, "load_generator", lambda args, cfg, checkpoint, device=None: seen.update(
+        checkpoint=checkpoint, path=cfg.checkpoint_path, ema=cfg.use_ema))
+    code, _, err = run_main("--prompt", "a[0.5s]", "--config_path", "configs/tiny.yaml", "random_init=false",
+                            "--checkpoint_path", "mine.pt", "--use_ema", "--output_folder", str(tmp_path))
+    assert code == 130 and seen == {"checkpoint": "mine.pt", "path": "mine.pt", "ema": True}, err
 
 
 def test_a_record_that_cannot_be_written_fails_before_the_render(tmp_path, monkeypatch):

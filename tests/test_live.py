@@ -538,3 +538,18 @@ def test_a_killed_session_leaves_a_playable_video_and_its_transcript(tmp_path):
     assert not record["complete"] and not list(tmp_path.glob(".*"))
     assert info["frames"] in (record["frames_written"], record["frames_written"] + 12)
     assert plan_prompt(record["prompt"], load_config("configs/tiny.yaml"), 4).total_frames == record["frames_written"]
+
+
+def test_a_session_records_a_path_that_is_not_utf8(gen, tmp_path):
+    """A start picture whose name holds a Latin-1 byte: the sidecar (rewritten every block) records
+    it as \\xe9 instead of failing to write."""
+    import os
+
+    from PIL import Image
+
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # as Python hands over such a command-line path
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    session = LiveSession(gen, "a door opens", seed=0, output_folder=tmp_path, image=image)
+    steer_at(session, {1: lambda s: s.stop()})
+    record = json.loads(session.path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert session.complete and record["image"] == f"{tmp_path}/caf\\xe9.png"

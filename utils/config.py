@@ -70,7 +70,7 @@ SWITCHES = ("compile", "cuda_graphs", "decode_stream", "vae_channels_last")
 FRACTIONAL = {"fps"}
 # Keys whose default is null, and what they take instead (a path, a mapping the consumer reads).
 NULL_DEFAULT_KINDS = {"tiny_text_encoder": DictConfig, "tiny_vae": DictConfig, "tokenizer_path": str,
-                      "train.score_ckpt": str}
+                      "subtitle_font": str, "train.score_ckpt": str}
 
 
 def _is_number(value) -> bool:
@@ -225,6 +225,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("dtype", "text_encoder_dtype"):
         need(cfg[key] in DTYPE_NAMES, f"{key} must be one of {', '.join(DTYPE_NAMES)}, not '{cfg[key]}'")
     need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
+    if cfg.subtitle_font is not None:  # read when the first subtitle is drawn: a wrong path is an error now
+        font = Path(cfg.subtitle_font).expanduser()
+        what = "is a folder" if font.is_dir() else "does not exist"
+        need(font.is_file(), f"subtitle_font {cfg.subtitle_font} {what}; give a .ttf, .otf or .ttc file, or leave "
+             f"it null for the bundled font")
     need(cfg.live.ahead_blocks >= 1, f"live.ahead_blocks ({cfg.live.ahead_blocks}) must be >= 1")
     need(0 <= cfg.live.port <= 65535, f"live.port ({cfg.live.port}) must be between 0 and 65535")
     need(1 <= cfg.live.jpeg_quality <= 95, f"live.jpeg_quality ({cfg.live.jpeg_quality}) must be between 1 and 95")
