@@ -6,6 +6,7 @@
     python inference.py --prompt "..." --config_path configs/tiny.yaml   # CPU, random weights
     python inference.py --live                  # steer the video from a local web page while it plays
     python inference.py --live --stdin           # the same from the terminal: one action per line
+    python inference.py --replay outputs/000_a-fox-runs_seed0.json   # render a recorded video again
 
 ``key=value`` arguments, anywhere among the flags, override the config (e.g. ``sink_size=2 local_attn_size=7
 position_policy=absolute``).
@@ -24,6 +25,8 @@ from utils.errors import EXIT_USER_ERROR, ConfigError, user_errors_exit
 
 log = logging.getLogger("inference")
 
+DEFAULT_CONFIG = "configs/infinity_rope.yaml"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose mistakes are one line (``error: ...`` and where to look), exit code 2, like
@@ -41,11 +44,14 @@ def parse_args(argv=None):
     src.add_argument("--data_path", help="a text file with one prompt per line")
     src.add_argument("--live", action="store_true",
                      help="steer the video while it plays, from a local web page (or the terminal: --stdin)")
+    src.add_argument("--replay", metavar="VIDEO.json",
+                     help="render a recorded video again from its sidecar (.json, or the .mp4 next to it): its "
+                          "prompt, seed, config, checkpoint and start image; key=value and --seed still override")
     p.add_argument("--stdin", action="store_true",
                    help="with --live: read actions from stdin, one per line (automatic when stdin is a pipe or a file)")
     p.add_argument("--host", default=None, help="with --live: address of the page (default live.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="with --live: port of the page (default live.port; 0: any)")
-    p.add_argument("--config_path", default="configs/infinity_rope.yaml")
+    p.add_argument("--config_path", default=None, help=f"the run's config (default {DEFAULT_CONFIG})")
     p.add_argument("--checkpoint_path", default=None, help="overrides checkpoint_path of the config")
     p.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
     p.add_argument("--output_folder", default="outputs")
@@ -62,6 +68,8 @@ def read_prompts(args) -> tuple[list[str], list[str] | None]:
     for its errors). Blank lines and lines starting with ``#`` are not prompts."""
     if args.prompt is not None:
         return [args.prompt], None
+    if args.replay is not None:
+        return [args.record["prompt"]], [f"the prompt of {args.replay}"]
     path = Path(args.data_path)
     if path.is_dir():
         raise ConfigError(f"prompt file {path} is a folder; pass a UTF-8 text file with one prompt per line")
@@ -86,6 +94,34 @@ def read_prompts(args) -> tuple[list[str], list[str] | None]:
     if not prompts:
         raise ConfigError(f"prompt file {path} has no prompts (one per line; lines starting with # are skipped)")
     return prompts, where
+
+
+def read_record(path: str) -> dict:
+    """The sidecar of a video (what ``--replay`` renders again): ``VIDEO.json``, or the ``.mp4``
+    it sits next to. Anything else is one line saying what to pass."""
+    sidecar = Path(path)
+    if sidecar.suffix == ".mp4":
+        sidecar = sidecar.with_suffix(".json")
+    hint = "pass the .json written next to a video (or the video)"
+    shown = f"--replay {path}" if sidecar == Path(path) else f"--replay {path} ({sidecar})"
+    if sidecar.is_dir():
+        raise ConfigError(f"{shown} is a folder; {hint}")
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: the file does not exist; {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read it: {exc.strerror or exc}; {hint}") from exc
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise ConfigError(f"{shown} is not a video's sidecar ({exc}); {hint}") from None
+    kinds = {"prompt": str, "seed": int, "config": dict, "checkpoint": (str, type(None)), "image": (str, type(None))}
+    wrong = [k for k, kind in kinds.items()
+             if not isinstance(record.get(k) if isinstance(record, dict) else None, kind)]
+    if wrong:
+        raise ConfigError(f"{shown} is not a video's sidecar (no valid {', '.join(wrong)}); {hint}")
+    if not record["prompt"]:
+        raise ConfigError(f"{shown}: the session it records ended before its first block; nothing to render")
+    return record
 
 
 def not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
@@ -130,7 +166,19 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     overrides += [f"live.host={args.host}"] if args.host is not None else []
     overrides += [f"live.port={args.port}"] if args.port is not None else []
-    cfg = load_config(args.config_path, overrides)
+    if args.replay is not None:
+        if args.config_path is not None or args.image is not None:
+            raise ConfigError("--replay takes the config and the start image from the sidecar; change a config key "
+                              "with key=value instead of --config_path or --image")
+        args.record = read_record(args.replay)
+        args.image = args.record["image"]
+        # the video's own seed first (older sidecars of --num_samples kept the first seed in their config)
+        cfg = load_config(None, [f"seed={args.record['seed']}", *overrides],
+                          recorded=(f"the config of {args.replay}", args.record["config"]))
+        if args.record["checkpoint"] is not None and args.checkpoint_path is None:
+            cfg.checkpoint_path = args.record["checkpoint"]  # the checkpoint it loaded
+    else:
+        cfg = load_config(args.config_path or DEFAULT_CONFIG, overrides)
     if args.num_samples < 1:
         raise ConfigError("--num_samples must be >= 1")
     last_seed = cfg.seed + args.num_samples - 1  # the samples' seeds are seed, seed + 1, ...

@@ -469,10 +469,12 @@ class LiveServer:
                              "transcript": session.transcript, "seed": session.seed, "blocks": session.blocks_done,
                              "frames": session.frames_written, "seconds": session.frames_written / self.fps,
                              "complete": session.complete, "error": error,
-                             "replay": replay_command(session.transcript, session.seed, self.image)}
-        log.info("session ended: %d blocks, %d frames → %s; render it again with this run's --config_path and "
-                 "overrides: %s", session.blocks_done, session.frames_written, session.path,
-                 self.last_stopped["replay"])
+                             "replay": replay_command(session.path) if session.path.exists() else None}
+        if self.last_stopped["replay"] is None:
+            log.info("session ended before its first block: nothing was written")
+        else:
+            log.info("session ended: %d blocks, %d frames → %s; render it again with: %s", session.blocks_done,
+                     session.frames_written, session.path, self.last_stopped["replay"])
         if self.session is session:
             self.session, self.worker = None, None
         self._broadcast({"type": "stopped", **self.last_stopped})

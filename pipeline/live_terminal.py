@@ -34,14 +34,12 @@ log = logging.getLogger("live")
 _SUBTITLE_SPLIT = re.compile(r"(?<!\\);")
 
 
-def replay_command(prompt: str, seed: int, image: str | None = None) -> str:
-    """The command that renders a session's video again (given the session's config, checkpoint and
-    overrides too), as a POSIX shell runs it: each value quoted (``shlex.quote``), the prompt as
-    ``--prompt=...`` so that one starting with ``-`` is not taken for an option."""
-    words = ["python", "inference.py", f"--prompt={shlex.quote(prompt)}", f"--seed={int(seed)}"]
-    if image is not None:
-        words.append(f"--image={shlex.quote(str(image))}")
-    return " ".join(words)
+def replay_command(video: Path) -> str:
+    """The command that renders a session's video again, as a POSIX shell runs it: ``--replay``
+    with its sidecar, which holds the transcript, the seed, the whole config, the checkpoint and
+    the start image (quoted with ``shlex.quote``; ``--replay=`` so that a path starting with ``-``
+    is not taken for an option)."""
+    return f"python inference.py --replay={shlex.quote(str(Path(video).with_suffix('.json')))}"
 
 
 def parse_line(line: str) -> tuple[str, str, str | None] | None:
@@ -143,7 +141,6 @@ def run_terminal(gen: VideoGenerator, lines: TextIO, *, ahead_blocks: int, seed:
             bar.set_postfix(video=f"{session.frames_written / fps:.1f}s",
                             gen_fps=f"{len(block.frames) / max(block.seconds, 1e-9):.1f}",
                             ahead=f"{clock.buffered / fps:.2f}s")
-    log.info("%d blocks, %d frames (%.2f s) in %s; render it again with this run's --config_path and overrides: %s",
-             session.blocks_done, session.frames_written, session.frames_written / fps, session.path,
-             replay_command(session.transcript, session.seed, image))
+    log.info("%d blocks, %d frames (%.2f s) in %s; render it again with: %s", session.blocks_done,
+             session.frames_written, session.frames_written / fps, session.path, replay_command(session.path))
     return session

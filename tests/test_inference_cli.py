@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.generate import VideoGenerator, build_models
 from utils.config import load_config
-from utils.video import probe_video
+from utils.video import probe_video, read_video
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config_path", "configs/tiny.yaml"]
@@ -646,3 +646,49 @@ def test_live_stdin_without_a_usable_first_action(run_main, monkeypatch, tmp_pat
     if code:
         assert "the input ended without a usable first action" in one_error_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replay_renders_a_recorded_video_again(run_main, tmp_path):
+    """--replay takes the prompt, seed, whole config (overrides included) and start image from a
+    sidecar: the same video, frame for frame, with no --config_path; the .mp4's name works too, and
+    --seed still overrides."""
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 96, 3), 120, np.uint8)).save(tmp_path / "start.png")
+    first = tmp_path / "first"
+    code, _, err = run_main("--prompt", "a fox runs[1s] | a harbour[1s#] ; run | harbour", *TINY, "flush_keep=1",
+                            "--seed", "4", "--image", tmp_path / "start.png", "--output_folder", first)
+    assert code == 0, err
+    video = next(first.glob("*.mp4"))
+    for source in (video.with_suffix(".json"), video):
+        again = tmp_path / f"again-{source.suffix[1:]}"
+        code, _, err = run_main("--replay", source, "--output_folder", again)
+        assert code == 0, err
+        replayed = next(again.glob("*.mp4"))
+        assert np.array_equal(read_video(video), read_video(replayed))
+        record = json.loads(replayed.with_suffix(".json").read_text())
+        assert record["config"]["flush_keep"] == 1 and record["seed"] == 4
+        assert record["image"] == str(tmp_path / "start.png")
+    code, _, err = run_main("--replay", video, "--seed", "5", "--output_folder", tmp_path / "seed5")
+    assert code == 0, err
+    assert json.loads(next((tmp_path / "seed5").glob("*.json")).read_text())["seed"] == 5
+
+
+def test_replay_mistakes_are_one_line(run_main, tmp_path):
+    (tmp_path / "notes.json").write_text("not json")
+    (tmp_path / "other.json").write_text(json.dumps({"prompt": "a[1s]"}))
+    (tmp_path / "empty.json").write_text(json.dumps({"prompt": "", "seed": 0, "config": {}, "checkpoint": None,
+                                                     "image": None}))
+    (tmp_path / "old.json").write_text(json.dumps({"prompt": "a[1s]", "seed": 0, "config": {"sinc_size": 1},
+                                                   "checkpoint": None, "image": None}))
+    for argv, fragment in (
+            (["--replay", tmp_path / "missing.json"], "missing.json: the file does not exist"),
+            (["--replay", tmp_path], "is a folder"),
+            (["--replay", tmp_path / "notes.json"], "is not a video's sidecar"),
+            (["--replay", tmp_path / "other.json"], "is not a video's sidecar (no valid seed, config)"),
+            (["--replay", tmp_path / "empty.json"], "ended before its first block"),
+            (["--replay", tmp_path / "old.json"], "unknown config key 'sinc_size' in the config of"),
+            (["--replay", tmp_path / "old.json", *TINY], "--replay takes the config and the start image"),
+            (["--replay", tmp_path / "old.json", "--prompt", "a"], "not allowed with argument")):
+        code, out, err = run_main(*argv, "--dry_run")
+        assert code == 2 and fragment in one_error_line(err) and out == "", (argv, err)

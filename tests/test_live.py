@@ -488,8 +488,8 @@ def test_terminal_session_through_a_pipe_is_recorded_and_replays(tmp_path):
     assert probe_video(video)["frames"] == record["frames_written"] == record["plan"]["total_frames"]
 
     replay_dir = tmp_path / "replay"
-    r = subprocess.run([sys.executable, "inference.py", "--prompt", record["prompt"], "--seed", "11",
-                        "--config_path", "configs/tiny.yaml", "--output_folder", str(replay_dir)],
+    r = subprocess.run([sys.executable, "inference.py", "--replay", str(video.with_suffix(".json")),
+                        "--output_folder", str(replay_dir)],  # the config, seed and prompt from the sidecar
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.array_equal(read_video(video), read_video(next(replay_dir.glob("*.mp4"))))

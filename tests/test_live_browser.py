@@ -126,7 +126,7 @@ def test_steer_a_session_from_the_page(live_server, browser, tmp_path):
     record = json.loads(video.with_suffix(".json").read_text())
     assert record["complete"] and record["seed"] == 3 and record["prompt"] == transcript
     replay = shlex.split(browser.find_element(By.ID, "replay").text)  # the page's command, as a shell reads it
-    assert replay == ["python", "inference.py", f"--prompt={record['prompt']}", "--seed=3"], replay
+    assert replay == ["python", "inference.py", f"--replay={video.with_suffix('.json')}"], replay
     assert {a["id"]: a["block"] for a in record["live"]["actions"]} == page_blocks
     assert [a["kind"] for a in record["live"]["actions"]] == ["start", "flush", "cut"]
     assert [s["first_block"] for s in record["plan"]["segments"]] == [0, next_block, scene_block]

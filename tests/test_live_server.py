@@ -185,22 +185,22 @@ def test_bad_requests_get_one_clear_message_and_the_server_goes_on(models, tmp_p
 TRICKY = ["a;b", "it's $5 `echo hi` a;b", "-x"]
 
 
-def replayed(command: str, monkeypatch) -> tuple[str, int]:
-    """The --prompt and --seed that inference.py reads from a printed command, split by shlex and
-    by a real POSIX shell (which expands what the command leaves unquoted)."""
+def replayed(command: str, monkeypatch) -> dict:
+    """The sidecar that inference.py renders again from a printed command (``--replay``), split
+    by shlex and by a real POSIX shell (which expands what the command leaves unquoted)."""
     words = shlex.split(command)
     shell = subprocess.run(["sh", "-c", 'printf "%s\\0" ' + command], capture_output=True, check=True)
     assert shell.stdout.decode().split("\0")[:-1] == words, command
     assert words[:2] == ["python", "inference.py"], command
     monkeypatch.syspath_prepend(str(REPO))
-    args = importlib.import_module("inference").parse_args(words[2:])
-    return args.prompt, args.seed
+    inference = importlib.import_module("inference")
+    return inference.read_record(inference.parse_args(words[2:]).replay)
 
 
 def check_replay(command: str, video: Path, text: str, monkeypatch) -> None:
     record = json.loads(video.with_suffix(".json").read_text())
     assert record["prompt"].startswith(text.replace(";", "\\;") + "["), record["prompt"]  # \; in the grammar
-    assert replayed(command, monkeypatch) == (record["prompt"], record["seed"]), command
+    assert replayed(command, monkeypatch) == record, command
 
 
 def test_the_replay_command_runs_as_printed(models, tmp_path, caplog, monkeypatch):
@@ -232,8 +232,8 @@ def test_the_replay_command_runs_as_printed(models, tmp_path, caplog, monkeypatc
         logged = [r.getMessage() for r in caplog.records if "render it again" in r.getMessage()]
         assert len(logged) == 1, caplog.text
         check_replay(logged[0][logged[0].index("python inference.py"):], session.path, text, monkeypatch)
-    assert shlex.split(replay_command("a[1s]", 2, "my $pic.png"))[2:] == ["--prompt=a[1s]", "--seed=2",
-                                                                           "--image=my $pic.png"]  # a session's picture
+    assert shlex.split(replay_command(Path("-my $videos/000_a_seed2.mp4"))) == [
+        "python", "inference.py", "--replay=-my $videos/000_a_seed2.json"]  # quoted, and not an option
 
 
 def test_a_message_past_the_socket_limit_closes_only_that_page(models, tmp_path):

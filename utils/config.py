@@ -172,14 +172,25 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {items}: {first_line(exc)}") from exc
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Merge default.yaml ← ``path`` ← ``overrides`` and validate every key and a few invariants."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                recorded: tuple[str, dict] | None = None) -> DictConfig:
+    """Merge default.yaml ← ``path`` ← ``overrides`` and validate every key and a few invariants.
+    ``recorded``: ``(where, config)``, a whole config as a video's sidecar keeps it, in the place of
+    ``path`` (``inference.py --replay``)."""
     base = _read_yaml(DEFAULT_CONFIG)
     layers = []
     if path is not None:
         user = _read_yaml(Path(path))
         _check_known(user, base, str(path))
         layers.append(user)
+    if recorded is not None:
+        where, config = recorded
+        try:
+            layer = OmegaConf.create(config)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{where} cannot be read as a config: {str(exc).splitlines()[0]}") from exc
+        _check_known(layer, base, where)
+        layers.append(layer)
     over = parse_overrides(overrides)
     _check_known(over, base, "the command-line overrides")
     layers.append(over)
