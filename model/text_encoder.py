@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,6 +126,10 @@ class TextEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # as Wan: the prompt first, padding after (which may be trimmed)
         self.text_len = int(text_len)
+        # A fast tokenizer sets its padding and truncation on every call and refuses a second thread
+        # meanwhile ("Already borrowed"): a live session counts a new action's tokens while its
+        # rollout thread encodes another's.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -142,15 +147,17 @@ class TextEncoder(torch.nn.Module):
         """Token ids and attention mask, both ``[B, text_len]`` (padded, truncated, eos added)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length",
-                                max_length=self.text_len, truncation=True, add_special_tokens=True,
-                                return_attention_mask=True, return_tensors="pt")
+        with self._tokenizer_lock:
+            tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length",
+                                    max_length=self.text_len, truncation=True, add_special_tokens=True,
+                                    return_attention_mask=True, return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens of ``prompt`` before truncation (eos included): more than ``text_len`` means
         the encoder reads only the first ``text_len``."""
-        return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True).input_ids)
+        with self._tokenizer_lock:
+            return len(self.tokenizer(clean_prompt(prompt), add_special_tokens=True).input_ids)
 
     def encoded_positions(self, mask: torch.Tensor, trim: bool | None = None) -> int:
         """How many positions go through the encoder. Wan encodes all ``text_len`` with the mask;

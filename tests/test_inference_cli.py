@@ -421,7 +421,7 @@ def one_error_line(err: str) -> str:
     (["--prompt", "a[1s]", "--num_samples", "1.5"], "argument --num_samples: invalid int value: '1.5'"),
     (["--prompt", "a[1s]", "--data_path", "p.txt"], "argument --data_path: not allowed with argument --prompt"),
     (["--prompt", "a[1s]", "--bogus"], "unrecognized arguments: --bogus"),
-    (["fps=8"], "one of the arguments --prompt --data_path --live is required"),
+    (["fps=8"], "one of the arguments --prompt --data_path --live --replay is required"),
 ])
 def test_argument_mistakes_are_one_line(run_main, argv, fragment):
     code, _, err = run_main(*argv)

@@ -288,3 +288,42 @@ def test_latency_script_times_both_encodes_of_one_embedding(tmp_path):
         bad = subprocess.run([sys.executable, str(repo / "scripts" / "text_encoder_latency.py"), *args],
                              capture_output=True, text=True, cwd=repo, timeout=120)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_two_threads_tokenize_and_count_without_mixing_settings():
+    """A live session counts a new action's tokens (its server or stdin thread) while its rollout
+    thread tokenizes another: a fast tokenizer keeps its padding and truncation as state, so
+    unguarded, one call ran with the other's (a count of text_len, an unpadded batch)."""
+    import sys
+    import threading
+
+    from utils.config import load_config
+
+    cfg = load_config("configs/tiny.yaml")  # the shipped test tokenizer (a fast one)
+    encoder = TextEncoder.from_config(cfg.tiny_text_encoder, cfg.tokenizer_path, text_len=cfg.model.text_len)
+
+    texts = [f"the fox {i} jumps high into the air" for i in range(50)]
+    want = {t: encoder.count_tokens(t) for t in texts}
+    wrong = []
+
+    def tokenize():
+        for i in range(1500):
+            ids, _ = encoder.tokenize([f"a fox number {i} runs through the snow"])
+            if ids.shape[1] != encoder.text_len:
+                wrong.append(tuple(ids.shape))
+
+    def count():
+        for i in range(1500):
+            if encoder.count_tokens(texts[i % 50]) != want[texts[i % 50]]:
+                wrong.append(texts[i % 50])
+    threads = [threading.Thread(target=tokenize), threading.Thread(target=count)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: unguarded, hundreds of calls go wrong
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
