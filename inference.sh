@@ -14,15 +14,24 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     # shellcheck disable=SC1091
     . .venv/bin/activate
 fi
-for arg in "$@"; do  # --live: steer from a web page (or stdin); no prompt needed
-    if [ "$arg" = "--live" ]; then
-        exec python inference.py --config_path configs/infinity_rope.yaml "$@"
-    fi
+# The prompt file and the reference config unless the arguments name a source of their own (a
+# prompt, a prompt file, a replayed video or live control) or a config (--replay brings its own).
+source=false
+config=(--config_path configs/infinity_rope.yaml)
+for arg in "$@"; do
+    case "$arg" in
+        --prompt | --prompt=* | --data_path | --data_path=* | --live) source=true ;;
+        --replay | --replay=*) source=true; config=() ;;
+    esac
+    case "$arg" in --config_path | --config_path=*) config=() ;; esac
 done
 override='^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*='
-if [ $# -ge 1 ] && [ "${1#-}" = "$1" ] && ! [[ $1 =~ $override ]]; then
+if ! $source && [ $# -ge 1 ] && [ "${1#-}" = "$1" ] && ! [[ $1 =~ $override ]]; then
     prompt=$1
     shift
-    exec python inference.py --config_path configs/infinity_rope.yaml --prompt "$prompt" "$@"
+    exec python inference.py ${config[@]+"${config[@]}"} --prompt "$prompt" "$@"
 fi
-exec python inference.py --config_path configs/infinity_rope.yaml --data_path prompts/infinity_rope_prompts.txt "$@"
+if $source; then
+    exec python inference.py ${config[@]+"${config[@]}"} "$@"
+fi
+exec python inference.py ${config[@]+"${config[@]}"} --data_path prompts/infinity_rope_prompts.txt "$@"

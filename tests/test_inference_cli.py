@@ -452,6 +452,8 @@ def test_overrides_go_anywhere_among_the_flags(run_main):
     (["a[1s]", "fps=8", "--dry_run", "sink_size=1"], 1),  # overrides before and after a flag
     (["fps=8", "--dry_run"], 4),         # an override first: the prompt file, not the prompt "fps=8"
     (["model.num_layers=1", "--dry_run"], 4),
+    (["--prompt", "fps=8 on a board[1s]", "--dry_run", "fps=8"], 1),  # a prompt of an override's shape
+    (["--dry_run", "--prompt=a[1s] | b[1s]", "fps=8"], 1),
 ])
 def test_inference_sh_passes_overrides_anywhere(args, prompts):
     r = subprocess.run(["bash", "inference.sh", *args, *TINY], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -692,3 +694,17 @@ def test_replay_mistakes_are_one_line(run_main, tmp_path):
             (["--replay", tmp_path / "old.json", "--prompt", "a"], "not allowed with argument")):
         code, out, err = run_main(*argv, "--dry_run")
         assert code == 2 and fragment in one_error_line(err) and out == "", (argv, err)
+
+
+def test_inference_sh_replays_a_video_with_the_config_it_recorded(tmp_path):
+    """``bash inference.sh --replay VIDEO.json``: no reference config or prompt file is added (the
+    sidecar brings its config; --config_path would be refused)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(load_config("configs/tiny.yaml", ["fps=8"]), resolve=True)
+    record = {"prompt": "a fox runs[1s]", "seed": 3, "checkpoint": None, "image": None, "config": config}
+    (tmp_path / "v.json").write_text(json.dumps(record))
+    r = subprocess.run(["bash", "inference.sh", "--replay", str(tmp_path / "v.json"), "--dry_run"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["fps"] == 8
