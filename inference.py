@@ -130,6 +130,7 @@ def not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
                       (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
         if data.startswith(bom):
             return f"it starts with a {name} byte-order mark"
+    data = exc.object  # what was decoded: after a UTF-8 byte-order mark, which exc.start does not count
     line = data.count(b"\n", 0, exc.start) + 1
     if data[exc.start] == 0:
         return f"line {line} has a NUL byte: UTF-16 text, or not text at all"
@@ -167,11 +168,15 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
     overrides += [f"live.host={args.host}"] if args.host is not None else []
     overrides += [f"live.port={args.port}"] if args.port is not None else []
     if args.replay is not None:
-        if args.config_path is not None or args.image is not None:
-            raise ConfigError("--replay takes the config and the start image from the sidecar; change a config key "
-                              "with key=value instead of --config_path or --image")
+        if args.config_path is not None:
+            raise ConfigError("--replay takes the config from the sidecar; change a key with key=value instead "
+                              "of --config_path")
         args.record = read_record(args.replay)
-        args.image = args.record["image"]
+        if args.image is None and args.record["image"] is not None:  # --image: the picture moved
+            args.image = args.record["image"]
+            if not Path(args.image).is_file():
+                raise ConfigError(f"--replay {args.replay}: its start image {args.image} is not there (a path "
+                                  f"relative to where it was rendered?); pass --image with where it is now")
         # the video's own seed first (older sidecars of --num_samples kept the first seed in their config)
         cfg = load_config(None, [f"seed={args.record['seed']}", *overrides],
                           recorded=(f"the config of {args.replay}", args.record["config"]))

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from pipeline.generate import ABSOLUTE_TABLE_POSITIONS, VideoGenerator, output_name, write_sidecar
 from pipeline.grammar import Script, Segment, render
-from pipeline.plan import CUT, FLUSH, START, plan_script, video_frames_after
+from pipeline.plan import CUT, FLUSH, START, blocks_for_frames, plan_script, video_frames_after
 from pipeline.rollout import BlockSpec
 from utils.config import safe_text
 from utils.errors import OutputError, UserError
@@ -253,8 +253,10 @@ class LiveSession:
             if writer is not None and self.error is None and writer.frames_written > self.frames_written:
                 # Ctrl-C or SIGTERM arrived while a block's frames were piped: the writer held it until
                 # they were all sent, so that block is in the video, though it never reached the loop
-                self.blocks_done += 1
                 self.frames_written = writer.frames_written
+                self.blocks_done = blocks_for_frames(
+                    self.frames_written, int(self.cfg.num_frame_per_block), self.gen.m.vae.temporal_factor,
+                    int(self._image_latent is not None))
             with self._lock:
                 dropped, self._pending = list(self._pending), deque()
             self._stop.set()
@@ -299,7 +301,8 @@ class LiveSession:
         plan = plan_script(script, self.cfg, self.gen.m.vae.temporal_factor,
                            self._image_latent is not None).to_json_dict() if script.segments else None
         return {"prompt": render(script), "seed": self.seed, "checkpoint": self.checkpoint, "image": self.image,
-                "plan": plan, "config": OmegaConf.to_container(self.cfg, resolve=True), "video": self.path.name,
+                "plan": plan, "config": {**OmegaConf.to_container(self.cfg, resolve=True), "seed": self.seed},
+                "video": self.path.name,
                 "frames_written": self.frames_written, "complete": self.complete, "error": self.error,
                 "live": {"blocks": self.blocks_done,
                          "actions": [a.to_json_dict(self.started) for a in self.segments]}}

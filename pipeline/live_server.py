@@ -174,7 +174,7 @@ class LiveServer:
         bound = runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         url = f"http://{shown}:{bound[1]}/"
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if host not in LOOPBACK_HOSTS:
             log.warning("listening on %s: anyone who can reach this machine can watch and steer", host)
         log.info("open %s (Ctrl-C stops)", url)
         if ready is not None:

@@ -432,6 +432,7 @@ def test_argument_mistakes_are_one_line(run_main, argv, fragment):
 @pytest.mark.parametrize("content, fragment", [
     ("caf\xe9[1s]\n".encode("latin-1"), "prompts.txt is not UTF-8 text (line 1 has the byte 0xe9"),
     ("# mine\nok[1s]\nb\xe9[1s]\n".encode("cp1252"), "(line 3 has the byte 0xe9"),
+    (b"\xef\xbb\xbfok[1s]\ncaf\xe9[1s]\n", "(line 2 has the byte 0xe9"),  # after a UTF-8 byte-order mark
     ("a[1s]\n".encode("utf-16"), "(it starts with a UTF-16 byte-order mark)"),
     ("a[1s]\n".encode("utf-16-le"), "(line 1 has a NUL byte: UTF-16 text"),
     (b"# comment\n\na[1s]\n\n  # also a comment\nb[1s] | [2s]\n", "prompts.txt line 6: prompt segment 2"),
@@ -650,7 +651,7 @@ def test_live_stdin_without_a_usable_first_action(run_main, monkeypatch, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_replay_renders_a_recorded_video_again(run_main, tmp_path):
+def test_replay_renders_a_recorded_video_again(run_main, tmp_path, caplog):
     """--replay takes the prompt, seed, whole config (overrides included) and start image from a
     sidecar: the same video, frame for frame, with no --config_path; the .mp4's name works too, and
     --seed still overrides."""
@@ -675,23 +676,37 @@ def test_replay_renders_a_recorded_video_again(run_main, tmp_path):
     assert code == 0, err
     assert json.loads(next((tmp_path / "seed5").glob("*.json")).read_text())["seed"] == 5
 
+    # recorded by an older version: a key the project no longer reads is left out, with a warning;
+    # the start picture moved: --image says where it is now
+    record = json.loads(video.with_suffix(".json").read_text())
+    record["config"]["renamed_since"] = 1
+    record["image"] = "somewhere/else.png"
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    code, _, err = run_main("--replay", tmp_path / "old.json", "--image", tmp_path / "start.png",
+                            "--output_folder", tmp_path / "old")
+    assert code == 0 and "config key 'renamed_since' is no longer read; left out" in caplog.text, err
+    assert np.array_equal(read_video(video), read_video(next((tmp_path / "old").glob("*.mp4"))))
+
 
 def test_replay_mistakes_are_one_line(run_main, tmp_path):
     (tmp_path / "notes.json").write_text("not json")
     (tmp_path / "other.json").write_text(json.dumps({"prompt": "a[1s]"}))
     (tmp_path / "empty.json").write_text(json.dumps({"prompt": "", "seed": 0, "config": {}, "checkpoint": None,
                                                      "image": None}))
-    (tmp_path / "old.json").write_text(json.dumps({"prompt": "a[1s]", "seed": 0, "config": {"sinc_size": 1},
-                                                   "checkpoint": None, "image": None}))
+    (tmp_path / "wrong.json").write_text(json.dumps({"prompt": "a[1s]", "seed": 0, "config": {"sink_size": "x"},
+                                                     "checkpoint": None, "image": None}))
+    (tmp_path / "moved.json").write_text(json.dumps({"prompt": "a[1s]", "seed": 0, "config": {},
+                                                     "checkpoint": None, "image": "start.png"}))
     for argv, fragment in (
             (["--replay", tmp_path / "missing.json"], "missing.json: the file does not exist"),
             (["--replay", tmp_path], "is a folder"),
             (["--replay", tmp_path / "notes.json"], "is not a video's sidecar"),
             (["--replay", tmp_path / "other.json"], "is not a video's sidecar (no valid seed, config)"),
             (["--replay", tmp_path / "empty.json"], "ended before its first block"),
-            (["--replay", tmp_path / "old.json"], "unknown config key 'sinc_size' in the config of"),
-            (["--replay", tmp_path / "old.json", *TINY], "--replay takes the config and the start image"),
-            (["--replay", tmp_path / "old.json", "--prompt", "a"], "not allowed with argument")):
+            (["--replay", tmp_path / "wrong.json"], "config key 'sink_size' in the config of"),
+            (["--replay", tmp_path / "moved.json"], "its start image start.png is not there"),
+            (["--replay", tmp_path / "wrong.json", *TINY], "--replay takes the config from the sidecar"),
+            (["--replay", tmp_path / "wrong.json", "--prompt", "a"], "not allowed with argument")):
         code, out, err = run_main(*argv, "--dry_run")
         assert code == 2 and fragment in one_error_line(err) and out == "", (argv, err)
 

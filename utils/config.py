@@ -9,6 +9,7 @@ a quoted number or a misspelt boolean is an error here, not a traceback later.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.errors import ConfigError, first_line
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -115,6 +118,18 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _drop_unknown(cfg: DictConfig, reference, source: str, prefix: str = "") -> None:
+    """Remove from ``cfg`` (in place) the keys ``reference`` does not have, with one warning: a
+    config recorded by an older version of the project (a sidecar), not one a user writes."""
+    for key in list(cfg.keys()):
+        dotted = f"{prefix}{key}"
+        if key not in reference:
+            log.warning("%s: config key '%s' is no longer read; left out", source, dotted)
+            del cfg[key]
+        elif isinstance(cfg[key], DictConfig) and isinstance(reference[key], DictConfig) and len(reference[key]):
+            _drop_unknown(cfg[key], reference[key], source, f"{dotted}.")
+
+
 def _check_known(cfg, reference, source: str, prefix: str = "") -> None:
     """Raise ConfigError for the first key of ``cfg`` that ``reference`` does not have, or whose
     value is not of the reference value's kind (an integer, a number, a mapping...)."""
@@ -189,6 +204,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
             layer = OmegaConf.create(config)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{where} cannot be read as a config: {str(exc).splitlines()[0]}") from exc
+        _drop_unknown(layer, base, where)  # a video recorded before a key was renamed still renders
         _check_known(layer, base, where)
         layers.append(layer)
     over = parse_overrides(overrides)
