@@ -98,6 +98,12 @@ class LiveSession:
     sidecar ``.json``. Only one session at a time can use a :class:`VideoGenerator` (it owns one
     cache and one decoder)."""
 
+    @property
+    def encode_ahead(self) -> int:
+        """Actions are encoded as they are sent while fewer than this wait: half the generator's
+        kept texts, so that each is still kept when it lands. Later ones are encoded as they land."""
+        return self.gen.TEXTS_KEPT // 2
+
     def __init__(self, generator: VideoGenerator, first_action: str, *, seed: int, subtitle: str | None = None,
                  output_folder: str | Path = "outputs", path: str | Path | None = None, index: int = 0,
                  checkpoint: str | None = None, image: str | Path | None = None):
@@ -188,7 +194,7 @@ class LiveSession:
         # Encoded now, while it waits, if it will still be among the generator's kept texts when it
         # lands (a copy to the device then); a long queue (a script piped in at once) is encoded as
         # each action lands instead: what waits holds text only, however many actions are queued.
-        if queued < self.gen.TEXTS_KEPT // 2:
+        if queued < self.encode_ahead:
             self.gen.keep_text(text)
         return Action(action_id, kind, text, subtitle or None, time.monotonic(), warning)
 

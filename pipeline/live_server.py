@@ -131,6 +131,8 @@ class LiveServer:
         self._connections = 0
         self._tasks: set[asyncio.Task] = set()
         self.own_hosts = own_hosts("127.0.0.1")  # the names (besides IP addresses) the page may be loaded from
+        self.allowed_origins = {str(o).lower() for o in live.allowed_origins}  # tunnels, proxies (the config's)
+        self._refused: set[str] = set()  # origins refused and logged (once each: a page retries every second)
         self.app = web.Application(middlewares=[self._same_origin_only])
         for route in PAGE_FILES:
             self.app.router.add_get(route, self._page)
@@ -201,9 +203,12 @@ class LiveServer:
     async def _same_origin_only(self, request: web.Request, handler):
         """Refuse (403) a browser's request sent by a page that is not this server's own."""
         origin = request.headers.get("Origin")
-        if origin is not None and not self._own_origin(request, origin):
-            log.warning("refused a connection from the web page %s (at %s): only this server's own page, "
-                        "opened at the address the server printed, may connect", origin[:200], request.remote)
+        if origin is not None and origin.lower() not in self.allowed_origins and not self._own_origin(request, origin):
+            if origin not in self._refused and len(self._refused) < 1000:
+                self._refused.add(origin)
+                log.warning("refused a connection from the web page %s (at %s): only this server's own page, "
+                            "opened at the address the server printed, may connect (a tunnel or proxy in front: "
+                            "add its address to live.allowed_origins)", origin[:200], request.remote)
             raise web.HTTPForbidden(text="only this server's own page may connect\n")
         return await handler(request)
 

@@ -512,6 +512,8 @@ def test_model_sizes_and_values_are_checked_before_anything_is_built(override, f
      f"needs seeds up to {2**63}, past the largest, 2**63 - 1"),
     (["--prompt", "a[0.5s]", *TINY, "subtitle_font=nowhere/font.ttf"], "subtitle_font nowhere/font.ttf does not exist"),
     (["--prompt", "a[0.5s]", *TINY, "subtitle_font=docs"], "subtitle_font docs is a folder"),
+    (["--prompt", "a[0.5s]", *TINY, "live.allowed_origins=[my-gpu.example.com]"],
+     "live.allowed_origins must be a list of origins such as 'https://my-gpu.example.com'"),
     (["--prompt", "a[0.5s]", *TINY, "--image", "docs"], "--image docs is a folder; pass a PNG or JPEG file"),
     (["--prompt", "a[0.5s]", *TINY, "--image", "nonexistent.png"], "--image nonexistent.png does not exist"),
     (["--prompt", "a[0.5s]", *TINY, "--image", "README.md"], "cannot read image README.md"),

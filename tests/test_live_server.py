@@ -94,12 +94,22 @@ def test_only_the_servers_own_page_may_connect(models, tmp_path, caplog):
         ]
         for headers in refused:
             caplog.clear()
+            server._refused.clear()  # each origin is logged the first time it is refused
             with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
                 await client.ws_connect("/ws", headers=headers)
             assert refusal.value.status == 403, headers
             lines = [r.getMessage() for r in caplog.records if r.name == "live"]
             assert len(lines) == 1 and "refused" in lines[0] and headers["Origin"] in lines[0], lines
         assert (await client.post("/ws", headers={"Origin": "https://evil.example.com"})).status == 403
+        caplog.clear()  # refused again (a page retries every second): logged once
+        assert (await client.post("/ws", headers={"Origin": "https://evil.example.com"})).status == 403
+        assert not [r for r in caplog.records if r.name == "live"]
+        server.allowed_origins = {"https://my-gpu.example.com"}  # live.allowed_origins: a tunnel in front
+        ws = await client.ws_connect("/ws", headers={"Origin": "https://My-GPU.example.com",
+                                                     "Host": "my-gpu.example.com"})
+        assert (await recv(ws, "hello"))["type"] == "hello"
+        await ws.close()
+        server.allowed_origins = set()
         accepted = [{}, {"Origin": f"http://{here}"},
                     {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
                     {"Origin": "http://localhost:8000", "Host": "localhost:8000"}]  # ssh -L 8000:127.0.0.1:<port>

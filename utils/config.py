@@ -252,13 +252,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("dtype", "text_encoder_dtype"):
         need(cfg[key] in DTYPE_NAMES, f"{key} must be one of {', '.join(DTYPE_NAMES)}, not '{cfg[key]}'")
     need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
-    if cfg.subtitle_font is not None:  # read when the first subtitle is drawn: a wrong path is an error now
+    if cfg.subtitle_font is not None:  # loaded once the models are built: a wrong path is an error now, not then
         font = Path(cfg.subtitle_font).expanduser()
         what = "is a folder" if font.is_dir() else "does not exist"
         need(font.is_file(), f"subtitle_font {cfg.subtitle_font} {what}; give a .ttf, .otf or .ttc file, or leave "
-             f"it null for the bundled font")
+             f"it null for the bundled font (utils/video.py load_font reads it)")
     need(cfg.live.ahead_blocks >= 1, f"live.ahead_blocks ({cfg.live.ahead_blocks}) must be >= 1")
     need(0 <= cfg.live.port <= 65535, f"live.port ({cfg.live.port}) must be between 0 and 65535")
+    need(all(isinstance(o, str) and re.fullmatch(r"https?://[^/\s]+", o) for o in cfg.live.allowed_origins),
+         f"live.allowed_origins must be a list of origins such as 'https://my-gpu.example.com' (scheme and host, "
+         f"no path), not {_shown(cfg.live.allowed_origins)}")
     need(1 <= cfg.live.jpeg_quality <= 95, f"live.jpeg_quality ({cfg.live.jpeg_quality}) must be between 1 and 95")
     need(cfg.live.max_message_bytes >= 1024 and cfg.live.max_text_chars >= 1,
          "live.max_message_bytes must be >= 1024 and live.max_text_chars >= 1")
