@@ -337,19 +337,13 @@ class LiveSession:
             self.gen.warn_absolute_positions(latent_frames)
 
 
-def transcript(segments: Sequence[tuple[str, str | None, bool, int]], blocks: int, *, fps: float,
-               frames_per_block: int, temporal_factor: int, lead_frames: int = 0) -> str:
-    """A prompt whose plan is exactly these segments: ``(text, subtitle, cut, first block)`` in
-    order (the first at block 0), ``blocks`` blocks in all. Each duration is its segment's video
-    frames / fps, so every boundary is the block boundary nearest the cumulative time and the
-    total is exactly the frames generated (:mod:`pipeline.plan`)."""
-    return render(transcript_script(segments, blocks, fps=fps, frames_per_block=frames_per_block,
-                                    temporal_factor=temporal_factor, lead_frames=lead_frames))
-
-
 def transcript_script(segments: Sequence[tuple[str, str | None, bool, int]], blocks: int, *, fps: float,
                       frames_per_block: int, temporal_factor: int, lead_frames: int = 0) -> Script:
-    """:func:`transcript` before it is rendered: the :class:`Script` that parsing it gives back."""
+    """A script whose plan is exactly these segments: ``(text, subtitle, cut, first block)`` in
+    order (the first at block 0), ``blocks`` blocks in all. Each duration is its segment's video
+    frames / fps, so every boundary is the block boundary nearest the cumulative time and the
+    total is exactly the frames generated (:mod:`pipeline.plan`). Rendered
+    (:func:`~pipeline.grammar.render`), it is the session's transcript, which parses back to it."""
     ends = [first for _, _, _, first in segments[1:]] + [blocks]
     frames = lambda b: video_frames_after(b, frames_per_block, temporal_factor, lead_frames)  # noqa: E731
     return Script(tuple(Segment(text, (frames(end) - (0 if k == 0 else frames(first))) / fps, cut and k > 0, subtitle)

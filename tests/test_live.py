@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.generate import VideoGenerator, build_models, write_sidecar
-from pipeline.live import LiveError, LiveSession, PlaybackClock, paced, transcript
+from pipeline.grammar import parse, render
+from pipeline.live import LiveError, LiveSession, PlaybackClock, paced, transcript_script
 from pipeline.live_terminal import parse_line, run_terminal
 from pipeline.plan import plan_prompt
 from tests.test_rollout import live_tensor_bytes
@@ -109,7 +110,9 @@ def test_transcript_plans_to_the_same_blocks(fps, fpb, lead, gaps, cuts):
     firsts = [sum(gaps[:k]) for k in range(len(gaps))]
     blocks = sum(gaps)
     segments = [(f"action {k}", None, cuts[k], first) for k, first in enumerate(firsts)]
-    prompt = transcript(segments, blocks, fps=fps, frames_per_block=fpb, temporal_factor=4, lead_frames=lead)
+    script = transcript_script(segments, blocks, fps=fps, frames_per_block=fpb, temporal_factor=4, lead_frames=lead)
+    prompt = render(script)
+    assert parse(prompt, 5.0) == script  # what a live sidecar's plan is made from (no parse per block)
     cfg = load_config(None, [f"fps={fps}", f"num_frame_per_block={fpb}", f"local_attn_size={fpb + 3}",
                              "flush_keep=0"])
     plan = plan_prompt(prompt, cfg, 4, image_start=bool(lead))

@@ -505,7 +505,7 @@ def load_font(path: str | Path | None, size: int) -> ImageFont.FreeTypeFont:
     path = FONT_PATH if path is None else Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"subtitle_font {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
-                        f"give a .ttf, .otf or .ttc file, or leave it empty for the bundled font")
+                        f"give a .ttf, .otf or .ttc file, or leave it null for the bundled font")
     try:
         return ImageFont.truetype(str(path), size)
     except OSError as exc:
