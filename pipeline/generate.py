@@ -424,11 +424,9 @@ class VideoGenerator:
             plan = self.plan(prompt, image_start=image is not None)
             contexts = self.encode_texts(plan)
             image_latent = None if image is None else self.image_latent(image)
-            # paths as text a JSON file holds (a byte that is not UTF-8 as \xNN); the config as this
-            # video ran: its seed is this video's (seed, seed + 1... of --num_samples)
-            record = {"prompt": prompt, "seed": int(seed),
-                      "checkpoint": None if self.cfg.random_init or checkpoint is None else safe_text(str(checkpoint)),
-                      "image": None if image is None else safe_text(str(image)), "plan": plan.to_json_dict(),
+            # the config as this video ran: its seed is this video's (seed, seed + 1... of --num_samples)
+            record = {"prompt": prompt, "seed": int(seed), **recorded_paths(self.cfg, checkpoint, image),
+                      "plan": plan.to_json_dict(),
                       "config": {**OmegaConf.to_container(self.cfg, resolve=True), "seed": int(seed)},
                       "video": path.name, "frames_written": 0, "complete": False}
             sidecar_bytes(record)  # a record that cannot be written fails now, not after the render
@@ -471,6 +469,13 @@ def _unreserve(path: Path) -> None:
     partial = partial_name(path)
     if partial.is_file() and partial.stat().st_size == 0:
         partial.unlink(missing_ok=True)
+
+
+def recorded_paths(cfg, checkpoint: str | Path | None, image: str | Path | None) -> dict:
+    """The checkpoint (none with random weights) and start image of a video as its sidecar records
+    them: text a JSON file holds (a byte of the path that is not UTF-8 as ``\\xNN``)."""
+    return {"checkpoint": None if cfg.random_init or checkpoint is None else safe_text(str(checkpoint)),
+            "image": None if image is None else safe_text(str(image))}
 
 
 def sidecar_bytes(record: dict) -> bytes:

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.generate import ABSOLUTE_TABLE_POSITIONS, VideoGenerator, output_name, write_sidecar
+from pipeline.generate import ABSOLUTE_TABLE_POSITIONS, VideoGenerator, output_name, recorded_paths, write_sidecar
 from pipeline.grammar import Script, Segment, render
 from pipeline.plan import CUT, FLUSH, START, blocks_for_frames, plan_script, video_frames_after
 from pipeline.rollout import BlockSpec
-from utils.config import safe_text
 from utils.errors import OutputError, UserError
 from utils.video import VideoWriteError, VideoWriter
 
@@ -110,9 +109,7 @@ class LiveSession:
         self.gen, self.cfg = generator, generator.cfg
         self.seed = int(seed)
         self.fps = float(self.cfg.fps)
-        # paths as text a JSON file holds (a byte that is not UTF-8 as \xNN)
-        self.checkpoint = None if self.cfg.random_init or checkpoint is None else safe_text(str(checkpoint))
-        self.image = None if image is None else safe_text(str(image))
+        self.paths = recorded_paths(self.cfg, checkpoint, image)  # as the sidecar records them
         self.path = Path(path) if path is not None else output_name(Path(output_folder), index, first_action, seed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -306,7 +303,7 @@ class LiveSession:
         script = self._script()
         plan = plan_script(script, self.cfg, self.gen.m.vae.temporal_factor,
                            self._image_latent is not None).to_json_dict() if script.segments else None
-        return {"prompt": render(script), "seed": self.seed, "checkpoint": self.checkpoint, "image": self.image,
+        return {"prompt": render(script), "seed": self.seed, **self.paths,
                 "plan": plan, "config": {**OmegaConf.to_container(self.cfg, resolve=True), "seed": self.seed},
                 "video": self.path.name,
                 "frames_written": self.frames_written, "complete": self.complete, "error": self.error,
