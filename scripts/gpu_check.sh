@@ -7,14 +7,14 @@
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
 #                                        rows (eager; the default, i.e. the compiled DiT and the channels-
 #                                        last, fused VAE on a GPU; the default timed as a render, without
-#                                        stage boundaries; the same with the decode on its own stream, at
-#                                        10 s; the default at 60 s), write the tables
+#                                        stage boundaries; the same with the decode on its own stream; the
+#                                        compiled VAE decoder, alone and with the stream, at 10 s; the
+#                                        default at 60 s), write the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the levers against
 #                                        the default at 10 s, most telling first (the channels-last VAE
 #                                        with diffusers' modules; the DiT compiled with inductor's GEMM
-#                                        autotuning; the compiled decoder; the DiT compiled with static
-#                                        shapes; the contiguous VAE; CUDA graphs; the writer on the
-#                                        critical path);
+#                                        autotuning; the DiT compiled with static shapes; the contiguous
+#                                        VAE; CUDA graphs; the writer on the critical path);
 #                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
@@ -112,14 +112,14 @@ EOF
 
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
-    ROWS=(eager default compile)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
-    LEVERS=(default vae_unfused compile_vae vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
+    ROWS=(eager default compile compile_vae)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
+    LEVERS=(default vae_unfused vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
-    ROWS=(eager default render decode_stream)
-    LEVERS=(default vae_unfused autotune_compile compile_vae static_compile vae_contiguous default+cuda_graphs sync_write)
+    ROWS=(eager default render decode_stream compile_vae decode_stream+compile_vae)
+    LEVERS=(default vae_unfused autotune_compile static_compile vae_contiguous default+cuda_graphs sync_write)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
@@ -127,8 +127,8 @@ UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_hea
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
     echo "==> levers: the channels-last VAE with diffusers' modules (the fused VAE's before); the DiT compiled"
-    echo "    with GEMM autotuning; the compiled VAE decoder; the DiT with static shapes; the contiguous VAE;"
-    echo "    CUDA graphs; the writer on the critical path"
+    echo "    with GEMM autotuning; the DiT with static shapes; the contiguous VAE; CUDA graphs; the writer"
+    echo "    on the critical path"
     timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants "${LEVERS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     levers_rc=${PIPESTATUS[0]}
@@ -153,8 +153,8 @@ if [ "$PART" = main ]; then
     # leaves out the CPU-only inductor compiles (CI runs them), which would eat this step's time, and
     # -k the CPU tests of the benchmark and the scripts (~50 s on 2 cores): the steps below run them
     set +e
-    timeout "$(limit 120)" $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
-        tests/test_fast_paths.py tests/test_text_encoder.py \
+    timeout "$(limit 140)" $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
+        tests/test_fast_paths.py tests/test_text_encoder.py tests/test_vae.py::test_cuda_bf16_fused_decode_is_as_close_to_fp32_as_diffusers \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion \
         tests/test_rollout.py 2>&1 | tee -a "$OUT/tests.log"
     tests_rc=${PIPESTATUS[0]}
@@ -164,14 +164,14 @@ if [ "$PART" = main ]; then
     # that are lost (default: compile=auto compiles on a GPU)
     echo "==> benchmark at ${SECONDS_[0]} s: ${ROWS[*]};"
     echo "    each profiled over 2 steady blocks (device time by kind of kernel)"
-    timeout "$(limit 210)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
+    timeout "$(limit 220)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" \
         --variants "${ROWS[@]}" --profile_blocks 2 --out "$OUT" --tag "rows_$MODE" 2>&1 \
         | tee "$OUT/benchmark.log" | grep -v "it/s\]$" || true
     echo "==> peak memory of the eager pipeline, counted per tensor next to the allocator's own (6 blocks)"
     DEV=cuda; [ "$MODE" = cpu ] && DEV=cpu
-    timeout "$(limit 40)" $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
+    timeout "$(limit 30)" $PY scripts/peak_memory.py "${CONFIG[@]}" --blocks 6 --device $DEV 2>&1 | tee "$OUT/peak_memory.txt" || true
     echo "==> benchmark at ${SECONDS_[1]} s: the default (steady speed and flat memory over a longer video)"
-    timeout "$(limit 110)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants default \
+    timeout "$(limit 90)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[1]}" "${EXTRA[@]}" --variants default \
         --out "$OUT" --tag "rows_long_$MODE" 2>&1 | tee "$OUT/benchmark_long.log" | grep -v "it/s\]$" || true
 
     {

@@ -382,6 +382,42 @@ def test_bf16_decode_with_fused_norms_is_as_close_to_fp32_as_diffusers(vae):
     assert err["ours"] < 5e-2 and err["ours"] <= 1.1 * err["theirs"], err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_bf16_fused_decode_is_as_close_to_fp32_as_diffusers(vae, compiled):
+    """What ``build_models`` makes of the VAE on a GPU (channels-last, fused, cuDNN autotuning;
+    with ``compile_vae`` inductor's decoder): four blocks decoded in bf16 on the GPU, each
+    decode against the fp32 one on the CPU, are no further from it than diffusers' modules in
+    bf16, contiguous, on the same GPU (cuDNN's channels-last kernels and inductor's fusions
+    change the rounding, not the result), and every frame is finite."""
+    import copy
+
+    torch.manual_seed(4)
+    z = torch.randn(1, 12, 16, H // 8, W // 8)
+    plain = _random_norm_weights(copy.deepcopy(vae))
+
+    def decode(v):
+        stream = v.streaming_decoder()
+        frames = [stream.decode_block(z[:, i:i + 3].to(v.device)) for i in range(0, 12, 3)]
+        return torch.cat(frames, dim=1).float().cpu()
+
+    truth = decode(plain)
+    low = copy.deepcopy(plain).to("cuda", torch.bfloat16)
+    fast = copy.deepcopy(low).to_channels_last().fuse()
+    if compiled:
+        fast.compile_decoder()
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        got = {"theirs": decode(low), "ours": decode(fast)}
+    finally:
+        torch.backends.cudnn.benchmark = before
+        torch._dynamo.reset()
+    assert torch.isfinite(got["ours"]).all()
+    err = {name: ((out - truth).norm() / truth.norm()).item() for name, out in got.items()}
+    assert err["ours"] < 5e-2 and err["ours"] <= 1.1 * err["theirs"], err
+
+
 def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae):
     """``compile_vae``: the decoder traces through its full causal cache without a graph break
     (Dynamo with a backend that runs the graph as traced and counts its calls; inductor is the GPU
