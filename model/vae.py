@@ -191,6 +191,7 @@ class WanVAE(torch.nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.decoder_compiled = False  # compile_decoder() sets it
+        self.cache_layout = torch.contiguous_format  # the layout of activations; to_channels_last() sets it
         cfg = vae.config
         for name in ("latents_mean", "latents_std"):
             values = getattr(cfg, name)
@@ -327,6 +328,7 @@ class WanVAE(torch.nn.Module):
             for kind, layout in layouts.items():
                 if isinstance(module, kind):
                     module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        self.cache_layout = torch.channels_last_3d
         return self
 
     def fuse(self) -> "WanVAE":
@@ -419,8 +421,29 @@ class StreamingDecoder:
             outs.append(decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
                                 first_chunk=self.num_latent_frames == 0))
             self.num_latent_frames += 1
+            if self.wan_vae.decoder_compiled:
+                self._settle_cache()
         out = torch.cat(outs, dim=2)
         if vae.config.patch_size is not None:  # Wan2.2-style patchified VAE; None for Wan2.1
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
             out = unpatchify(out, patch_size=vae.config.patch_size)
         return out.clamp(-1.0, 1.0).permute(0, 2, 1, 3, 4)
+
+    def _settle_cache(self) -> None:
+        """Give every cached tensor the exact strides of the VAE's layout (channels-last 3-D once
+        :meth:`WanVAE.to_channels_last`, else contiguous), copying those that differ. Dynamo guards
+        the compiled decoder on its inputs' strides, and inductor does not return every slot as
+        the plain forward made it (the mid block's, 2 frames at the lowest resolution, came back
+        contiguous where the plain forward left it channels-last), so without this the second
+        compiled frame compiles the whole decoder again: twice the one-time compile. It also
+        copies the slots inductor returns as views into a whole activation (it drops the decoder's
+        ``.clone()`` of the last frames as a no-op), which would keep that activation alive until
+        the slot is replaced (docs/PERFORMANCE.md §21)."""
+        layout = self.wan_vae.cache_layout
+        for i, cached in enumerate(self._cache):
+            if not isinstance(cached, torch.Tensor) or cached.ndim != 5:
+                continue
+            strides = torch.empty(cached.shape, device="meta", memory_format=layout).stride()
+            if cached.stride() != strides or cached.untyped_storage().nbytes() > cached.nbytes:
+                self._cache[i] = torch.empty_strided(cached.shape, strides, dtype=cached.dtype,
+                                                     device=cached.device).copy_(cached)

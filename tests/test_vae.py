@@ -382,6 +382,52 @@ def test_bf16_decode_with_fused_norms_is_as_close_to_fp32_as_diffusers(vae):
     assert err["ours"] < 5e-2 and err["ours"] <= 1.1 * err["theirs"], err
 
 
+def test_compiled_decoder_compiles_once_when_its_cache_comes_back_in_another_layout(vae):
+    """Inductor returns some cache slots in another layout than the plain forward made them (and
+    some as views into a whole activation); Dynamo guards the decoder on its inputs' strides, so
+    the stream settles every slot into the VAE's layout after each frame: one graph for a
+    channels-last VAE whose compiled decoder hands half its cache back contiguous and half as
+    views into buffers twice their size, equal output, and no slot left holding a larger buffer."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(6)
+    z = torch.randn(1, 9, 16, H // 8, W // 8)
+    plain = vae.streaming_decoder()
+    want = [plain.decode_block(z[:, i:i + 3]) for i in (0, 3, 6)]
+    torch._dynamo.reset()
+    counters.clear()
+
+    def as_inductor_may(k, o):  # every other 5-D output contiguous, the others views into a larger buffer
+        if not isinstance(o, torch.Tensor) or o.ndim != 5:
+            return o
+        if k % 2:
+            return o.contiguous()
+        strides = torch.empty(o.shape, device="meta", memory_format=torch.channels_last_3d).stride()
+        return o.new_empty(2 * o.numel()).as_strided(o.shape, strides, o.numel()).copy_(o)
+
+    def backend(gm, example_inputs):  # runs the graph, then hands back its outputs as inductor may
+        def run(*args):
+            return [as_inductor_may(k, o) for k, o in enumerate(gm.forward(*args))]
+        return run
+
+    fast = copy.deepcopy(vae).to_channels_last().compile_decoder(backend=backend)
+    stream = fast.streaming_decoder()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [stream.decode_block(z[:, i:i + 3]) for i in (0, 3, 6)]
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1
+    cached = [c for c in stream._cache if isinstance(c, torch.Tensor) and c.ndim == 5]
+    assert cached and all(c.is_contiguous(memory_format=torch.channels_last_3d) for c in cached)
+    assert all(c.untyped_storage().nbytes() == c.nbytes for c in cached)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_cuda_bf16_fused_decode_is_as_close_to_fp32_as_diffusers(vae, compiled):
