@@ -372,8 +372,21 @@ class WanVAE(torch.nn.Module):
         inference path does not call it.) Diffusers' time upsamplers break the graph on
         torch 2.8 to 2.12, so they are swapped for :class:`CausalResample` first (what
         :meth:`fuse` does too).
-        Off by default (``compile_vae``): ``scripts/benchmark.py --variants compile_vae`` measures it."""
+        With inductor, the concatenations of the causal cache are asked for as pointwise kernels
+        (``force_pointwise_cat``), and the stream settles the cache after every frame
+        (:meth:`StreamingDecoder._settle_cache`). Off by default (``compile_vae``): on one H200 it
+        cut the decode from 155 to 104 ms per block but raised the pipeline's peak from 7.4 to 14
+        GiB (docs/PERFORMANCE.md §21); ``scripts/benchmark.py --variants compile_vae`` measures it."""
         self._swap(("WanResample", CausalResample))
+        if compile_kwargs.get("backend", "inductor") == "inductor":
+            from torch._inductor import config as inductor_config
+
+            if hasattr(inductor_config, "force_pointwise_cat"):
+                # each causal convolution's concatenation as one kernel, run once its input is ready:
+                # inductor otherwise allocates it when it copies the cached frames into it, which
+                # needs only the graph's inputs, so early that every one is alive at once (§21)
+                options = {"force_pointwise_cat": True, **compile_kwargs.get("options", {})}
+                compile_kwargs = {**compile_kwargs, "options": options}
         self.vae.decoder.compile(**compile_kwargs)
         self.decoder_compiled = True
         return self

@@ -382,6 +382,29 @@ def test_bf16_decode_with_fused_norms_is_as_close_to_fp32_as_diffusers(vae):
     assert err["ours"] < 5e-2 and err["ours"] <= 1.1 * err["theirs"], err
 
 
+def test_compile_decoder_asks_inductor_for_pointwise_concatenation(vae, monkeypatch):
+    """With inductor (the default backend), ``compile_decoder`` asks for the causal cache's
+    concatenations as pointwise kernels (measured on the CPU: the decode's peak 27 → 22
+    activations of the last level, docs/PERFORMANCE.md §21) where its torch has the option; a
+    caller's own options are kept, and another backend gets none."""
+    import copy
+
+    from torch._inductor import config as inductor_config
+
+    seen = []
+    decoder_cls = type(vae.vae.decoder)
+    monkeypatch.setattr(decoder_cls, "compile", lambda self, **kwargs: seen.append(kwargs), raising=False)
+    copy.deepcopy(vae).compile_decoder()
+    copy.deepcopy(vae).compile_decoder(options={"max_autotune": True})
+    copy.deepcopy(vae).compile_decoder(backend="eager")
+    if not hasattr(inductor_config, "force_pointwise_cat"):  # a torch without the option: compiled as asked
+        assert seen == [{}, {"options": {"max_autotune": True}}, {"backend": "eager"}]
+        return
+    assert seen == [{"options": {"force_pointwise_cat": True}},
+                    {"options": {"force_pointwise_cat": True, "max_autotune": True}},
+                    {"backend": "eager"}]
+
+
 def test_compiled_decoder_compiles_once_when_its_cache_comes_back_in_another_layout(vae):
     """Inductor returns some cache slots in another layout than the plain forward made them (and
     some as views into a whole activation); Dynamo guards the decoder on its inputs' strides, so
