@@ -524,3 +524,12 @@ def test_compiled_streaming_decoder_equals_eager_and_stops_compiling(vae):
     assert len(runs) == (12 - 2) + (3 - 2)  # every latent frame after the first two of each video
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_vae_decode_memory_script_mistakes_are_one_line():
+    """``scripts/vae_decode_memory.py`` (docs/PERFORMANCE.md §21) answers a bad argument in one
+    line with exit code 2, before it builds the VAE."""
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "vae_decode_memory.py"),
+                          "--blocks", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith("--blocks must be at least 3 "
+                                                                                 "and --latent positive")
