@@ -51,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {name!r}; use cuda, cuda:N or cpu") from exc
+    if device.type not in ("cpu", "cuda"):  # the config check says the same for the CLI; scripts come here
+        raise ConfigError(f"device must be cpu, cuda or cuda:N (an NVIDIA GPU), not {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is 'cuda' but no CUDA GPU is available; use the CPU (device=cpu in the config "
                           "or as a trailing override), e.g. with configs/tiny.yaml")

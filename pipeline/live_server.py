@@ -57,6 +57,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 WS_MAX_MESSAGE = 1 << 20       # aiohttp closes the socket (code 1009) past this; our own limit is lower
 CLIENT_MAX_BLOCKS = 8          # blocks queued for a slow page before it starts skipping blocks
+REFUSED_ORIGINS_LOGGED = 1000  # distinct refused origins warned about once each; past it, refused silently
 
 
 class BadRequest(Exception):
@@ -204,7 +205,7 @@ class LiveServer:
         """Refuse (403) a browser's request sent by a page that is not this server's own."""
         origin = request.headers.get("Origin")
         if origin is not None and origin.lower() not in self.allowed_origins and not self._own_origin(request, origin):
-            if origin not in self._refused and len(self._refused) < 1000:
+            if origin not in self._refused and len(self._refused) < REFUSED_ORIGINS_LOGGED:
                 self._refused.add(origin)
                 log.warning("refused a connection from the web page %s (at %s): only this server's own page, "
                             "opened at the address the server printed, may connect (a tunnel or proxy in front: "

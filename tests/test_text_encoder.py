@@ -284,10 +284,12 @@ def test_latency_script_times_both_encodes_of_one_embedding(tmp_path):
     assert len(rows) == 3 and tokens[0] < tokens[1] and tokens[-1] == text_len
     assert all(float(r[5]) < 1e-5 for r in rows) and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
     assert all(r[6].strip() == "prompt only" for r in rows)  # what the pipeline runs on the CPU
-    for args in (["--devices", "gpu"], ["--devices", "cpu", "nokey=1"], ["--config_path", "nope.yaml"]):
+    for args in (["--devices", "gpu"], ["--devices", "cpu", "nokey=1"], ["--config_path", "nope.yaml"],
+                 ["--devices", "cpu,mps"]):  # a device torch knows but the project does not run on
         bad = subprocess.run([sys.executable, str(repo / "scripts" / "text_encoder_latency.py"), *args],
                              capture_output=True, text=True, cwd=repo, timeout=120)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr, bad.stderr
+    assert "device must be cpu, cuda or cuda:N (an NVIDIA GPU), not 'mps'" in bad.stderr
 
 
 def test_two_threads_tokenize_and_count_without_mixing_settings():
