@@ -190,7 +190,7 @@ class WanVAE(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.decoder_compiled = False  # compile_decoder() sets it
+        self.decoder_compiled = False  # compile_decoder() sets it, and compiled_decode_into_cache
         self.cache_layout = torch.contiguous_format  # the layout of activations; to_channels_last() sets it
         cfg = vae.config
         for name in ("latents_mean", "latents_std"):
@@ -362,21 +362,25 @@ class WanVAE(torch.nn.Module):
         return self
 
     def compile_decoder(self, **compile_kwargs) -> "WanVAE":
-        """``torch.compile`` the decoder in place. The streaming decode calls it once per latent
-        frame with the causal cache (a list it reads and refills) and traces without a graph
-        break. It compiles one graph, for the full cache: the first latent frames of a video,
-        while the cache fills (its slots hold nothing, a marker, fewer frames), run the plain
-        forward; compiling them would make three graphs, three times the one-time compile, for
-        two frames a video. No recompilation after. (A one-shot :meth:`decode`, which diffusers runs
-        through the compiled decoder frame by frame, would compile the filling states too; the
-        inference path does not call it.) Diffusers' time upsamplers break the graph on
-        torch 2.8 to 2.12, so they are swapped for :class:`CausalResample` first (what
-        :meth:`fuse` does too).
-        With inductor, the concatenations of the causal cache are asked for as pointwise kernels
-        (``force_pointwise_cat``), and the stream settles the cache after every frame
-        (:meth:`StreamingDecoder._settle_cache`). Off by default (``compile_vae``): on one H200 it
-        cut the decode from 155 to 104 ms per block but raised the pipeline's peak from 7.4 to 14
-        GiB (docs/PERFORMANCE.md §21); ``scripts/benchmark.py --variants compile_vae`` measures it."""
+        """``torch.compile`` the streaming decode of one latent frame over a full causal cache
+        (:func:`decode_into_cache`: the decoder, then its new cache written into the old slots in
+        place), which :class:`StreamingDecoder` runs for every latent frame once the cache is full:
+        one graph, without a graph break, and no recompilation after. The first latent frames of
+        a video, while the cache fills (its slots hold nothing, a marker, fewer frames), run the
+        plain forward: compiling them would make three graphs, three times the one-time compile,
+        for two frames a video; so does a one-shot :meth:`decode`. Diffusers' time upsamplers break
+        the graph on torch 2.8 to 2.12, so they are swapped for :class:`CausalResample` first (what
+        :meth:`fuse` does too). With inductor, the causal cache's concatenations are asked for as
+        pointwise kernels (``force_pointwise_cat``) where the installed torch has the option.
+
+        Why in place: a compiled decoder that returned its new cache (as the plain forward's list
+        does) held the old and the new cache at once, and inductor drops the decoder's copies of
+        the last frames as no-ops, so each slot came back as a view that kept a whole activation
+        alive: a peak 1.8 times the plain decoder's, 14 GiB for the pipeline on an H200. Written
+        into the slots, each copy is a real kernel that frees its activation when it has run, and
+        there is one cache: the peak counted on the CPU is the plain decoder's or below
+        (docs/PERFORMANCE.md §22). ``compile_vae`` in the config; ``scripts/benchmark.py
+        --variants compile_vae`` measures it."""
         self._swap(("WanResample", CausalResample))
         if compile_kwargs.get("backend", "inductor") == "inductor":
             from torch._inductor import config as inductor_config
@@ -387,13 +391,26 @@ class WanVAE(torch.nn.Module):
                 # needs only the graph's inputs, so early that every one is alive at once (§21)
                 options = {"force_pointwise_cat": True, **compile_kwargs.get("options", {})}
                 compile_kwargs = {**compile_kwargs, "options": options}
-        self.vae.decoder.compile(**compile_kwargs)
+        self.compiled_decode_into_cache = torch.compile(decode_into_cache, **compile_kwargs)
         self.decoder_compiled = True
         return self
 
     def streaming_decoder(self) -> "StreamingDecoder":
         """A fresh :class:`StreamingDecoder` over this VAE (one per video stream)."""
         return StreamingDecoder(self)
+
+
+def decode_into_cache(decoder: torch.nn.Module, x: torch.Tensor, cache: list) -> torch.Tensor:
+    """Decode one latent frame ``x`` with diffusers' ``decoder`` over a full causal ``cache``
+    (every slot a tensor, or ``None`` for a convolution that keeps none) and write each slot's
+    new frames into the slot itself; returns the frame's pixels. The same values as the plain
+    forward, which replaces the list's items; what :meth:`WanVAE.compile_decoder` compiles."""
+    new = list(cache)
+    out = decoder(x, feat_cache=new, feat_idx=[0], first_chunk=False)
+    for slot, value in zip(cache, new):
+        if slot is not None:
+            slot.copy_(value)
+    return out
 
 
 class StreamingDecoder:
@@ -427,14 +444,14 @@ class StreamingDecoder:
         x = vae.post_quant_conv(z.to(device=self.wan_vae.device, dtype=self.wan_vae.dtype))  # 1×1×1 conv
         outs = []
         for i in range(x.shape[2]):
-            # a compiled decoder runs its one graph once the cache is full; the frames before, whose
-            # cache is still filling, run the plain forward (compile_decoder)
-            filling = self.num_latent_frames < self.cache_frames
-            decoder = vae.decoder.forward if filling and self.wan_vae.decoder_compiled else vae.decoder
-            outs.append(decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
-                                first_chunk=self.num_latent_frames == 0))
+            frame = x[:, :, i:i + 1]
+            if self.wan_vae.decoder_compiled and self.num_latent_frames >= self.cache_frames:
+                outs.append(self.wan_vae.compiled_decode_into_cache(vae.decoder, frame, self._cache))
+            else:  # the plain forward refills the list; a compiled decoder's cache is still filling
+                outs.append(vae.decoder(frame, feat_cache=self._cache, feat_idx=[0],
+                                        first_chunk=self.num_latent_frames == 0))
             self.num_latent_frames += 1
-            if self.wan_vae.decoder_compiled:
+            if self.wan_vae.decoder_compiled and self.num_latent_frames == self.cache_frames:
                 self._settle_cache()
         out = torch.cat(outs, dim=2)
         if vae.config.patch_size is not None:  # Wan2.2-style patchified VAE; None for Wan2.1
@@ -443,18 +460,15 @@ class StreamingDecoder:
         return out.clamp(-1.0, 1.0).permute(0, 2, 1, 3, 4)
 
     def _settle_cache(self) -> None:
-        """Give every cached tensor the exact strides of the VAE's layout (channels-last 3-D once
-        :meth:`WanVAE.to_channels_last`, else contiguous), copying those that differ. Dynamo guards
-        the compiled decoder on its inputs' strides, and inductor does not return every slot as
-        the plain forward made it (the mid block's, 2 frames at the lowest resolution, came back
-        contiguous where the plain forward left it channels-last), so without this the second
-        compiled frame compiles the whole decoder again: twice the one-time compile. It also
-        copies the slots inductor returns as views into a whole activation (it drops the decoder's
-        ``.clone()`` of the last frames as a no-op), which would keep that activation alive until
-        the slot is replaced (docs/PERFORMANCE.md §21)."""
+        """Once the cache is full, before the compiled decoder first writes into it: give every
+        slot a buffer of its own with the exact strides of the VAE's layout (channels-last 3-D
+        once :meth:`WanVAE.to_channels_last`, else contiguous), copying those that differ. The
+        compiled graph is guarded on its inputs' strides and keeps each slot for the rest of the
+        video, so every video meets the graph it compiled, and no slot pins a larger activation it
+        is a view of."""
         layout = self.wan_vae.cache_layout
         for i, cached in enumerate(self._cache):
-            if not isinstance(cached, torch.Tensor) or cached.ndim != 5:
+            if not isinstance(cached, torch.Tensor):
                 continue
             strides = torch.empty(cached.shape, device="meta", memory_format=layout).stride()
             if cached.stride() != strides or cached.untyped_storage().nbytes() > cached.nbytes:

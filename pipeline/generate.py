@@ -135,21 +135,23 @@ def compile_unsupported(device: torch.device) -> str | None:
 def resolve_switches(cfg, device: torch.device) -> None:
     """Turn each ``auto`` speed switch into true or false for ``device``, in place (so everything
     downstream, the run's sidecar included, sees what ran), and refuse an explicit ``true`` the
-    device cannot run: ``compile`` needs Triton on a GPU, ``cuda_graphs`` and ``decode_stream``
-    a GPU (``vae_channels_last`` is a layout any device runs). Idempotent. ``auto`` turns each
-    on for a GPU only: on a CPU the first blocks would spend seconds to minutes compiling C++ for
-    a gain that the GPU numbers are about, and the channels-last VAE was measured on a GPU."""
+    device cannot run: ``compile`` and ``compile_vae`` need Triton on a GPU, ``cuda_graphs`` and
+    ``decode_stream`` a GPU (``vae_channels_last`` is a layout any device runs). Idempotent.
+    ``auto`` turns each on for a GPU only: on a CPU the first blocks would spend seconds to
+    minutes compiling C++ for a gain that the GPU numbers are about, and the channels-last VAE
+    was measured on a GPU."""
     why_not_compile = compile_unsupported(device)
     for key in SWITCHES:
         value = cfg[key]
-        possible = {"compile": why_not_compile is None, "vae_channels_last": True}.get(key, device.type == "cuda")
+        possible = {"compile": why_not_compile is None, "compile_vae": why_not_compile is None,
+                    "vae_channels_last": True}.get(key, device.type == "cuda")
         if value == "auto":
             cfg[key] = device.type == "cuda" and possible
             if device.type == "cuda" and not possible:
                 log.info("%s=auto: off, %s", key, why_not_compile)
         elif value and not possible:
-            if key == "compile":
-                raise ConfigError(f"compile=true cannot run on {device}: {why_not_compile}; set compile=false")
+            if key in ("compile", "compile_vae"):
+                raise ConfigError(f"{key}=true cannot run on {device}: {why_not_compile}; set {key}=false")
             raise ConfigError(f"{key}=true needs device: cuda (this run is on {device.type}); set {key}=false")
 
 
@@ -195,7 +197,7 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     if cfg.random_init and device.type == "cuda":
         torch.cuda.empty_cache()  # the float32 weights drawn on the GPU, now cast
     log.info("speed switches on %s: %s", device,
-             ", ".join(f"{k}={str(bool(cfg[k])).lower()}" for k in (*SWITCHES, "compile_vae")))
+             ", ".join(f"{k}={str(bool(cfg[k])).lower()}" for k in SWITCHES))
     if cfg.compile or cfg.compile_vae:
         log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
                  "TORCHINDUCTOR_CACHE_DIR, for later runs)", compile_cache_dir())

@@ -68,6 +68,8 @@ if str(REPO) not in sys.path:  # `python scripts/benchmark.py` from a checkout
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from utils.config import SWITCHES  # noqa: E402
+
 log = logging.getLogger("benchmark")
 
 # Named variants: config overrides and runtime switches. Combine with "+", e.g.
@@ -75,7 +77,8 @@ log = logging.getLogger("benchmark")
 VARIANTS = {
     "default": {},  # the defaults, as `bash inference.sh` runs them (compile=auto: compiled on a GPU, eager on a CPU)
     "fast": {},     # the same (its older name: every fast path on, against the "before" variants below)
-    "eager": {"overrides": ["compile=false", "cuda_graphs=false"]},  # the DiT without compile or CUDA graphs
+    # the DiT and the VAE decoder without compile or CUDA graphs
+    "eager": {"overrides": ["compile=false", "compile_vae=false", "cuda_graphs=false"]},
     # the "before" of each fast path (runtime switches that restore the plain code path):
     "naive_rope": {"naive_rope": True},       # re-rotate every cached key at every forward (the oracle)
     "rope_f64": {"legacy": ["rope_f64"]},     # rotate in float64 (the reference implementation)
@@ -104,7 +107,9 @@ VARIANTS = {
     # the channels-last VAE with diffusers' own norms, upsamplers and causal convolutions back (WanVAE.unfuse)
     "vae_unfused": {"vae_unfused": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},  # cuDNN autotunes each convolution shape once (runtime switch)
-    "compile_vae": {"overrides": ["compile_vae=true"]},  # torch.compile of the VAE decoder
+    "compile_vae": {"overrides": ["compile_vae=true"]},  # torch.compile of the VAE decoder (a GPU's default)
+    # the VAE decoder not compiled: compile_vae's before (the default on a GPU until §22)
+    "vae_uncompiled": {"overrides": ["compile_vae=false"]},
     # the pipeline timed as VideoGenerator.render runs it: one time per block, no stage boundaries
     # (nothing synchronises between the DiT, the decode and the writing, as in a real render)
     "render": {"render": True},
@@ -1233,8 +1238,7 @@ def markdown(report: dict) -> str:
                          f"{frames / both:,.1f} video fps ceiling at the measured rate")
 
     def switched_on(v):  # the speed switches as run (compile=auto resolved for the device)
-        on = [k for k in ("compile", "cuda_graphs", "compile_vae", "decode_stream", "vae_channels_last")
-              if v["config"].get(k) is True]
+        on = [k for k in SWITCHES if v["config"].get(k) is True]
         return f"`{v['variant']}` " + (", ".join(on) or "none")
 
     lines.append("- speed switches on: " + "; ".join(map(switched_on, variants)))

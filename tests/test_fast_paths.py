@@ -687,6 +687,7 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     everything_off = dict.fromkeys(SWITCHES, False)
     assert resolved([], "cpu") == everything_off
     assert resolved(["compile=true"], "cpu") == {**everything_off, "compile": True}  # inductor's C++ backend
+    assert resolved(["compile_vae=true"], "cpu") == {**everything_off, "compile_vae": True}
     # a layout any device runs: auto leaves it to the GPU, where it was measured; true is kept
     assert resolved(["vae_channels_last=true"], "cpu") == {**everything_off, "vae_channels_last": True}
 
@@ -710,18 +711,20 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **kw: dict(paths, include=str(tmp_path)))
     assert resolved([], "cuda") == dict.fromkeys(SWITCHES, True)
     assert resolved(["compile=false", "decode_stream=false", "vae_channels_last=false"], "cuda") == {
-        **everything_off, "cuda_graphs": True}
+        **everything_off, "cuda_graphs": True, "compile_vae": True}
 
     triton["present"] = False
     with caplog.at_level("INFO", logger="pipeline.generate"):
-        assert resolved([], "cuda") == {**dict.fromkeys(SWITCHES, True), "compile": False}
-    assert any("compile=auto: off" in r.getMessage() and "Triton is not installed" in r.getMessage()
-               for r in caplog.records)
-    with pytest.raises(ConfigError, match="compile=true cannot run on cuda: Triton is not installed.*compile=false"):
-        resolved(["compile=true"], "cuda")
+        assert resolved([], "cuda") == {**dict.fromkeys(SWITCHES, True), "compile": False, "compile_vae": False}
+    assert {k for k in ("compile", "compile_vae") for r in caplog.records
+            if r.getMessage().startswith(f"{k}=auto: off") and "Triton is not installed" in r.getMessage()} == {
+        "compile", "compile_vae"}
+    for key in ("compile", "compile_vae"):
+        with pytest.raises(ConfigError, match=f"{key}=true cannot run on cuda: Triton is not installed.*{key}=false"):
+            resolved([f"{key}=true"], "cuda")
 
     triton["present"], capability["value"] = True, (6, 1)
-    assert resolved([], "cuda")["compile"] is False
+    assert resolved([], "cuda")["compile"] is resolved([], "cuda")["compile_vae"] is False
     with pytest.raises(ConfigError, match="Old GPU has compute capability 6.1; Triton needs 7.0"):
         resolved(["compile=true"], "cuda")
 
@@ -741,7 +744,7 @@ def test_auto_switches_resolve_per_device(monkeypatch, caplog, tmp_path):
     generate.resolve_switches(c, torch.device("cuda"))
     generate.resolve_switches(c, torch.device("cuda"))  # a second call (VideoGenerator's) changes nothing
     assert [c[k] for k in SWITCHES] == [True] * len(SWITCHES)
-    for bad in ("compile=maybe", "decode_stream=2", "vae_channels_last=nchw"):
+    for bad in ("compile=maybe", "compile_vae=fast", "decode_stream=2", "vae_channels_last=nchw"):
         with pytest.raises(ConfigError, match=f"'{bad.split('=')[0]}' in the command-line overrides must be true, "
                                               f"false or auto"):
             load_config(REPO / "configs" / "tiny.yaml", [bad])

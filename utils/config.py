@@ -68,7 +68,7 @@ def _read_yaml(path: Path) -> DictConfig:
 # Keys whose default is not null but that take null too (documented in default.yaml).
 NULLABLE = {"train.generator_ckpt"}
 # Keys that take true, false or auto (the speed switches pipeline.generate resolves per device).
-SWITCHES = ("compile", "cuda_graphs", "decode_stream", "vae_channels_last")
+SWITCHES = ("compile", "compile_vae", "cuda_graphs", "decode_stream", "vae_channels_last")
 # Keys whose default is a whole number but that take any number (fps: 23.976 works).
 FRACTIONAL = {"fps"}
 # Keys whose default is null, and what they take instead (a path, a mapping the consumer reads).
