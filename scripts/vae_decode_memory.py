@@ -5,7 +5,7 @@ small resolution; every allocation and free of the measured block is recorded by
 memory events, and the peak is reported with the causal cache it starts from, in units of one
 activation of the decoder's last level (96 channels × 4 frames × the video's pixels): those scale
 with the resolution, so the units carry over to 480×832, where one is 292.5 MiB in bf16
-(docs/PERFORMANCE.md §21). A compiled variant compiles the decoder with inductor on the CPU first
+(docs/PERFORMANCE.md §21-§22). A compiled variant compiles the decoder with inductor on the CPU first
 (a minute or two): its buffers are planned by the same scheduler as on a GPU.
 
     python scripts/vae_decode_memory.py --latent 8 12 --variants eager compiled
