@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -219,9 +220,10 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     checkpoint = checkpoint_of(args, cfg)
-    gen = load_generator(args, cfg, checkpoint, device)
-    if gen is None:
-        return 130
+    try:
+        gen = load_generator(args, cfg, checkpoint, device)
+    except KeyboardInterrupt as exc:
+        return _exit_code(exc)
     jobs = [(i, p, cfg.seed + k) for i, p in enumerate(prompts) for k in range(args.num_samples)]  # i: NNN
     mine = jobs[rank::world]
     log.info("%d video(s) to render on %s (rank %d of %d)", len(mine), device, rank, world)
@@ -231,8 +233,8 @@ def run(args, rank: int, world: int, local_rank: int) -> int:
                 path = output_name(folder, index, plans[index].segments[0].text, seed, reserve=True)
                 gen.generate(prompt, path, seed, checkpoint=checkpoint, image=args.image)
     except KeyboardInterrupt as exc:
-        log.warning("interrupted: the video being written was closed and stays playable")
-        return 128 + getattr(exc, "signum", 2)
+        log.warning("%s: the video being written was closed and stays playable", _stopped_by(exc))
+        return _exit_code(exc)
     return 0
 
 
@@ -273,16 +275,30 @@ def checkpoint_of(args, cfg) -> str:
 
 
 def load_generator(args, cfg, checkpoint: str, device=None):
-    """The models and the :class:`~pipeline.generate.VideoGenerator` over them; None when Ctrl-C
-    stops the loading (one line, nothing written)."""
+    """The models and the :class:`~pipeline.generate.VideoGenerator` over them. Ctrl-C or SIGTERM
+    stops the loading: one line, nothing written, and the KeyboardInterrupt (its ``signum`` for
+    SIGTERM) goes on to the caller, whose exit code says which."""
     from pipeline.generate import VideoGenerator, build_models
+    from utils.video import sigterm_as_interrupt
 
     try:
-        models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema, device=device)
-        return VideoGenerator(cfg, models)
-    except KeyboardInterrupt:
-        log.warning("interrupted while loading the models; nothing was written")
-        return None
+        with sigterm_as_interrupt():  # SIGTERM stops the loading as Ctrl-C does
+            models = build_models(cfg, checkpoint_path=checkpoint, use_ema=args.use_ema or cfg.use_ema,
+                                  device=device)
+            return VideoGenerator(cfg, models)
+    except KeyboardInterrupt as exc:
+        log.warning("%s while loading the models; nothing was written", _stopped_by(exc))
+        raise
+
+
+def _stopped_by(exc: KeyboardInterrupt) -> str:
+    """``interrupted`` (Ctrl-C) or ``terminated`` (SIGTERM, through ``sigterm_as_interrupt``)."""
+    return "terminated" if getattr(exc, "signum", None) == signal.SIGTERM else "interrupted"
+
+
+def _exit_code(exc: KeyboardInterrupt) -> int:
+    """The shell's code for the signal that stopped the run: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 def output_folder(args) -> Path:
@@ -321,16 +337,20 @@ def live(args, cfg, rank: int, world: int) -> int:
     from pipeline.generate import needs_warm_up
 
     checkpoint = checkpoint_of(args, cfg)
-    gen = load_generator(args, cfg, checkpoint)
-    if gen is None:
-        return 130
+    try:
+        gen = load_generator(args, cfg, checkpoint)
+    except KeyboardInterrupt as exc:
+        return _exit_code(exc)
     if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
+        from utils.video import sigterm_as_interrupt
+
         log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")
         try:
-            log.info("live: warmed up in %.1f s", gen.warm_up(image=args.image))
-        except KeyboardInterrupt:
-            log.warning("interrupted while warming up; nothing was written")
-            return 130
+            with sigterm_as_interrupt():
+                log.info("live: warmed up in %.1f s", gen.warm_up(image=args.image))
+        except KeyboardInterrupt as exc:
+            log.warning("%s while warming up; nothing was written", _stopped_by(exc))
+            return _exit_code(exc)
     if use_stdin:
         from pipeline.live_terminal import run_terminal
         from utils.video import sigterm_as_interrupt
@@ -342,10 +362,10 @@ def live(args, cfg, rank: int, world: int) -> int:
                                        output_folder=folder, checkpoint=checkpoint, image=args.image)
         except KeyboardInterrupt as exc:
             if videos_in(folder) - before:
-                log.warning("interrupted: the video was closed and stays playable")
+                log.warning("%s: the video was closed and stays playable", _stopped_by(exc))
             else:  # before the first action, or before its first frame
-                log.warning("interrupted before the first frame; nothing was written")
-            return 128 + getattr(exc, "signum", 2)
+                log.warning("%s before the first frame; nothing was written", _stopped_by(exc))
+            return _exit_code(exc)
         if session is None and lines.had_text:
             raise ConfigError("--live --stdin: the input ended without a usable first action (the lines given "
                               "were refused, see above); start with the action's text, e.g. 'a red fox trots "

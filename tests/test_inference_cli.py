@@ -392,6 +392,27 @@ def test_ctrl_c_while_the_models_load_is_one_line(tmp_path, monkeypatch, caplog)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_while_the_models_load_is_one_line(tmp_path, monkeypatch, caplog):
+    """SIGTERM (a job scheduler's stop) during the loading stops it as Ctrl-C does: one line that
+    says so, exit code 143, nothing written, and SIGTERM's handler as it was before."""
+    import os
+    import signal
+    import time
+
+    import inference
+    import pipeline.generate as generate
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this thread first
+        raise AssertionError("SIGTERM did not stop the loading")
+    monkeypatch.setattr(generate, "build_models", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert inference.main(["--prompt", "a[1s]", *TINY, "--output_folder", str(tmp_path)]) == 143
+    assert "terminated while loading the models; nothing was written" in caplog.text
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.fixture
 def run_main(monkeypatch, capsys):
     """``inference.main(argv)`` in this process, from the repository root: (exit code, stdout,
