@@ -571,8 +571,11 @@ def test_checkpoint_flags_are_recorded_in_the_config(run_main, tmp_path, monkeyp
     import inference
 
     seen = {}
-    monkeypatch.setattr(inference, "load_generator", lambda args, cfg, checkpoint, device=None: seen.update(
-        checkpoint=checkpoint, path=cfg.checkpoint_path, ema=cfg.use_ema))
+
+    def load_generator(args, cfg, checkpoint, device=None):  # records what it was given, then stops as Ctrl-C
+        seen.update(checkpoint=checkpoint, path=cfg.checkpoint_path, ema=cfg.use_ema)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(inference, "load_generator", load_generator)
     code, _, err = run_main("--prompt", "a[0.5s]", "--config_path", "configs/tiny.yaml", "random_init=false",
                             "--checkpoint_path", "mine.pt", "--use_ema", "--output_folder", str(tmp_path))
     assert code == 130 and seen == {"checkpoint": "mine.pt", "path": "mine.pt", "ema": True}, err
