@@ -367,8 +367,8 @@ class WanVAE(torch.nn.Module):
         place), which :class:`StreamingDecoder` runs for every latent frame once the cache is full:
         one graph, without a graph break, and no recompilation after. The first latent frames of
         a video, while the cache fills (its slots hold nothing, a marker, fewer frames), run the
-        plain forward: compiling them would make three graphs, three times the one-time compile,
-        for two frames a video; so does a one-shot :meth:`decode`. Diffusers' time upsamplers break
+        plain forward (compiling them would make three graphs, three times the one-time compile,
+        for two frames a video), and so does a one-shot :meth:`decode`. Diffusers' time upsamplers break
         the graph on torch 2.8 to 2.12, so they are swapped for :class:`CausalResample` first (what
         :meth:`fuse` does too). With inductor, the causal cache's concatenations are asked for as
         pointwise kernels (``force_pointwise_cat``) where the installed torch has the option.
@@ -379,8 +379,8 @@ class WanVAE(torch.nn.Module):
         alive: a peak 1.8 times the plain decoder's, 14 GiB for the pipeline on an H200. Written
         into the slots, each copy is a real kernel that frees its activation when it has run, and
         there is one cache: the peak counted on the CPU is the plain decoder's or below
-        (docs/PERFORMANCE.md §22). ``compile_vae`` in the config; ``scripts/benchmark.py
-        --variants compile_vae`` measures it."""
+        (docs/PERFORMANCE.md §22). ``compile_vae`` in the config (on by default on a GPU);
+        ``scripts/benchmark.py --variants default vae_uncompiled`` measures what it buys."""
         self._swap(("WanResample", CausalResample))
         if compile_kwargs.get("backend", "inductor") == "inductor":
             from torch._inductor import config as inductor_config
