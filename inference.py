@@ -335,6 +335,7 @@ def live(args, cfg, rank: int, world: int) -> int:
     import asyncio
 
     from pipeline.generate import needs_warm_up
+    from utils.video import sigterm_as_interrupt
 
     checkpoint = checkpoint_of(args, cfg)
     try:
@@ -342,8 +343,6 @@ def live(args, cfg, rank: int, world: int) -> int:
     except KeyboardInterrupt as exc:
         return _exit_code(exc)
     if needs_warm_up(cfg, gen.m.device):  # the one-time costs before the first action, not in it
-        from utils.video import sigterm_as_interrupt
-
         log.info("live: warming up (compiling, capturing CUDA graphs, planning kernels; once per start)")
         try:
             with sigterm_as_interrupt():
@@ -353,7 +352,6 @@ def live(args, cfg, rank: int, world: int) -> int:
             return _exit_code(exc)
     if use_stdin:
         from pipeline.live_terminal import run_terminal
-        from utils.video import sigterm_as_interrupt
 
         lines, before = _Lines(sys.stdin), videos_in(folder)
         try:

@@ -190,7 +190,7 @@ class WanVAE(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.decoder_compiled = False  # compile_decoder() sets it, and compiled_decode_into_cache
+        self.compiled_decode_into_cache = None  # compile_decoder() sets it
         self.cache_layout = torch.contiguous_format  # the layout of activations; to_channels_last() sets it
         cfg = vae.config
         for name in ("latents_mean", "latents_std"):
@@ -392,8 +392,12 @@ class WanVAE(torch.nn.Module):
                 options = {"force_pointwise_cat": True, **compile_kwargs.get("options", {})}
                 compile_kwargs = {**compile_kwargs, "options": options}
         self.compiled_decode_into_cache = torch.compile(decode_into_cache, **compile_kwargs)
-        self.decoder_compiled = True
         return self
+
+    @property
+    def decoder_compiled(self) -> bool:
+        """Whether :meth:`compile_decoder` ran: the streaming decode then runs the compiled graph."""
+        return self.compiled_decode_into_cache is not None
 
     def streaming_decoder(self) -> "StreamingDecoder":
         """A fresh :class:`StreamingDecoder` over this VAE (one per video stream)."""

@@ -475,7 +475,7 @@ def test_compiled_decoder_writes_its_cache_in_place(vae):
     def forward_leaving_odd_slots(*args, feat_cache, **kwargs):
         out = original(*args, feat_cache=feat_cache, **kwargs)
         filled.append(1)
-        if len(filled) == 2:  # the frame that fills the cache: half contiguous, half views into twice their size
+        if len(filled) == stream.cache_frames:  # the frame that fills the cache: half contiguous, half views
             for i, c in enumerate(feat_cache):
                 if isinstance(c, torch.Tensor):
                     feat_cache[i] = c.contiguous() if i % 2 else \
@@ -484,11 +484,12 @@ def test_compiled_decoder_writes_its_cache_in_place(vae):
 
     fast.vae.decoder.forward = forward_leaving_odd_slots
     try:
-        stream.decode_block(z[:, :2])  # the plain forward while the cache fills, then settled
+        stream.decode_block(z[:, :stream.cache_frames])  # the plain forward fills the cache, then it is settled
     finally:
         del fast.vae.decoder.forward
     cached = [c for c in stream._cache if isinstance(c, torch.Tensor)]
-    assert len(filled) == 2 and all(c.is_contiguous(memory_format=torch.channels_last_3d) for c in cached)
+    assert len(filled) == stream.cache_frames
+    assert all(c.is_contiguous(memory_format=torch.channels_last_3d) for c in cached)
     assert all(c.untyped_storage().nbytes() == c.nbytes for c in cached)
 
 
