@@ -136,11 +136,16 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation in real arithmetic: each pair (x1, x2) becomes (x1 c - x2 s, x2 c + x1 s),
+    written as ``pairs * c + swapped * (-s, s)`` with ``swapped`` = (x2, x1). No concatenation of
+    the rotated halves: a compiler writes the result straight into whatever consumes it (the
+    attention's keys in the cache's dtype), where a stack of the two halves made inductor
+    materialise it in float32 first (docs/PERFORMANCE.md §23). The same products and sums as the
+    two-halves form, so the same values."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    c, s = cos[None, :, None, :, None], sin[None, :, None, :, None]
+    signed_sin = torch.cat((-s, s), dim=-1)  # a table's size, not the keys'
+    return (pairs * c + pairs.flip(-1) * signed_sin).flatten(-2).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
