@@ -296,7 +296,9 @@ class WanDiT(nn.Module):
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype).transpose(1, 2))  # [B, dim, F, h, w]
         gh, gw = tokens.shape[-2:]
-        h = tokens.flatten(3).permute(0, 2, 3, 1).float()  # [B, F, S, dim] residual stream, float32
+        # [B, F, S, dim] residual stream, float32 and contiguous: every norm reduces over the
+        # innermost dim, and the elementwise ops after it keep this layout through all blocks
+        h = tokens.flatten(3).permute(0, 2, 3, 1).contiguous().float()
         e, e0 = self._embed_time(t)
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         if checkpointing:
