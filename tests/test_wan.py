@@ -106,3 +106,21 @@ def test_a_window_without_blocks_is_an_error(tiny_dit):
     x, t, ctx = torch.randn(1, 3, 4, 4, 6), torch.full((1, 3), 500.0), torch.randn(1, 8, 12)
     with pytest.raises(ValueError, match="num_frame_per_block"):
         tiny_dit(x, t, ctx, local_attn_size=2, sink_size=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_residual_stream_is_contiguous_float32_through_every_block(dtype):
+    """Every norm reduces over the residual stream's innermost dim: it enters each block as one
+    contiguous float32 [B, F, S, dim] tensor (the patch embedding's output, permuted, is
+    dim-strided: kept that way, each norm of every block read across strides) and leaves it so."""
+    dit = WanDiT(**dict(TINY_DIT, num_layers=2)).to(dtype).eval()
+    seen = []
+    hook = lambda module, args, out: seen.append((args[0], out))  # noqa: E731
+    for block in dit.blocks:
+        block.register_forward_hook(hook)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        dit(torch.randn(1, 3, 4, 4, 6, generator=g), torch.full((1, 3), 500.0), torch.randn(1, 8, 12, generator=g))
+    assert len(seen) == 2
+    for x in (t for pair in seen for t in pair):
+        assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == TINY_DIT["dim"], x.stride()
