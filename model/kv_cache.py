@@ -5,11 +5,11 @@ Every idea of Infinity-RoPE that touches attention lives here:
 * **Sink + window.** A block attends to at most ``local_attn_size`` latent frames: ``sink_size``
   sink frames (the first frames generated, never evicted), a ring of the most recent context
   frames (``local_attn_size - sink_size - block_frames`` of them, oldest first) and the block
-  being generated. Per layer the cache holds the sink and the ring only; a forward assembles each
-  layer's attention window (held frames, then the block's) in one buffer shared by all layers,
-  and the clean pass (:meth:`KVCache.begin_forward` with ``commit``) copies the frames that stay
-  from there into the held slots. Memory is allocated once and never grows, however long the
-  video.
+  being generated. Per layer the cache holds the sink and the ring only; a layer's forward
+  attends to its held frames followed by the block's (one concatenation, a layer's window, freed
+  after the layer), and the clean pass (:meth:`KVCache.begin_forward` with ``commit``) copies the
+  frames that stay from that window into the held slots. The cache is allocated once and never
+  grows, however long the video.
 * **Positions are data.** Every key is rotated at the position the cache assigns it now, and
   re-rotated when that position changes (fast path, below):
 
@@ -34,11 +34,11 @@ never moves). No raw keys are kept: the cache is two buffers (rotated keys, valu
 at every forward, which is the oracle the tests compare against.
 
 What a transformer block sees of the cache is a :class:`LayerKV`: its layer's rows of the two
-buffers, the shared window, the held length and the prompt's text keys/values. The bookkeeping
-(:meth:`prepare`, :meth:`set_text`, :meth:`begin_forward`) runs once per forward before the
-blocks, and a clean pass's copies into the held slots after each block
-(:meth:`LayerKV.write_back`), so a block compiles with ``torch.compile`` into one graph without
-a break, shared by all layers and by denoising steps and clean passes alike.
+buffers, the held length and the prompt's text keys/values. The bookkeeping (:meth:`prepare`,
+:meth:`set_text`, :meth:`begin_forward`) runs once per forward before the blocks, and a clean
+pass's copies into the held slots after each block (:meth:`LayerKV.finish`), so a block compiles
+with ``torch.compile`` into one graph without a break, shared by all layers and by denoising
+steps and clean passes alike.
 """
 from __future__ import annotations
 
@@ -93,10 +93,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # the oracle only: un-rotated keys, every held one rotated again at every forward
         self.k_raw = torch.zeros(shape, dtype=dtype, device=device) if naive_rope else None
-        # one layer's attention window (held frames, then the block), shared by all layers: a
-        # forward copies a layer's held keys/values here, stages the block after them and attends
-        window = (batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
-        self.window = (torch.zeros(window, dtype=dtype, device=device), torch.zeros(window, dtype=dtype, device=device))
         # per layer, the prompt's cross-attention (keys, values), [batch, text_len, heads, head_dim]
         self.text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.text_allocs = 0
@@ -309,7 +305,7 @@ class KVCache:
         """What layer ``i`` of the forward now running reads and writes (:meth:`prepare` ran)."""
         return LayerKV(self.k_rot[i], self.v[i], self.num_frames * self.frame_tokens,
                        self.k_raw[i] if self.k_raw is not None else None,
-                       self.text_kv[i] if self.has_text else None, self.window, self.writes)
+                       self.text_kv[i] if self.has_text else None, self.writes)
 
     def layers(self) -> list["LayerKV"]:
         """:meth:`layer` of every layer."""
@@ -322,9 +318,9 @@ class KVCache:
         return self.num_frames, self.writes
 
     def memory_bytes(self) -> int:
-        """Bytes of the key/value buffers and the window (the text keys/values come on top)."""
-        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v, *self.window)
-                   if t is not None)
+        """Bytes of the key/value buffers (the text keys/values come on top; a layer's window
+        exists only while that layer runs)."""
+        return sum(t.numel() * t.element_size() for t in (self.k_raw, self.k_rot, self.v) if t is not None)
 
     def pinned(self) -> "PinnedKV":
         """This cache as the block being generated sees it now (for activation checkpointing)."""
@@ -337,41 +333,42 @@ class LayerKV:
     Plain tensors and ints, so that ``torch.compile`` traces a block straight through it (no
     graph break) and the same compiled block serves every layer: ``k``/``v`` are views of the
     layer's held slots, ``held`` the tokens held before the current block (the value compiled
-    code guards on: a handful of layouts), ``window`` the attention window shared by all layers,
-    ``text`` the prompt's keys/values (or None: computed in the block), ``writes`` the clean
-    pass's copies into the held slots (made by :meth:`write_back`, outside the block)."""
+    code guards on: a handful of layouts), ``text`` the prompt's keys/values (or None: computed in
+    the block), ``writes`` the clean pass's copies into the held slots (made by :meth:`finish`,
+    outside the block)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, held: int, k_raw: torch.Tensor | None = None,
-                 text: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 window: tuple[torch.Tensor, torch.Tensor] | None = None, writes: tuple = ()):
-        self.k, self.v, self.held, self.k_raw, self.text = k, v, held, k_raw, text
-        self.window, self.writes = window, writes
+                 text: tuple[torch.Tensor, torch.Tensor] | None = None, writes: tuple = ()):
+        self.k, self.v, self.held, self.k_raw, self.text, self.writes = k, v, held, k_raw, text, writes
+        self.window: tuple[torch.Tensor, torch.Tensor] | None = None  # what the block attended to
 
     def attend(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values to attend to, ``[B, tokens, H, D]``: the held ones, then the current
-        block's (``k`` raw, ``k_rot`` rotated, ``v``). Without autograd they are assembled in the
-        shared window; under autograd concatenated (the graph reaches the block's; a clean pass,
-        which writes the window back, never runs under autograd)."""
-        held, stop = self.held, self.held + k.shape[1]
+        block's (``k`` raw, ``k_rot`` rotated, ``v``), concatenated into a window of this layer's
+        own, kept until :meth:`finish`. One concatenation per tensor: a compiled block writes the
+        block's rotated keys straight into it (in the cache's dtype, no float32 copy), where
+        assembling them in a preallocated buffer made the compiler copy that whole buffer twice
+        (docs/PERFORMANCE.md §23). Under autograd the graph reaches the block's keys through it."""
         if self.k_raw is not None:  # (not reading writes here: a compiled block then never guards on it)
-            self._raw = k.detach()  # the oracle's raw keys of the block, for write_back
-        if k_rot.requires_grad or v.requires_grad:  # training's denoising steps: keep the graph
-            return torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
-        keys, values = self.window[0][:, :stop], self.window[1][:, :stop]
-        keys[:, :held], values[:, :held] = self.k[:, :held], self.v[:, :held]
-        keys[:, held:], values[:, held:] = k_rot, v
-        return keys, values
+            self._raw = k.detach()  # the oracle's raw keys of the block, for the clean pass
+        held = self.held
+        self.window = torch.cat([self.k[:, :held], k_rot], dim=1), torch.cat([self.v[:, :held], v], dim=1)
+        return self.window
 
-    def write_back(self) -> None:
-        """After the layer's block ran a clean pass: copy the frames that stay from the window into
-        the held slots (:attr:`KVCache.writes`). Outside the block, so a compiled block is the same
-        graph for a denoising step and a clean pass."""
-        for dst, src, count in self.writes:
-            self.k[:, dst:dst + count] = self.window[0][:, src:src + count]
-            self.v[:, dst:dst + count] = self.window[1][:, src:src + count]
-            if self.k_raw is not None:
-                raw = torch.cat([self.k_raw[:, :self.held], self._raw], dim=1)
-                self.k_raw[:, dst:dst + count] = raw[:, src:src + count]
+    def finish(self) -> None:
+        """After the layer's block ran: a clean pass copies the frames that stay from the window it
+        attended to into the held slots (:attr:`KVCache.writes`); then the window is let go.
+        Outside the block, so a compiled block is the same graph for a denoising step and a clean
+        pass."""
+        if self.writes:
+            keys, values = self.window
+            for dst, src, count in self.writes:
+                self.k[:, dst:dst + count] = keys[:, src:src + count]
+                self.v[:, dst:dst + count] = values[:, src:src + count]
+                if self.k_raw is not None:
+                    raw = torch.cat([self.k_raw[:, :self.held], self._raw], dim=1)
+                    self.k_raw[:, dst:dst + count] = raw[:, src:src + count]
+        self.window = None
 
     def cross(self, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The text's keys/values: the prompt's, computed once (:meth:`KVCache.set_text`); under
@@ -426,6 +423,10 @@ class _PinnedLayer:
                                "backward; use a training window that holds the whole clip or turn off "
                                "gradient checkpointing")
         return torch.cat([c.k_rot[i, :, :n], k_rot], dim=1), torch.cat([c.v[i, :, :n], v], dim=1)
+
+    def finish(self) -> None:
+        """Nothing to write: the window went with the cache's own :class:`LayerKV` (original
+        forward) or with this call's concatenation (recompute)."""
 
     def cross(self, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         return make()  # training forwards run under autograd: the text projections get gradients

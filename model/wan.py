@@ -309,8 +309,8 @@ class WanDiT(nn.Module):
                 h = checkpoint(block, h, e0, text, rope_cur, mask, kv, use_reentrant=False)
             else:
                 h = block(h, e0, text, rope_cur, mask, kv)
-            if kv is not None and kv.writes:  # a clean pass: the frames that stay, into the held slots
-                kv.write_back()
+            if kv is not None:  # a clean pass: the frames that stay, into the held slots; the window let go
+                kv.finish()
 
         out = self.head(h, e)  # [B, F, S, pt*ph*pw*C]
         pt, ph, pw = self.patch_size

@@ -311,8 +311,8 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
                 live.stage = "resident"
                 resident = {"DiT weights": live.bytes_of(dit.parameters()),
                             "VAE weights": live.bytes_of(vae.parameters()),
-                            "KV cache (held keys/values, window, text keys/values)": live.bytes_of(
-                                tensors_in([cache.k_rot, cache.v, cache.k_raw, cache.window, cache.text_kv])),
+                            "KV cache (held keys/values, text keys/values)": live.bytes_of(
+                                tensors_in([cache.k_rot, cache.v, cache.k_raw, cache.text_kv])),
                             "VAE causal cache": live.bytes_of(tensors_in(decoder._cache))}
                 resident["other"] = live.now - sum(resident.values())
                 start = live.mark()

@@ -207,14 +207,15 @@ def test_positions_bounded_for_any_length(tiny_dit):
     held, current = rel.positions(BLOCK)
     assert max(held + current) == WINDOW - 1
     assert max(ab.positions(BLOCK)[1]) == 2000 * BLOCK + BLOCK - 1
-    # fixed at allocation: the held frames (the window less the block) and one layer's window
+    # fixed at allocation: the held frames (the window less the block), rotated keys and values
+    # only (a layer's window is made while the layer runs and let go after it)
     assert rel.k_rot.shape[2] == (WINDOW - BLOCK) * rel.frame_tokens and rel.k_raw is None
-    assert rel.window[0].shape[1] == WINDOW * rel.frame_tokens
+    assert rel.memory_bytes() == 2 * rel.k_rot.numel() * rel.k_rot.element_size()
 
 
 def test_clean_pass_writes_only_the_frames_that_stay(tiny_dit):
-    """The cache holds sink + ring (the window less the block); a forward attends in a window
-    shared by all layers. A denoising step leaves the held slots alone; a clean pass writes the
+    """The cache holds sink + ring (the window less the block); each layer attends to its held
+    frames then the block's. A denoising step leaves the held slots alone; a clean pass writes the
     frames that stay (first block: all three into sink + ring; then the block's last two into
     the ring, the sink untouched) and nothing else."""
     cache = cache_for(tiny_dit, "relativistic")
@@ -243,3 +244,33 @@ def test_a_clean_pass_under_autograd_is_refused(tiny_dit):
     with pytest.raises(ValueError, match="without autograd"):
         tiny_dit(x, t, ctx, kv_cache=cache, commit=True)
     assert cache.num_frames == 0
+
+
+def test_each_layer_attends_to_its_own_window_let_go_after_it(tiny_dit, monkeypatch):
+    """A layer attends to its held frames then the block's, one concatenation, kept only until the
+    layer's block finished (a clean pass copies from it first): no window outlives its layer, so
+    the cache's memory is the held slots alone."""
+    from model.kv_cache import LayerKV
+
+    seen, made = [], []
+    finish, layer = LayerKV.finish, type(cache_for(tiny_dit)).layer
+
+    def recording_finish(self):
+        seen.append((self.held, self.window[0].shape[1], self.window[1].shape[1]))
+        finish(self)
+
+    def recording_layer(self, i):
+        made.append(out := layer(self, i))
+        return out
+
+    monkeypatch.setattr(LayerKV, "finish", recording_finish)
+    monkeypatch.setattr(type(cache_for(tiny_dit)), "layer", recording_layer)
+    cache = cache_for(tiny_dit, "relativistic")
+    tokens, block = cache.frame_tokens, BLOCK * cache.frame_tokens
+    x, t, ctx = inputs(6)
+    with torch.no_grad():
+        tiny_dit(x[:, :3], t[:, :3], ctx, kv_cache=cache, commit=True)
+        tiny_dit(x[:, 3:], t[:, 3:], ctx, kv_cache=cache)
+    layers_n = len(tiny_dit.blocks)
+    assert seen == [(0, block, block)] * layers_n + [(3 * tokens, 3 * tokens + block, 3 * tokens + block)] * layers_n
+    assert len(made) == 2 * layers_n and all(kv.window is None for kv in made)
