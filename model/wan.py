@@ -90,6 +90,26 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).flatten(2))
 
 
+def feed_forward(ffn: nn.Sequential, h: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """Wan's feed-forward ``Linear → GELU(tanh) → Linear`` over ``h`` ``[..., dim]``.
+
+    ``fused`` (default: on a CUDA device without autograd) computes the first linear layer and
+    its GELU as one GEMM whose epilogue adds the bias and applies the GELU
+    (``torch._addmm_activation``: cuBLASLt's GELU epilogue, the tanh approximation Wan uses, on
+    the float32 accumulator): the hidden activation, ``ffn_dim / dim`` times the block's width,
+    is written once instead of written, read and written again by a GELU pass (160 MiB per layer
+    and forward at 480x832, docs/PERFORMANCE.md §23). Inductor keeps the op as one extern kernel.
+    Autograd (training) takes the plain modules. Off CUDA the op's GELU is the exact one, so
+    ``fused`` is only for a test of its plumbing there."""
+    up, act, down = ffn
+    if fused is None:
+        fused = h.is_cuda and not torch.is_grad_enabled() and up.bias is not None
+    if not fused:
+        return ffn(h)
+    hidden = torch._addmm_activation(up.bias, h.reshape(-1, h.shape[-1]), up.weight.t(), use_gelu=True)
+    return down(hidden.view(*h.shape[:-1], -1))
+
+
 class WanBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: bool, cross_attn_norm: bool, eps: float):
         super().__init__()
@@ -132,7 +152,7 @@ class WanBlock(nn.Module):
 
         # feed-forward
         h = torch.addcmul(c_shift, self.norm2(x), 1 + c_scale).to(dtype)
-        x = torch.addcmul(x, self.ffn(h), c_gate)
+        x = torch.addcmul(x, feed_forward(self.ffn, h), c_gate)
         return x
 
 
