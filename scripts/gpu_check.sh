@@ -156,7 +156,7 @@ if [ "$PART" = main ]; then
     timeout "$(limit 160)" $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
         tests/test_fast_paths.py tests/test_text_encoder.py \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion tests/test_rollout.py \
-        tests/test_wan.py::test_cuda_fused_feed_forward_is_as_close_to_float32_as_the_modules \
+        tests/test_wan.py::test_cuda_fused_feed_forward_is_as_close_to_float32_as_the_modules tests/test_fusion_report.py \
         tests/test_vae.py::test_cuda_bf16_fused_decode_is_as_close_to_fp32_as_diffusers 2>&1 | tee -a "$OUT/tests.log"
     tests_rc=${PIPESTATUS[0]}
     set -e
