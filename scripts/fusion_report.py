@@ -46,6 +46,7 @@ class _Scheduled(Exception):
 def scheduled_kernels(fn, *args) -> list[dict]:
     """The kernels inductor's GPU scheduler plans for ``fn(*args)`` (a compiled module call): kind
     ("fused" for inductor's own, "extern" for library calls), the ops in it, bytes read and written."""
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor import ir
     from torch._inductor import scheduler as sched
@@ -71,12 +72,15 @@ def scheduled_kernels(fn, *args) -> list[dict]:
 
     codegen = sched.Scheduler.codegen
     sched.Scheduler.codegen = record
-    try:
-        with inductor_config.patch(cpu_backend="triton"):
+    try:  # no cache: a graph compiled before (same shapes, same code) would skip the scheduler
+        with inductor_config.patch(cpu_backend="triton", fx_graph_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
             fn(*args)
     except Exception as e:  # inductor wraps what the scheduler raised
         if not any(isinstance(x, _Scheduled) for x in _chain(e)):
             raise
+    else:
+        raise RuntimeError("inductor's scheduler never ran: nothing was compiled")
     finally:
         sched.Scheduler.codegen = codegen
     return planned
