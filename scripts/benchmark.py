@@ -84,6 +84,8 @@ VARIANTS = {
     "rope_f64": {"legacy": ["rope_f64"]},     # rotate in float64 (the reference implementation)
     "real_rope": {"legacy": ["real_rope"]},   # real-valued rotation formula instead of one complex multiply
     "text_kv_per_forward": {"legacy": ["text_kv_per_forward"]},  # text keys/values projected at every forward
+    # the feed-forward's GELU as a pass of its own (the modules), not in the first GEMM's epilogue (§23)
+    "ffn_gelu_pass": {"legacy": ["ffn_gelu_pass"]},
     "sync_write": {"sync_write": True},       # frames piped to ffmpeg on the critical path (no writer thread)
     # later parts override earlier ones: eager+cuda_graphs is CUDA graphs of eager blocks
     "compile": {"overrides": ["compile=true"]},
@@ -550,6 +552,8 @@ def legacy_paths(names: list[str]):
             elif name == "text_kv_per_forward":
                 swap(kv_cache.LayerKV, "cross", _text_kv_per_forward)
                 swap(kv_cache.KVCache, "set_text", lambda self, context, make_layer: None)
+            elif name == "ffn_gelu_pass":
+                swap(wan, "feed_forward", lambda ffn, h: ffn(h))
         yield
     finally:
         for owner, attr, value in reversed(saved):

@@ -1062,6 +1062,28 @@ def test_compile_variants_compile_the_blocks_with_their_options(monkeypatch):
     assert calls == []
 
 
+def test_ffn_gelu_pass_variant_runs_the_feed_forward_as_modules(monkeypatch):
+    """The ``ffn_gelu_pass`` lever (§23's before): inside it every block's feed-forward is the
+    plain modules (the GELU a pass of its own), never the GEMM with the GELU epilogue; after it
+    the fused path is back."""
+    import model.wan as wan
+
+    bench = benchmark_module()
+    fused = wan.feed_forward
+    ffn = wan.WanBlock(8, 16, 2, True, True, 1e-6).ffn
+    h = torch.randn(1, 3, 4, 8)
+
+    def no_epilogue(*args, **kwargs):
+        raise AssertionError("the GELU epilogue ran")
+
+    monkeypatch.setattr(torch, "_addmm_activation", no_epilogue)
+    with bench.legacy_paths(bench.parse_variant("ffn_gelu_pass")["legacy"]), torch.no_grad():
+        assert torch.equal(wan.feed_forward(ffn, h), ffn(h))
+    assert wan.feed_forward is fused
+    with pytest.raises(AssertionError, match="epilogue"), torch.no_grad():
+        wan.feed_forward(ffn, h, fused=True)
+
+
 def test_interleave_refuses_variants_whose_models_differ():
     """``--interleave`` builds one model for all its variants: a variant applied at build time
     (static_compile, autotune_compile, vae_unfused, render) would be measured as the first one, so
