@@ -153,7 +153,7 @@ if [ "$PART" = main ]; then
     # leaves out the CPU-only inductor compiles (CI runs them), which would eat this step's time, and
     # -k the CPU tests of the benchmark and the scripts (~50 s on 2 cores): the steps below run them
     set +e
-    timeout "$(limit 160)" $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
+    timeout "$(limit 175)" $PY -m pytest -q -rs -m "not slow" -k "not benchmark and not script" -p no:cacheprovider \
         tests/test_fast_paths.py tests/test_text_encoder.py \
         tests/test_video.py::test_pending_frames_from_the_gpu_equal_the_cpu_conversion tests/test_rollout.py \
         tests/test_wan.py::test_cuda_fused_feed_forward_is_as_close_to_float32_as_the_modules tests/test_fusion_report.py \
