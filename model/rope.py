@@ -13,9 +13,12 @@ Angles are computed in float64 (a row per token, frame × grid), memoised per ru
 as float32 (cos, sin) tables, and applied in float32. The rotation itself is one complex multiply per element
 (:func:`rotate`, the fast path: one pass over the keys instead of the several of a real-valued
 formulation); :func:`apply_rope` takes the (cos, sin) pair and gives the same result. The tables
-:func:`rotate` takes are real, ``[L, head_dim // 2, 2]`` (cos, sin) pairs: a complex64 table's
-layout, viewed as complex without a copy in eager code, while a compiled block gets no complex
-tensor (inductor generates no code for complex operators and falls back to ATen for them).
+:func:`rotate` takes are real, ``[L, head_dim // 2, 4]``: per channel pair (cos, sin, -sin, sin).
+The first two are a complex64 table's layout, viewed as complex without a copy in eager code; the
+last two are what a compiled block multiplies the swapped pair by (:func:`_rotate_signed`), so
+that its rotation is loads and multiply-adds only (inductor generates no code for complex
+operators, and a sign selected inside the kernel made the fused norm + rotation + window
+expression long enough for torch 2.11's inductor to write it out in float32: §23).
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ class Rope:
 
     def freqs_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """Like :meth:`table` for frames whose temporal positions are the concatenated runs
-        ``[(start, count), ...]``, as one tensor of (cos, sin) pairs ``[L, head_dim // 2, 2]``
+        ``[(start, count), ...]``, as one table ``[L, head_dim // 2, 4]`` of (cos, sin, -sin, sin)
         (float32), the argument of :func:`rotate`. Built on the device from ``arange`` (no
         host-to-device copy, no synchronisation) and memoised: a rollout with relative positions
         reuses a handful of tables for its whole length."""
@@ -86,7 +89,7 @@ class Rope:
         if hit is None:
             pos = torch.cat([torch.arange(s, s + c, device=device) for s, c in key[0]]) if key[0] else \
                 torch.zeros(0, device=device, dtype=torch.long)
-            hit = torch.stack(self.table(pos, grid_h, grid_w), dim=-1)
+            hit = _with_signed_sines(*self.table(pos, grid_h, grid_w))
             self._remember(key, hit)
         return hit
 
@@ -96,7 +99,7 @@ class Rope:
         return freqs[..., 0], freqs[..., 1]
 
     def shift_freqs(self, delta: int, num_frames: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
-        """Table ``[num_frames * grid_h * grid_w, head_dim // 2, 2]`` of (cos, sin) pairs (the
+        """Table ``[num_frames * grid_h * grid_w, head_dim // 2, 4]`` of (cos, sin, -sin, sin) (the
         argument of :func:`rotate`) that turns keys already rotated at temporal position p to
         position p + ``delta``: the temporal channels by ``delta``, the spatial ones not at all
         (rotations compose). Memoised."""
@@ -107,7 +110,7 @@ class Rope:
             parts = [torch.full((self.split[0] // 2,), float(delta), dtype=torch.float64, device=device)
                      * self._inv(0, device), torch.zeros(sum(self.split[1:]) // 2, dtype=torch.float64, device=device)]
             angles = torch.cat(parts).expand(num_frames * grid_h * grid_w, -1)
-            hit = torch.stack((torch.cos(angles).float(), torch.sin(angles).float()), dim=-1)
+            hit = _with_signed_sines(torch.cos(angles).float(), torch.sin(angles).float())
             self._remember(key, hit)
         return hit
 
@@ -117,35 +120,44 @@ class Rope:
         self._memo[key] = value
 
 
+def _with_signed_sines(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The table :func:`rotate` takes: ``[..., 4]`` of (cos, sin, -sin, sin)."""
+    return torch.stack((cos, sin, -sin, sin), dim=-1)
+
+
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a table ``freqs`` ``[L, head_dim/2, 2]`` of
-    (cos, sin) pairs (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex number
-    x[2i] + j x[2i+1] times cos_i + j sin_i, in float32; the result has the dtype of ``x``.
+    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a table ``freqs`` ``[L, head_dim/2, 4]`` of
+    (cos, sin, -sin, sin) (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex
+    number x[2i] + j x[2i+1] times cos_i + j sin_i, in float32; the result has the dtype of ``x``.
 
     Eager: one complex multiply (bit-identical to :func:`_rotate_real`'s real formula on the CPU,
     and a single pass over ``x`` instead of several). Under ``torch.compile`` the real formula is
     used instead: the compiler fuses it into one kernel, and complex tensors are not its strong side."""
     if torch.compiler.is_compiling():
-        return _rotate_real(x, freqs[..., 0], freqs[..., 1])
+        return _rotate_signed(x, freqs[..., :1], freqs[..., 2:])
     xf = x.float()
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()
-    table = torch.view_as_complex(freqs)  # a view: the pairs are a complex64 table's layout
+    table = torch.view_as_complex(freqs[..., :2])  # a view: (cos, sin) are a complex64 table's layout
     out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table[None, :, None, :])
     return out.flatten(-2).to(x.dtype)
 
 
-def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """The rotation in real arithmetic: each pair (x1, x2) becomes (x1 c - x2 s, x2 c + x1 s),
-    written as ``pairs * c + swapped * (-s, s)`` with ``swapped`` = (x2, x1). No concatenation of
-    the rotated halves: a compiler writes the result straight into whatever consumes it (the
+    written as ``pairs * c + swapped * (-s, s)`` with ``swapped`` = (x2, x1); ``cos``
+    ``[L, head_dim/2, 1]``, ``signed_sin`` ``[L, head_dim/2, 2]``. No concatenation of the
+    rotated halves: a compiler writes the result straight into whatever consumes it (the
     attention's keys in the cache's dtype), where a stack of the two halves made inductor
     materialise it in float32 first (docs/PERFORMANCE.md §23). The same products and sums as the
     two-halves form, so the same values."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    c, s = cos[None, :, None, :, None], sin[None, :, None, :, None]
-    signed_sin = torch.cat((-s, s), dim=-1)  # a table's size, not the keys'
-    return (pairs * c + pairs.flip(-1) * signed_sin).flatten(-2).to(x.dtype)
+    return (pairs * cos[None, :, None] + pairs.flip(-1) * signed_sin[None, :, None]).flatten(-2).to(x.dtype)
+
+
+def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_rotate_signed` from (cos, sin) tables ``[L, head_dim/2]``."""
+    return _rotate_signed(x, cos[..., None], _with_signed_sines(cos, sin)[..., 2:])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -156,4 +168,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     :func:`rotate` with ``torch.stack((cos, sin), -1)``.)"""
     if torch.compiler.is_compiling():
         return _rotate_real(x, cos, sin)
-    return rotate(x, torch.stack((cos, sin), dim=-1))
+    return rotate(x, _with_signed_sines(cos, sin))
