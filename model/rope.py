@@ -13,9 +13,9 @@ Angles are computed in float64 (a row per token, frame × grid), memoised per ru
 as float32 (cos, sin) tables, and applied in float32. The rotation itself is one complex multiply per element
 (:func:`rotate`, the fast path: one pass over the keys instead of the several of a real-valued
 formulation); :func:`apply_rope` takes the (cos, sin) pair and gives the same result. The tables
-:func:`rotate` takes are real, ``[L, head_dim // 2, 4]``: per channel pair (cos, sin, -sin, sin).
-The first two are a complex64 table's layout, viewed as complex without a copy in eager code; the
-last two are what a compiled block multiplies the swapped pair by (:func:`_rotate_signed`), so
+:func:`rotate` takes are real, ``[L, 2, head_dim // 2, 2]``: ``[:, 0]`` the (cos, sin) pairs, a
+complex64 table's layout, viewed as complex without a copy in eager code; ``[:, 1]`` the
+(-sin, sin) pairs a compiled block multiplies the swapped pair by (:func:`_rotate_signed`), so
 that its rotation is loads and multiply-adds only (inductor generates no code for complex
 operators, and a sign selected inside the kernel made the fused norm + rotation + window
 expression long enough for torch 2.11's inductor to write it out in float32: §23).
@@ -80,8 +80,8 @@ class Rope:
 
     def freqs_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """Like :meth:`table` for frames whose temporal positions are the concatenated runs
-        ``[(start, count), ...]``, as one table ``[L, head_dim // 2, 4]`` of (cos, sin, -sin, sin)
-        (float32), the argument of :func:`rotate`. Built on the device from ``arange`` (no
+        ``[(start, count), ...]``, as one table ``[L, 2, head_dim // 2, 2]`` (float32, see the
+        module's docstring), the argument of :func:`rotate`. Built on the device from ``arange`` (no
         host-to-device copy, no synchronisation) and memoised: a rollout with relative positions
         reuses a handful of tables for its whole length."""
         key = (tuple((int(s), int(c)) for s, c in runs if c > 0), grid_h, grid_w, str(device))
@@ -96,11 +96,11 @@ class Rope:
     def table_for_runs(self, runs: PositionRuns, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`freqs_for_runs` as (cos, sin), each ``[L, head_dim // 2]`` (views of it)."""
         freqs = self.freqs_for_runs(runs, grid_h, grid_w, device)
-        return freqs[..., 0], freqs[..., 1]
+        return cos_sin(freqs)
 
     def shift_freqs(self, delta: int, num_frames: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
-        """Table ``[num_frames * grid_h * grid_w, head_dim // 2, 4]`` of (cos, sin, -sin, sin) (the
-        argument of :func:`rotate`) that turns keys already rotated at temporal position p to
+        """Table ``[num_frames * grid_h * grid_w, 2, head_dim // 2, 2]`` (the argument of
+        :func:`rotate`) that turns keys already rotated at temporal position p to
         position p + ``delta``: the temporal channels by ``delta``, the spatial ones not at all
         (rotations compose). Memoised."""
         key = ("shift", int(delta), int(num_frames), grid_h, grid_w, str(device))
@@ -121,24 +121,30 @@ class Rope:
 
 
 def _with_signed_sines(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The table :func:`rotate` takes: ``[..., 4]`` of (cos, sin, -sin, sin)."""
-    return torch.stack((cos, sin, -sin, sin), dim=-1)
+    """The table :func:`rotate` takes, from (cos, sin) ``[L, head_dim // 2]``: ``[L, 2, head_dim // 2, 2]``,
+    the (cos, sin) pairs then the (-sin, sin) pairs (each part contiguous in its pairs)."""
+    return torch.stack((torch.stack((cos, sin), dim=-1), torch.stack((-sin, sin), dim=-1)), dim=1)
+
+
+def cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each ``[L, head_dim // 2]``, of a :func:`rotate` table (views)."""
+    return freqs[:, 0, :, 0], freqs[:, 0, :, 1]
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a table ``freqs`` ``[L, head_dim/2, 4]`` of
-    (cos, sin, -sin, sin) (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex
+    """Rotate ``x`` ``[B, L, heads, head_dim]`` by a table ``freqs`` ``[L, 2, head_dim/2, 2]``
+    (:meth:`Rope.freqs_for_runs`): channel pairs (2i, 2i+1) as the complex
     number x[2i] + j x[2i+1] times cos_i + j sin_i, in float32; the result has the dtype of ``x``.
 
     Eager: one complex multiply (bit-identical to :func:`_rotate_real`'s real formula on the CPU,
     and a single pass over ``x`` instead of several). Under ``torch.compile`` the real formula is
     used instead: the compiler fuses it into one kernel, and complex tensors are not its strong side."""
     if torch.compiler.is_compiling():
-        return _rotate_signed(x, freqs[..., :1], freqs[..., 2:])
+        return _rotate_signed(x, freqs[:, 0, :, :1], freqs[:, 1])
     xf = x.float()
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()
-    table = torch.view_as_complex(freqs[..., :2])  # a view: (cos, sin) are a complex64 table's layout
+    table = torch.view_as_complex(freqs[:, 0])  # a view: the (cos, sin) pairs are a complex64 table's layout
     out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table[None, :, None, :])
     return out.flatten(-2).to(x.dtype)
 
@@ -157,7 +163,7 @@ def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor)
 
 def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """:func:`_rotate_signed` from (cos, sin) tables ``[L, head_dim/2]``."""
-    return _rotate_signed(x, cos[..., None], _with_signed_sines(cos, sin)[..., 2:])
+    return _rotate_signed(x, cos[..., None], _with_signed_sines(cos, sin)[:, 1])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

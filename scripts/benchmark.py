@@ -517,13 +517,14 @@ def parse_variant(name: str) -> dict:
 
 def _rotate_real(x, freqs):
     from model.rope import _rotate_real as real
+    from model.rope import cos_sin
 
-    return real(x, freqs[..., 0], freqs[..., 1])
+    return real(x, *cos_sin(freqs))
 
 
 def _rotate_f64(x, freqs):
     xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
-    table = torch.view_as_complex(freqs).to(torch.complex128)
+    table = torch.view_as_complex(freqs[:, 0]).to(torch.complex128)  # the table's (cos, sin) pairs
     return torch.view_as_real(xc * table[None, :, None, :]).flatten(-2).to(x.dtype)
 
 

@@ -72,6 +72,8 @@ def test_complex_rotation_equals_real_formula(dtype):
     fast = rotate(x, freqs)
     assert fast.dtype == dtype
     assert torch.allclose(fast.float(), plain.float(), atol=1e-6, rtol=0)
+    if dtype == torch.float32:  # the same products and sums: bit for bit (rotate's docstring)
+        assert torch.equal(fast, plain)
     assert torch.equal(apply_rope(x, cos, sin), fast)
     # a strided view (a cache slice) is rotated like its contiguous copy
     view = torch.randn(3, 2, 45, 4, 128).to(dtype)[1]
@@ -1060,6 +1062,24 @@ def test_compile_variants_compile_the_blocks_with_their_options(monkeypatch):
     calls.clear()
     bench.Bench(bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), []), bench.parse_variant("static_compile"))
     assert calls == []
+
+
+@pytest.mark.parametrize("variant", ["real_rope", "rope_f64"])
+def test_rope_levers_rotate_as_the_fast_path(variant):
+    """The benchmark's RoPE "before" variants take the tables the cache hands out and rotate the
+    keys and queries as the fast path does, to float32 rounding."""
+    import model.kv_cache as kv_cache
+    import model.wan as wan
+
+    bench = benchmark_module()
+    freqs = Rope(16).freqs_for_runs([(0, 1), (4, 2)], 3, 5, "cpu")
+    x = torch.randn(2, freqs.shape[0], 3, 16)
+    fast = rotate(x, freqs)
+    with bench.legacy_paths(bench.parse_variant(variant)["legacy"]):
+        assert wan.rotate is kv_cache.rotate is not rotate
+        before = wan.rotate(x, freqs)
+    assert wan.rotate is rotate
+    torch.testing.assert_close(before, fast, rtol=1e-6, atol=1e-6)
 
 
 def test_ffn_gelu_pass_variant_runs_the_feed_forward_as_modules(monkeypatch):
