@@ -101,7 +101,7 @@ def feed_forward(ffn: nn.Sequential, h: torch.Tensor, fused: bool | None = None)
     and forward at 480x832, docs/PERFORMANCE.md §23). Inductor keeps the op as one extern kernel.
     Autograd (training) takes the plain modules. Off CUDA the op's GELU is the exact one, so
     ``fused`` is only for a test of its plumbing there."""
-    up, act, down = ffn
+    up, _, down = ffn  # the GELU module between them: Wan's tanh form, which the epilogue computes
     if fused is None:
         fused = h.is_cuda and not torch.is_grad_enabled() and up.bias is not None
     if not fused:

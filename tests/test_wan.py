@@ -149,10 +149,14 @@ def test_cuda_fused_feed_forward_is_as_close_to_float32_as_the_modules(compiled)
     """Wan's widths, a block of 480x832 tokens, bf16 on the GPU: the GELU epilogue (the default
     there, eager and inside an inductor graph) is no further from the float32 feed-forward than
     the modules run in bf16 (it rounds once where they round twice), and within 2e-2 of them."""
-    from model.wan import WanBlock, feed_forward
+    from model.vae_config import compression_factors, config_of
+    from model.wan import WAN_1_3B, WanBlock, feed_forward
 
-    ffn = randomize(WanBlock(1536, 8960, 12, True, True, 1e-6), seed=3, std=0.02).ffn.cuda()
-    h = torch.randn(1, 3, 1560, 1536, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    dim, heads = WAN_1_3B["dim"], WAN_1_3B["num_heads"]
+    ffn = randomize(WanBlock(dim, WAN_1_3B["ffn_dim"], heads, True, True, 1e-6), seed=3, std=0.02).ffn.cuda()
+    spatial, _ = compression_factors(config_of(None, None))  # Wan2.1's VAE; patches of 2x2 latents
+    tokens = (480 // spatial // 2) * (832 // spatial // 2)
+    h = torch.randn(1, 3, tokens, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         want = ffn(h)
         ffn16 = ffn.to(torch.bfloat16)
