@@ -171,7 +171,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Channel pairs (2i, 2i+1) are rotated as the complex number x[2i] + j x[2i+1] times
     exp(j angle_i), in float32; the result has the dtype of ``x``. (The same as
-    :func:`rotate` with ``torch.stack((cos, sin), -1)``.)"""
+    :func:`rotate` with the table :func:`_with_signed_sines` makes of them.)"""
     if torch.compiler.is_compiling():
         return _rotate_real(x, cos, sin)
     return rotate(x, _with_signed_sines(cos, sin))
