@@ -250,10 +250,10 @@ def test_each_layer_attends_to_its_own_window_let_go_after_it(tiny_dit, monkeypa
     """A layer attends to its held frames then the block's, one concatenation, kept only until the
     layer's block finished (a clean pass copies from it first): no window outlives its layer, so
     the cache's memory is the held slots alone."""
-    from model.kv_cache import LayerKV
+    from model.kv_cache import KVCache, LayerKV
 
     seen, made = [], []
-    finish, layer = LayerKV.finish, type(cache_for(tiny_dit)).layer
+    finish, layer = LayerKV.finish, KVCache.layer
 
     def recording_finish(self):
         seen.append((self.held, self.window[0].shape[1], self.window[1].shape[1]))
@@ -264,7 +264,7 @@ def test_each_layer_attends_to_its_own_window_let_go_after_it(tiny_dit, monkeypa
         return out
 
     monkeypatch.setattr(LayerKV, "finish", recording_finish)
-    monkeypatch.setattr(type(cache_for(tiny_dit)), "layer", recording_layer)
+    monkeypatch.setattr(KVCache, "layer", recording_layer)
     cache = cache_for(tiny_dit, "relativistic")
     tokens, block = cache.frame_tokens, BLOCK * cache.frame_tokens
     x, t, ctx = inputs(6)
