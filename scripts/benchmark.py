@@ -86,6 +86,8 @@ VARIANTS = {
     "text_kv_per_forward": {"legacy": ["text_kv_per_forward"]},  # text keys/values projected at every forward
     # the feed-forward's GELU as a pass of its own (the modules), not in the first GEMM's epilogue (§23)
     "ffn_gelu_pass": {"legacy": ["ffn_gelu_pass"]},
+    # self-attention's q, k, v as three GEMMs, not one packed GEMM (§24)
+    "qkv_separate": {"qkv_separate": True},
     "sync_write": {"sync_write": True},       # frames piped to ffmpeg on the critical path (no writer thread)
     # later parts override earlier ones: eager+cuda_graphs is CUDA graphs of eager blocks
     "compile": {"overrides": ["compile=true"]},
@@ -498,7 +500,8 @@ def bench_prompt(seconds: float, segment_seconds: float = 5.0) -> str:
 
 def parse_variant(name: str) -> dict:
     spec = {"name": name, "overrides": [], "naive_rope": False, "sdpa": None, "legacy": [], "sync_write": False,
-            "cudnn_benchmark": False, "render": False, "compile_options": {}, "vae_unfused": False}
+            "cudnn_benchmark": False, "render": False, "compile_options": {}, "vae_unfused": False,
+            "qkv_separate": False}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)} (combine with +)")
@@ -512,6 +515,7 @@ def parse_variant(name: str) -> dict:
         spec["render"] |= v.get("render", False)
         spec["compile_options"] = {**spec["compile_options"], **v.get("compile_options", {})}
         spec["vae_unfused"] |= v.get("vae_unfused", False)
+        spec["qkv_separate"] |= v.get("qkv_separate", False)
     return spec
 
 
@@ -617,6 +621,8 @@ class Bench:
                 block.compile(**variant["compile_options"])
         if variant.get("vae_unfused"):
             self.models.vae.unfuse()
+        if variant.get("qkv_separate"):  # before the first forward, which compiles
+            self.models.dit.pack_qkv(False)
         if variant["naive_rope"]:
             self.gen.cache = self.settings.new_cache(self.models.dit, 1, self.gen.latent_shape[1:], naive_rope=True)
         self.cache = self.gen.cache
@@ -1091,7 +1097,7 @@ def run_interleaved(specs: list[dict], seconds_list: list[float], opts: dict) ->
     """DiT-only before/after numbers for variants that share one model (runtime switches):
     one process, the variants' rollouts alternating round after round, so that a busy spell on
     a shared machine hits every variant alike. No memory numbers (one process for all)."""
-    built = ("compile_options", "vae_unfused", "render")  # switches applied when a variant's models are built
+    built = ("compile_options", "vae_unfused", "qkv_separate", "render")  # applied when a variant's models are built
     def models_of(s):  # the compile options compare whatever order the variant named them in
         return repr([sorted(s[k].items()) if isinstance(s[k], dict) else s[k] for k in built])
     if len({tuple(s["overrides"]) for s in specs}) > 1 or len({models_of(s) for s in specs}) > 1:

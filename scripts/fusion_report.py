@@ -108,6 +108,7 @@ def steady_block_kernels(cfg, device: str = "cpu") -> tuple[list[dict], dict]:
     dtype = torch_dtype(cfg.dtype)
     torch.manual_seed(0)
     dit = wan.WanDiT(**dims).to(device, dtype).eval()
+    dit.pack_qkv()  # as build_models: self-attention's q, k, v in one GEMM
     cache = settings.new_cache(dit, 1, latent_hw)
     for _ in range(settings.first_steady_block + 1):  # the window full: the steady layout
         cache.commit(settings.block_frames)

@@ -113,20 +113,20 @@ EOF
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
     ROWS=(eager default compile compile_vae)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
-    LEVERS=(default vae_unfused vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
+    LEVERS=(default qkv_separate vae_unfused vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
     ROWS=(eager default render vae_uncompiled)
-    LEVERS=(default ffn_gelu_pass autotune_compile vae_unfused static_compile decode_stream default+cuda_graphs vae_contiguous sync_write)
+    LEVERS=(default ffn_gelu_pass qkv_separate autotune_compile vae_unfused static_compile decode_stream default+cuda_graphs vae_contiguous sync_write)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
 
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
-    echo "==> levers: the FFN's GELU as its own pass; the DiT compiled with GEMM autotuning; the channels-last VAE with diffusers' modules (the"
+    echo "==> levers: the FFN's GELU as its own pass; q, k, v as three GEMMs; the DiT compiled with GEMM autotuning; the channels-last VAE with diffusers' modules (the"
     echo "    fused VAE's before); the DiT with static shapes; the decode stream; CUDA graphs; the contiguous"
     echo "    VAE; the writer on the critical path"
     timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants "${LEVERS[@]}" \

@@ -283,6 +283,7 @@ def estimate(cfg, blocks: int, with_vae: bool = True, device: str | None = None)
         torch.set_default_dtype(dtype)  # built directly in the run's dtype, as .to(dtype) leaves it
         try:
             dit = WanDiT(**OmegaConf.to_container(cfg.model, resolve=True)).eval().requires_grad_(False)
+            dit.pack_qkv()  # as build_models
             vae_cfg = OmegaConf.to_container(cfg.tiny_vae, resolve=True) if cfg.tiny_vae is not None else {}
             vae = WanVAE.from_config(vae_cfg).eval()
             if channels_last:

@@ -379,7 +379,8 @@ def test_compiled_kernels_are_cached_across_runs(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
     """The issue's GPU criterion: a bf16 rollout through a flush and a cut, blocks compiled with
-    inductor against eager bf16: every block within 2e-2 relative, every latent finite."""
+    inductor (and q, k, v packed, as build_models makes them) against eager bf16 with the three
+    projections: every block within 2e-2 relative, every latent finite."""
     cfg = tiny[0]
     torch._dynamo.reset()
     models = build_models(cfg)
@@ -387,7 +388,9 @@ def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
     try:
         def run():
             return [b.float() for b in cuda_bf16_blocks(cfg, models)]
+        dit.pack_qkv(False)
         eager = run()
+        dit.pack_qkv()
         for block in dit.blocks:
             block.compile()
         compiled = run()
@@ -1104,13 +1107,27 @@ def test_ffn_gelu_pass_variant_runs_the_feed_forward_as_modules(monkeypatch):
         wan.feed_forward(ffn, h, fused=True)
 
 
+def test_qkv_separate_variant_projects_q_k_v_with_three_gemms(tmp_path):
+    """The ``qkv_separate`` lever (§24's before): the default DiT packs self-attention's q, k, v
+    (one GEMM), the variant's does not, and its rollout is the default's to float32 rounding."""
+    bench = benchmark_module()
+    opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": []}
+    runs = {}
+    for name in ("default", "qkv_separate"):
+        b = bench.Bench(bench.load_bench_config(opts["config_path"], []), bench.parse_variant(name))
+        packed = [blk.self_attn.qkv_weight is not None for blk in b.models.dit.blocks]
+        assert packed == [name == "default"] * len(packed), name
+        runs[name] = torch.cat(list(blocks_of(b.cfg, b.models, dit=b.models.dit)), dim=1)
+    torch.testing.assert_close(runs["qkv_separate"], runs["default"], rtol=1e-5, atol=1e-5)
+
+
 def test_interleave_refuses_variants_whose_models_differ():
     """``--interleave`` builds one model for all its variants: a variant applied at build time
     (static_compile, autotune_compile, vae_unfused, render) would be measured as the first one, so
     it is refused."""
     bench = benchmark_module()
     opts = {"config_path": str(REPO / "configs" / "tiny.yaml"), "overrides": [], "threads": 0}
-    for other in ("static_compile", "autotune_compile", "vae_unfused", "render", "compile"):
+    for other in ("static_compile", "autotune_compile", "vae_unfused", "qkv_separate", "render", "compile"):
         with pytest.raises(SystemExit, match="--interleave needs variants that share"):
             bench.run_interleaved([bench.parse_variant("default"), bench.parse_variant(other)], [2.0], opts)
 

@@ -22,11 +22,13 @@ def diffusers_twin(cfg):
     return randomize(ref, seed=7, std=0.2).eval()
 
 
-def compare(monkeypatch=None, frames=5):
+def compare(monkeypatch=None, frames=5, packed=False):
     # head dim 32: RoPE parts 12/10/10 exercise an uneven split
     cfg = dict(TINY_DIT, dim=64, num_heads=2, ffn_dim=96, num_layers=3)
     ref = diffusers_twin(cfg)
     ours = WanDiT(**cfg).eval()
+    if packed:  # packed before the load: the load writes the packed weights through the views
+        ours.pack_qkv()
     ours.load_state_dict(diffusers_to_wan_state_dict(ref.state_dict()), strict=True)
     g = torch.Generator().manual_seed(0)
     b, h, w = 2, 6, 8
@@ -47,6 +49,13 @@ def test_matches_diffusers_per_frame_timesteps():
     log.info("WanDiT vs diffusers: max abs err %.3g (output max %.3g)", err, scale)
     # Wan computes the sinusoidal time embedding in float64, diffusers in float32: at t≈1000
     # the float32 angles are off by ~1e-4 rad, which is the whole of this difference.
+    assert err < 2e-5 * scale, err
+
+
+def test_packed_qkv_matches_diffusers():
+    """Self-attention's q, k, v as one GEMM (inference, ``WanDiT.pack_qkv``) against diffusers'
+    three projections, as close as the separate ones."""
+    err, scale = compare(packed=True)
     assert err < 2e-5 * scale, err
 
 
@@ -166,3 +175,85 @@ def test_cuda_fused_feed_forward_is_as_close_to_float32_as_the_modules(compiled)
     err = lambda a: ((a - want).norm() / want.norm()).item()  # noqa: E731
     assert err(fused) <= 1.05 * err(plain), (err(fused), err(plain))
     assert ((fused - plain).norm() / plain.norm()).item() < 2e-2
+
+
+# ------------------------------------------------------------------------- packed q, k, v
+def packed_twin(dit: WanDiT) -> WanDiT:
+    twin = WanDiT(**TINY_DIT).eval()
+    twin.load_state_dict(dit.state_dict())
+    twin.pack_qkv()
+    return twin
+
+
+def test_packed_qkv_rollout_equals_the_three_projections(tiny_dit):
+    """A cached rollout (window eviction, a KV Flush, a RoPE Cut) with q, k, v projected by one
+    GEMM equals the one with three, in float32 to 1e-5 relative."""
+    from pipeline.rollout import BlockSpec, RolloutSettings, rollout
+
+    settings = RolloutSettings(block_frames=2, local_attn_size=6, sink_size=1, flush_keep=1, policy="relativistic",
+                               cut_offset=4, denoising_steps=(1000, 750, 500, 250), warp=True, shift=5.0,
+                               num_train_timestep=1000, context_noise=0.0)
+    g = torch.Generator().manual_seed(3)
+    texts = [torch.randn(1, 8, 12, generator=g) for _ in range(2)]
+    events = ["start", None, None, "flush", None, "cut", None]
+
+    def latents(dit):
+        specs = (BlockSpec(e, texts[i >= 3]) for i, e in enumerate(events))
+        return torch.cat([x for _, x in rollout(dit, settings.new_cache(dit, 1, (4, 6)), settings, specs,
+                                                latent_shape=(4, 4, 6), generator=torch.Generator().manual_seed(0))],
+                         dim=1)
+
+    packed = packed_twin(tiny_dit)
+    assert all(b.self_attn.qkv_weight is not None for b in packed.blocks)
+    want, got = latents(tiny_dit), latents(packed)
+    assert got.shape == (1, 2 * len(events), 4, 4, 6)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_packed_qkv_adds_no_memory_keeps_the_state_dict_and_follows_moves_and_loads(tiny_dit):
+    """The packed weights are the parameters' storage (no copy), outside the state dict; a cast,
+    a load in place and a load that assigns new tensors all leave the packed GEMM computing what
+    the three projections compute."""
+    packed = packed_twin(tiny_dit)
+    storages = lambda m: {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # noqa: E731
+                          for t in [*m.parameters(), *m.buffers()]}
+    assert sum(storages(packed).values()) == sum(storages(tiny_dit).values())
+    assert list(packed.state_dict()) == list(tiny_dit.state_dict())
+    attn = packed.blocks[0].self_attn
+    dim = attn.q.out_features
+    x = torch.randn(2, 5, dim)
+
+    def same_as_three():
+        with torch.no_grad():
+            one = attn.project_qkv(x.to(attn.q.weight.dtype))
+            three = (attn.project_q(x.to(attn.q.weight.dtype)), *attn.project_kv(x.to(attn.q.weight.dtype)))
+        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(one, three))
+
+    assert same_as_three()
+    packed.double()
+    assert attn.qkv_weight.dtype == torch.float64 and same_as_three()
+    assert sum(storages(packed).values()) == 2 * sum(storages(tiny_dit).values())  # the old copies went
+    packed.float()
+    new = {k: torch.randn_like(v) for k, v in tiny_dit.state_dict().items()}
+    packed.load_state_dict(new)  # copied into the views
+    assert torch.equal(attn.qkv_weight[dim:2 * dim], new["blocks.0.self_attn.k.weight"]) and same_as_three()
+    packed.load_state_dict({k: 2 * v for k, v in new.items()}, assign=True)  # new tensors: packed again
+    assert torch.equal(attn.qkv_bias[2 * dim:], 2 * new["blocks.0.self_attn.v.bias"]) and same_as_three()
+    packed.pack_qkv(False)
+    assert attn.qkv_weight is None and list(packed.state_dict()) == list(tiny_dit.state_dict())
+
+
+def test_packed_qkv_trains_the_three_parameters(tiny_dit):
+    """With autograd on, self-attention takes the three modules: the gradients reach q, k, v's
+    parameters, the same as without packing."""
+    packed = packed_twin(tiny_dit)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 3, 4, 4, 6, generator=g), torch.randn(1, 8, 12, generator=g)
+    t = torch.full((1, 3), 500.0)
+    for model in (tiny_dit, packed):
+        model(x, t, ctx, num_frame_per_block=3).square().mean().backward()
+    for name in ("q", "k", "v"):
+        for p in ("weight", "bias"):
+            got = getattr(getattr(packed.blocks[1].self_attn, name), p).grad
+            want = getattr(getattr(tiny_dit.blocks[1].self_attn, name), p).grad
+            assert got is not None and torch.allclose(got, want, rtol=1e-5, atol=1e-7), (name, p)
