@@ -112,7 +112,8 @@ class Attention(nn.Module):
         """Put ``q k v``'s weights (and biases) in one ``[3 * dim, dim]`` tensor (``[3 * dim]``),
         rows in that order, and make the three parameters views into it. The packed tensors are
         buffers outside the state dict: they move with the module, and loading into the
-        parameters writes them."""
+        parameters (or an in-place update) writes them. For inference (``build_models``):
+        training, whose FSDP puts sharded tensors in the parameters, keeps them separate."""
         linears = (self.q, self.k, self.v)
         rows = self.q.out_features
         for name in ("weight", "bias"):
