@@ -118,9 +118,11 @@ else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
-    ROWS=(eager default render vae_uncompiled)
+    # CUDA graphs in the main rows: the DiT's 60 fps may hinge on the GPU's idle time, which they
+    # halved in §17 (the plain decoder, vae_uncompiled, was measured in §21 and is in --levers)
+    ROWS=(eager default render default+cuda_graphs)
     # the DiT's levers first (its 60 fps target is the one not met), the long autotuning compile last
-    LEVERS=(default ffn_gelu_pass qkv_separate default+cuda_graphs static_compile vae_unfused decode_stream vae_contiguous sync_write autotune_compile)
+    LEVERS=(default ffn_gelu_pass qkv_separate default+cuda_graphs static_compile vae_uncompiled vae_unfused decode_stream vae_contiguous sync_write autotune_compile)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
@@ -128,7 +130,7 @@ UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_hea
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
     echo "==> levers: the FFN's GELU as its own pass; q, k, v as three GEMMs; CUDA graphs; the DiT with static shapes;"
-    echo "    the channels-last VAE with diffusers' modules (the fused VAE's before); the decode stream; the contiguous"
+    echo "    the plain decoder; the channels-last VAE with diffusers' modules (the fused VAE's before); the decode stream; the contiguous"
     echo "    VAE; the writer on the critical path; the DiT compiled with GEMM autotuning"
     timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants "${LEVERS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
