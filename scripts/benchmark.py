@@ -316,25 +316,47 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
+# upper bounds (µs) of the gap sizes gpu_idle sums separately: a queued kernel starts a few µs after
+# the one before it; tens of µs mean the GPU ran out of queued work (the host was issuing launches)
+IDLE_GAP_BINS_US = (5.0, 20.0, 50.0, 500.0, float("inf"))
+
+
 def gpu_idle(kernels: list[tuple[str, float, float]], blocks: int, top: int = 3, min_gap_us: float = 50.0) -> dict:
     """``(name, start µs, end µs)`` of every kernel of ``blocks`` blocks → how long the GPU ran
     nothing between its first kernel and its last, per block, in gaps of at least ``min_gap_us``
-    (shorter ones are launch spacing), and the ``top`` longest gaps with the kernels around them
-    (the one after a gap is the launch the GPU waited for)."""
+    (shorter ones are launch spacing), the ``top`` longest gaps with the kernels around them
+    (the one after a gap is the launch the GPU waited for), and all the idle time split by gap
+    size (``by_gap_us``: ms per block and gaps per block in gaps up to each of
+    :data:`IDLE_GAP_BINS_US`): many short gaps are the kernels' launch spacing, which fewer
+    kernels or a CUDA graph shorten; long ones are the host falling behind."""
     kernels = sorted(kernels, key=lambda k: k[1])
     gaps, busy_until, before, all_us = [], None, None, 0.0
+    bins = {bound: [0.0, 0] for bound in IDLE_GAP_BINS_US}
     for name, start, end in kernels:
         if busy_until is not None and start > busy_until:
-            all_us += start - busy_until
-            if start - busy_until >= min_gap_us:
-                gaps.append((start - busy_until, before, name))
+            gap = start - busy_until
+            all_us += gap
+            acc = bins[next(bound for bound in IDLE_GAP_BINS_US if gap <= bound)]
+            acc[0] += gap
+            acc[1] += 1
+            if gap >= min_gap_us:
+                gaps.append((gap, before, name))
         if busy_until is None or end > busy_until:
             busy_until, before = end, name
     idle_us = sum(g for g, _, _ in gaps)
     longest = sorted(gaps, key=lambda g: g[0], reverse=True)[:top]
     return {"ms_per_block": idle_us / 1e3 / blocks, "gaps_per_block": len(gaps) / blocks, "min_gap_us": min_gap_us,
             "all_ms_per_block": all_us / 1e3 / blocks,
+            "by_gap_us": [{"up_to_us": bound, "ms_per_block": us / 1e3 / blocks, "gaps_per_block": n / blocks}
+                          for bound, (us, n) in bins.items()],
             "longest": [{"ms": g / 1e3, "after": a, "before": b} for g, a, b in longest]}
+
+
+def idle_split(idle: dict) -> str:
+    """``gpu_idle``'s split by gap size, one line: "≤ 5 µs: 3.1 ms in 2,400 gaps; ..." per block."""
+    return "; ".join(f"{'≤ %g µs' % b['up_to_us'] if b['up_to_us'] != float('inf') else 'longer'}: "
+                     f"{b['ms_per_block']:,.1f} ms in {b['gaps_per_block']:,.1f} gaps"
+                     for b in idle.get("by_gap_us", []) if b["gaps_per_block"])
 
 
 def time_by_kind(entries: list[tuple[str, float]], blocks: int, top: int = 8) -> dict:
@@ -1312,6 +1334,7 @@ def markdown(report: dict) -> str:
                              f"{idle['min_gap_us']:g} µs; longest: "
                              + ("; ".join(f"{g['ms']:.2f} ms after {g['after'][:50]}, before {g['before'][:50]}"
                                           for g in idle["longest"]) or "none"))
+                lines.append(f"  idle by gap size, per block: {idle_split(idle) or 'no gaps'}")
     lines.append("")
     lines.append("Steady state = blocks after the attention window fills (all but the first). fps = video frames "
                  "per second (median of the repeats; best repeat in brackets); DiT = the rollout alone, DiT+VAE and "

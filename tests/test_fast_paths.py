@@ -1034,7 +1034,12 @@ def test_gpu_idle_counts_the_gaps_between_kernels():
     assert idle["ms_per_block"] == (80 + 180) / 1e3 / 2 and idle["gaps_per_block"] == 1.0
     assert idle["all_ms_per_block"] == (80 + 1 + 180) / 1e3 / 2  # the 1 µs launch spacing too
     assert idle["longest"] == [{"ms": 0.18, "after": "d", "before": "e"}, {"ms": 0.08, "after": "b", "before": "c"}]
-    assert bench.gpu_idle([], blocks=1)["ms_per_block"] == 0
+    # the split by gap size: the 1 µs spacing, the 80 µs and the 180 µs gaps, per block of 2
+    split = {b["up_to_us"]: (b["ms_per_block"], b["gaps_per_block"]) for b in idle["by_gap_us"]}
+    assert split == {5.0: (0.0005, 0.5), 20.0: (0.0, 0.0), 50.0: (0.0, 0.0), 500.0: (0.13, 1.0),
+                     float("inf"): (0.0, 0.0)}
+    assert bench.idle_split(idle) == "≤ 5 µs: 0.0 ms in 0.5 gaps; ≤ 500 µs: 0.1 ms in 1.0 gaps"
+    assert bench.gpu_idle([], blocks=1)["ms_per_block"] == 0 and bench.idle_split(bench.gpu_idle([], 1)) == ""
 
 
 def test_compile_variants_compile_the_blocks_with_their_options(monkeypatch):
