@@ -120,7 +120,7 @@ else
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
     # CUDA graphs in the main rows: the DiT's 60 fps may hinge on the GPU's idle time, which they
     # halved in §17 (the plain decoder, vae_uncompiled, was measured in §21 and is in --levers)
-    ROWS=(eager default render default+cuda_graphs)
+    ROWS=(eager default default+cuda_graphs render)
     # the DiT's levers first (its 60 fps target is the one not met), the long autotuning compile last
     LEVERS=(default ffn_gelu_pass qkv_separate default+cuda_graphs static_compile vae_uncompiled vae_unfused decode_stream vae_contiguous sync_write autotune_compile)
 fi
