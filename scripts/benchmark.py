@@ -353,7 +353,7 @@ def gpu_idle(kernels: list[tuple[str, float, float]], blocks: int, top: int = 3,
 
 
 def idle_split(idle: dict) -> str:
-    """``gpu_idle``'s split by gap size, one line: "≤ 5 µs: 3.1 ms in 2,400 gaps; ..." per block."""
+    """``gpu_idle``'s split by gap size, one line: "≤ 5 µs: 3.1 ms in 2,400.0 gaps; ..." per block."""
     return "; ".join(f"{'≤ %g µs' % b['up_to_us'] if b['up_to_us'] != float('inf') else 'longer'}: "
                      f"{b['ms_per_block']:,.1f} ms in {b['gaps_per_block']:,.1f} gaps"
                      for b in idle.get("by_gap_us", []) if b["gaps_per_block"])
