@@ -65,6 +65,34 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA over ``[B, H, L, D]`` and its log-sum-exp ``[B, H, Lq, 1]`` (float32, natural log):
+    cuDNN's flash kernel on a GPU (SDPA's choice on a Hopper), the flash kernel on a CPU."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse.reshape(*q.shape[:3], 1)
+
+
+def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
+    """SDPA over ``[B, H, L, D]`` with the keys in ``splits`` contiguous parts, one kernel each,
+    merged by their log-sum-exps: softmax(s) v = sum_i w_i softmax(s_i) v_i with w_i = exp(lse_i -
+    lse) = 1 / sum_j exp(lse_j - lse_i), in float32 (elementwise: one fused kernel compiled, which
+    writes the result in the output projection's ``[B, L, H, D]`` layout), in q's dtype.
+
+    A flash kernel's grid is batch x heads x query tiles: when that is a few waves and a fraction
+    over a GPU's SMs (the 1.3B model's 12 heads x 37 tiles of 128 queries are 3.4 waves of an
+    H200's 132), the last wave leaves most SMs idle; ``splits`` kernels over shorter key rows run
+    ``splits`` times the tiles, in fuller waves, for the cost of the merge. Whether that pays is
+    the GPU's to say (docs/PERFORMANCE.md §25)."""
+    splits = min(splits, k.shape[2])
+    parts = [attention_with_lse(q, kp, vp) for kp, vp in zip(k.tensor_split(splits, 2), v.tensor_split(splits, 2))]
+    weights = [1 / sum((lse_j - lse_i).exp() for _, lse_j in parts) for _, lse_i in parts]  # a large gap: inf, 0
+    merged = sum(out.transpose(1, 2) * w.transpose(1, 2) for (out, _), w in zip(parts, weights))
+    return merged.to(q.dtype).transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Wan attention projections (``q k v o`` + RMSNorm over the full width before the head split).
 
@@ -78,6 +106,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.key_splits = 1  # > 1: attention's keys in that many kernels (split_key_attention; inference)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         # pack_qkv(): q, k, v's weights and biases as one tensor each (buffers outside the state dict)
@@ -96,8 +125,15 @@ class Attention(nn.Module):
         return self.heads(self.norm_q(self.q(x)))
 
     def out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-        """q, k, v ``[B, L, H, D]`` → ``[B, Lq, dim]`` through SDPA and the output projection."""
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        """q, k, v ``[B, L, H, D]`` → ``[B, Lq, dim]`` through SDPA and the output projection
+        (with :attr:`key_splits` > 1, unmasked, in half precision or on a CPU and without
+        autograd: :func:`split_key_attention`)."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if (self.key_splits > 1 and mask is None and not torch.is_grad_enabled()
+                and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda)):
+            y = split_key_attention(q, k, v, self.key_splits)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(y.transpose(1, 2).flatten(2))
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -412,6 +448,13 @@ class WanDiT(nn.Module):
                 block.self_attn.pack_qkv()
             else:
                 block.self_attn.unpack_qkv()
+
+    def split_attention_keys(self, splits: int) -> None:
+        """Each block's self-attention runs its keys in ``splits`` kernels, merged
+        (:func:`split_key_attention`; 1: one SDPA call). Inference only: autograd, masks and
+        float32 on a GPU take SDPA."""
+        for block in self.blocks:
+            block.self_attn.key_splits = int(splits)
 
     # ------------------------------------------------------------------------ CUDA graphs
     def use_cuda_graphs(self, enable: bool = True, *, capture: bool = True) -> None:

@@ -202,6 +202,7 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
         log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
                  "TORCHINDUCTOR_CACHE_DIR, for later runs)", compile_cache_dir())
     dit.pack_qkv()  # self-attention's q, k, v in one GEMM (no memory added; docs/PERFORMANCE.md §24)
+    dit.split_attention_keys(cfg.attention_key_splits)  # before the compile, which bakes it in
     if cfg.compile:
         for block in dit.blocks:
             block.compile()

@@ -3,6 +3,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
 import model.wan as wan
@@ -57,6 +58,41 @@ def test_packed_qkv_matches_diffusers():
     three projections, as close as the separate ones."""
     err, scale = compare(packed=True)
     assert err < 2e-5 * scale, err
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7, 500])
+def test_split_key_attention_equals_one_kernel_over_all_keys(splits):
+    """Attention with its keys in parts merged by their log-sum-exps (``attention_key_splits``)
+    against SDPA over all the keys in float64: float32 rounding, for strided inputs as a block
+    passes them (``[B, L, H, D]`` transposed), uneven parts, and more parts than keys (one key
+    each); bf16 in, bf16 out, as close as SDPA's own bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g).transpose(1, 2) for n in (37, 101, 101))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    split = wan.split_key_attention(q, k, v, splits)
+    assert split.dtype == torch.float32 and ((split.double() - exact).norm() / exact.norm()) < 1e-6
+    half = [x.bfloat16() for x in (q, k, v)]
+    split, plain = wan.split_key_attention(*half, splits), F.scaled_dot_product_attention(*half)
+    assert split.dtype == torch.bfloat16
+    assert (split.double() - exact).norm() < 2 * (plain.double() - exact).norm() + 1e-6
+
+
+def test_split_keys_only_where_inference_runs_them(monkeypatch):
+    """``key_splits`` reaches a block's self-attention without autograd and without a mask; with
+    autograd (training), a mask (the block-causal oracle) or in float32 on a GPU, SDPA runs."""
+    calls = []
+    real = wan.split_key_attention
+    monkeypatch.setattr(wan, "split_key_attention", lambda *a: calls.append(a[-1]) or real(*a))
+    attn = wan.Attention(16, 2, qk_norm=True, eps=1e-6)
+    attn.key_splits = 3
+    q, k, v = (torch.randn(1, n, 2, 8) for n in (5, 9, 9))
+    with torch.no_grad():
+        split = attn.out(q, k, v)
+        masked = attn.out(q, k, v, torch.ones(5, 9, dtype=torch.bool))
+    plain = attn.out(q, k, v)  # autograd on
+    assert calls == [3]
+    torch.testing.assert_close(split, plain.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked, plain.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_matches_diffusers_tightly_with_float32_time_embedding(monkeypatch):

@@ -252,6 +252,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("dtype", "text_encoder_dtype"):
         need(cfg[key] in DTYPE_NAMES, f"{key} must be one of {', '.join(DTYPE_NAMES)}, not '{cfg[key]}'")
     need(cfg.default_segment_seconds > 0, "default_segment_seconds must be > 0")
+    need(cfg.attention_key_splits >= 1, f"attention_key_splits ({cfg.attention_key_splits}) must be >= 1 "
+         f"(1: one attention kernel over all the keys)")
     if cfg.subtitle_font is not None:  # loaded once the models are built: a wrong path is an error now, not then
         font = Path(cfg.subtitle_font).expanduser()
         what = "is a folder" if font.is_dir() else "does not exist"
