@@ -97,6 +97,11 @@ VARIANTS = {
     # the compiled blocks with inductor's autotuned GEMM templates, which can fuse the GELU, the gates
     # and the residual adds into the GEMMs' epilogues (a longer one-time compile; no CUDA graphs)
     "autotune_compile": {"compile_options": {"mode": "max-autotune-no-cudagraphs"}},
+    # inductor's kernels launched with Programmatic Dependent Launch (Hopper and later): a kernel's
+    # launch and prologue overlap the tail of the one before it (a GPU's launch gaps; no effect elsewhere)
+    "pdl_compile": {"compile_options": {"options": {"triton.enable_pdl": True}}},
+    # self-attention's keys in two kernels merged by their log-sum-exps (attention_key_splits, §25)
+    "split_keys": {"overrides": ["attention_key_splits=2"]},
     "cuda_graphs": {"overrides": ["cuda_graphs=true"]},  # cached forwards replayed as CUDA graphs (GPU only)
     "fp32": {"overrides": ["dtype=float32"]},
     "bf16": {"overrides": ["dtype=bfloat16"]},
@@ -241,24 +246,33 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
 
 
 def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head_dim: int, q_tokens: int,
-                   kv_tokens: int, seconds: float = 0.5) -> dict:
+                   kv_tokens: int, seconds: float = 0.5, key_splits: int = 1, compiled: bool = False) -> dict:
     """SDPA alone at one attention shape of the rollout (a block's queries over ``kv_tokens``
     keys): the kernel it dispatches to (profiler) and its rate, 4·heads·q·kv·head_dim FLOPs per
-    call (scores and values), the best of five timed batches."""
+    call (scores and values), the best of five timed batches. ``key_splits`` > 1: the keys in that
+    many kernels and their merge (``model.wan.split_key_attention``), compiled as the blocks are
+    when ``compiled`` (one fused merge kernel)."""
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
+
+    from model.wan import split_key_attention
 
     # [B, tokens, heads, head_dim] seen as [B, heads, tokens, head_dim], as the model calls it
     q = torch.randn(1, q_tokens, heads, head_dim, device=device).to(dtype).transpose(1, 2)
     k, v = (torch.randn(1, kv_tokens, heads, head_dim, device=device).to(dtype).transpose(1, 2) for _ in range(2))
-    call = functools.partial(F.scaled_dot_product_attention, q, k, v)
+    if key_splits > 1:
+        split = torch.compile(split_key_attention, dynamic=False) if compiled else split_key_attention
+        call = functools.partial(split, q, k, v, key_splits)
+    else:
+        call = functools.partial(F.scaled_dot_product_attention, q, k, v)
+    call()  # a compile, if any, outside the profile and the timing
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     kernel = sorted({e.key for e in prof.key_averages() if is_sdpa_kernel_op(e.key)})
     best = min(timed_batches(call, device, seconds))
     flops = 4 * heads * q_tokens * kv_tokens * head_dim
     return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "kernel": kernel, "ms": 1e3 * best,
-            "flops_per_s": flops / best}
+            "flops_per_s": flops / best, "key_splits": key_splits}
 
 
 def is_sdpa_kernel_op(name: str) -> bool:
@@ -535,7 +549,10 @@ def parse_variant(name: str) -> dict:
         spec["sync_write"] |= v.get("sync_write", False)
         spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
         spec["render"] |= v.get("render", False)
-        spec["compile_options"] = {**spec["compile_options"], **v.get("compile_options", {})}
+        more = v.get("compile_options", {})
+        spec["compile_options"] = {**spec["compile_options"], **more,  # inductor's options add up
+                                   **({"options": {**spec["compile_options"].get("options", {}), **more["options"]}}
+                                      if "options" in more else {})}
         spec["vae_unfused"] |= v.get("vae_unfused", False)
         spec["qkv_separate"] |= v.get("qkv_separate", False)
     return spec
@@ -639,8 +656,13 @@ class Bench:
         self.gen = VideoGenerator(cfg, self.models)
         self.settings = self.gen.settings
         if variant.get("compile_options") and cfg.compile:
+            options = dict(variant["compile_options"])
+            if "mode" in options and "options" in options:  # torch.compile takes one of them: the mode's as options
+                import torch._inductor
+
+                options["options"] = {**torch._inductor.list_mode_options(options.pop("mode")), **options["options"]}
             for block in self.models.dit.blocks:  # nothing is compiled yet: this replaces build_models' compile
-                block.compile(**variant["compile_options"])
+                block.compile(**options)
         if variant.get("vae_unfused"):
             self.models.vae.unfuse()
         if variant.get("qkv_separate"):  # before the first forward, which compiles
@@ -1031,9 +1053,11 @@ def describe_bench(bench: Bench, spec: dict, matmul: dict | None = None) -> dict
     probe_ctx = bench.gen.encode_texts(bench.gen.plan(bench_prompt(1.0)))
     out["sdpa_ops"] = bench.sdpa_backend_used(probe_ctx)
     geo, m = out["geometry"], cfg.model
+    splits = bench.models.dit.blocks[0].self_attn.key_splits  # cross-attention is never split
     out["attention"] = {name: attention_rate(device, dtype, heads=m.num_heads, head_dim=m.dim // m.num_heads,
-                                             q_tokens=geo["q_tokens"], kv_tokens=kv)
-                        for name, kv in (("self", geo["kv_tokens_steady"]), ("cross", m.text_len))}
+                                             q_tokens=geo["q_tokens"], kv_tokens=kv, key_splits=n,
+                                             compiled=bool(cfg.compile))
+                        for name, kv, n in (("self", geo["kv_tokens_steady"], splits), ("cross", m.text_len, 1))}
     counted = bench.counted_flops(probe_ctx)
     out["ops_per_forward"] = bench.ops_per_forward(probe_ctx)
     formula_first = block_flops(cfg, latent_hw, first=True) // out["geometry"]["forwards_per_block"]
@@ -1301,7 +1325,8 @@ def markdown(report: dict) -> str:
         att = v.get("attention")
         if att:
             lines.append(f"- `{v['variant']}` attention alone (SDPA, {v['dtype']}): " + "; ".join(
-                f"{name} {a['q_tokens']}×{a['kv_tokens']} tokens {a['ms']:.3g} ms = "
+                f"{name} {a['q_tokens']}×{a['kv_tokens']} tokens"
+                f"{' in %d kernels, merged' % a['key_splits'] if a.get('key_splits', 1) > 1 else ''} {a['ms']:.3g} ms = "
                 f"{a['flops_per_s'] / 1e12:.3g} TFLOP/s ({', '.join(a['kernel']) or '?'})" for name, a in att.items()))
     for v in variants:
         peaks = [r["memory"]["peak_bytes"] for r in v["runs"] if r["memory"]]

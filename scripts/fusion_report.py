@@ -109,6 +109,7 @@ def steady_block_kernels(cfg, device: str = "cpu") -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     dit = wan.WanDiT(**dims).to(device, dtype).eval()
     dit.pack_qkv()  # as build_models: self-attention's q, k, v in one GEMM
+    dit.split_attention_keys(cfg.attention_key_splits)  # and its keys in as many kernels as the config says
     cache = settings.new_cache(dit, 1, latent_hw)
     for _ in range(settings.first_steady_block + 1):  # the window full: the steady layout
         cache.commit(settings.block_frames)

@@ -6,15 +6,14 @@
 #                                        image lacks into .whl/ (git-ignored; carry it to the GPU)
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
 #                                        rows (eager; the default, i.e. the compiled DiT and the channels-
-#                                        last, fused, compiled VAE on a GPU; the default timed as a render,
-#                                        without stage boundaries; the default with the VAE decoder not
-#                                        compiled, at 10 s; the default at 60 s), write the tables
+#                                        last, fused, compiled VAE on a GPU; the default with CUDA graphs;
+#                                        the default timed as a render, without stage boundaries, at 10 s;
+#                                        the default at 60 s), write the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the levers against
-#                                        the default at 10 s, most telling first (the DiT compiled with
-#                                        inductor's GEMM autotuning; the channels-last VAE with diffusers'
-#                                        modules; the DiT compiled with static shapes; the decode on its
-#                                        own stream; CUDA graphs; the contiguous VAE; the writer on the
-#                                        critical path);
+#                                        the default at 10 s, the DiT's first (attention's keys in two
+#                                        kernels; Programmatic Dependent Launch; CUDA graphs; the GELU as
+#                                        a pass of its own; q, k, v as three GEMMs; static shapes), then
+#                                        the VAE's and the writer's, inductor's GEMM autotuning last;
 #                                        one prompt's encoding by umt5-xxl on the GPU and the CPU
 #   bash scripts/gpu_check.sh --train    another call: 3 full-size DMD iterations, the per-GPU memory
 #                                        of 8/64-GPU runs, and the ODE stage at full size
@@ -113,7 +112,7 @@ EOF
 if [ "$MODE" = cpu ]; then
     CONFIG=(--config_path configs/tiny.yaml); SECONDS_=(2 4); EXTRA=(--repeats 1 --no_memory_pass)
     ROWS=(eager default compile compile_vae)  # CUDA graphs and streams need a GPU; on a CPU the default is eager
-    LEVERS=(default qkv_separate vae_unfused vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
+    LEVERS=(default split_keys qkv_separate vae_unfused vae_contiguous sync_write)  # the *_compile ones need a GPU's compile
 else
     # the full 1.3B DiT and the full Wan VAE, random weights (the benchmark puts a tiny random
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
@@ -121,17 +120,18 @@ else
     # CUDA graphs in the main rows: the DiT's 60 fps may hinge on the GPU's idle time, which they
     # halved in §17 (the plain decoder, vae_uncompiled, was measured in §21 and is in --levers)
     ROWS=(eager default default+cuda_graphs render)
-    # the DiT's levers first (its 60 fps target is the one not met), the long autotuning compile last
-    LEVERS=(default ffn_gelu_pass qkv_separate default+cuda_graphs static_compile vae_uncompiled vae_unfused decode_stream vae_contiguous sync_write autotune_compile)
+    # the DiT's levers first (its 60 fps target is the one not met): the candidates for the default,
+    # then the befores of what it has; the long autotuning compile last
+    LEVERS=(default split_keys pdl_compile default+cuda_graphs ffn_gelu_pass qkv_separate static_compile vae_uncompiled vae_unfused decode_stream vae_contiguous sync_write autotune_compile)
 fi
 # umt5-xxl's geometry (Wan2.1's text_encoder/config.json; the vocabulary left small: only a lookup)
 UMT5_XXL="tiny_text_encoder={d_model: 4096, d_ff: 10240, num_layers: 24, num_heads: 64, d_kv: 64, feed_forward_proj: gated-gelu}"
 
 if [ "$PART" = levers ]; then  # the levers against the default, at 10 s, in one process
     # (the compiled DiT's kernels come from inductor's cache after the first variant's compile)
-    echo "==> levers: the FFN's GELU as its own pass; q, k, v as three GEMMs; CUDA graphs; the DiT with static shapes;"
-    echo "    the plain decoder; the channels-last VAE with diffusers' modules (the fused VAE's before); the decode stream; the contiguous"
-    echo "    VAE; the writer on the critical path; the DiT compiled with GEMM autotuning"
+    echo "==> levers: attention's keys in two kernels; Programmatic Dependent Launch; CUDA graphs; the FFN's GELU as its own pass;"
+    echo "    q, k, v as three GEMMs; the DiT with static shapes; the plain decoder; the channels-last VAE with diffusers' modules"
+    echo "    (the fused VAE's before); the decode stream; the contiguous VAE; the writer on the critical path; GEMM autotuning"
     timeout "$(limit 230)" $PY scripts/benchmark.py "${CONFIG[@]}" --seconds "${SECONDS_[0]}" "${EXTRA[@]}" --variants "${LEVERS[@]}" \
         --out "$OUT" --tag "levers_$MODE" 2>&1 | tee "$OUT/levers.log" | grep -v "it/s\]$" || true
     levers_rc=${PIPESTATUS[0]}

@@ -28,6 +28,7 @@ from model.rope import Rope, _rotate_real, apply_rope, rotate
 from pipeline.generate import build_models, plan_prompt
 from pipeline.rollout import RolloutSettings, plan_blocks, rollout
 from utils.config import SWITCHES, load_config
+from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a walk[3s] | a run[3s#] | a jump[3s] | a rest[3s#]"   # flush, cut, flush, cut
@@ -273,13 +274,15 @@ def cuda_bf16_blocks(cfg, models):
     return (clean for _, clean in blocks)
 
 
-def compiled_vs_eager(cfg, backend):
+def compiled_vs_eager(cfg, backend, key_splits=1):
+    """The plain eager rollout, and the compiled one (its attention's keys in ``key_splits``)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     models = build_models(cfg)  # a fresh model: compilation is in place
     eager = torch.cat(list(blocks_of(cfg, models)), dim=1)
+    models.dit.split_attention_keys(key_splits)
     for block in models.dit.blocks:
         block.compile(backend=backend)
     warm = blocks_of(cfg, models)
@@ -291,12 +294,14 @@ def compiled_vs_eager(cfg, backend):
     return eager, torch.cat(outs, dim=1), stats
 
 
-def test_compiled_blocks_equal_eager_and_do_not_recompile(tiny):
+@pytest.mark.parametrize("key_splits", [1, 2], ids=["one_kernel", "split_keys"])
+def test_compiled_blocks_equal_eager_and_do_not_recompile(tiny, key_splits):
     """Dynamo's tracing of the blocks through the cache with the quick "eager" backend (the
     inductor run is marked slow): no graph break, one graph per cache layout shared by every
     layer (the first block attends to nothing held, every later one to sink + context: 2), and
-    no recompilation through flushes and cuts once both were seen."""
-    eager, compiled, stats = compiled_vs_eager(tiny[0], "eager")
+    no recompilation through flushes and cuts once both were seen; the same with attention's
+    keys in two kernels (``attention_key_splits``), against the plain eager rollout."""
+    eager, compiled, stats = compiled_vs_eager(tiny[0], "eager", key_splits)
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=0), (compiled - eager).abs().max()
     assert stats == {"graphs": 2, "breaks": 0}, stats
 
@@ -319,8 +324,9 @@ def test_cached_forward_traces_without_graph_breaks(tiny):
 
 
 @pytest.mark.slow
-def test_inductor_compiled_blocks_equal_eager(tiny):
-    eager, compiled, _ = compiled_vs_eager(tiny[0], "inductor")
+@pytest.mark.parametrize("key_splits", [1, 2], ids=["one_kernel", "split_keys"])
+def test_inductor_compiled_blocks_equal_eager(tiny, key_splits):
+    eager, compiled, _ = compiled_vs_eager(tiny[0], "inductor", key_splits)
     assert torch.allclose(compiled, eager, atol=1e-4, rtol=0), (compiled - eager).abs().max()
 
 
@@ -377,10 +383,12 @@ def test_compiled_kernels_are_cached_across_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
+@pytest.mark.parametrize("key_splits", [1, 2], ids=["one_kernel", "split_keys"])
+def test_cuda_bf16_compiled_rollout_close_to_eager(tiny, key_splits):
     """The issue's GPU criterion: a bf16 rollout through a flush and a cut, blocks compiled with
-    inductor (and q, k, v packed, as build_models makes them) against eager bf16 with the three
-    projections: every block within 2e-2 relative, every latent finite."""
+    inductor (and q, k, v packed, as build_models makes them; attention's keys in one kernel or,
+    ``attention_key_splits``, two cuDNN kernels merged) against eager bf16 with the three
+    projections and one SDPA call: every block within 2e-2 relative, every latent finite."""
     cfg = tiny[0]
     torch._dynamo.reset()
     models = build_models(cfg)
@@ -391,6 +399,7 @@ def test_cuda_bf16_compiled_rollout_close_to_eager(tiny):
         dit.pack_qkv(False)
         eager = run()
         dit.pack_qkv()
+        dit.split_attention_keys(key_splits)
         for block in dit.blocks:
             block.compile()
         compiled = run()
@@ -1043,9 +1052,11 @@ def test_gpu_idle_counts_the_gaps_between_kernels():
 
 
 def test_compile_variants_compile_the_blocks_with_their_options(monkeypatch):
-    """The benchmark's ``static_compile`` and ``autotune_compile`` variants replace the default's
-    compile of each block by one with ``dynamic=False`` / inductor's autotuning mode (both, when
-    combined) before anything is traced; without ``compile`` they change nothing."""
+    """The benchmark's ``static_compile``, ``autotune_compile`` and ``pdl_compile`` variants replace
+    the default's compile of each block by one with ``dynamic=False`` / inductor's autotuning mode /
+    its Programmatic Dependent Launch option (combined, they add up: a mode with options becomes
+    the mode's options, which torch.compile takes alone) before anything is traced; without
+    ``compile`` they change nothing."""
     bench = benchmark_module()
     # build_models with compile=true points TORCHINDUCTOR_CACHE_DIR at our cache for the process:
     # undone after the test, so that later subprocesses (some run as another user) do not inherit it
@@ -1062,8 +1073,14 @@ def test_compile_variants_compile_the_blocks_with_their_options(monkeypatch):
     cfg = bench.load_bench_config(str(REPO / "configs" / "tiny.yaml"), ["compile=true"])
     layers = cfg.model.num_layers
     autotune = {"mode": "max-autotune-no-cudagraphs"}
+    from torch._inductor import list_mode_options
+
+    pdl = {"options": {"triton.enable_pdl": True}}
+    autotune_pdl = {"options": {**list_mode_options(autotune["mode"]), **pdl["options"]}}
     for variant, options in (("static_compile", {"dynamic": False}), ("autotune_compile", autotune),
-                             ("static_compile+autotune_compile", {"dynamic": False, **autotune})):
+                             ("static_compile+autotune_compile", {"dynamic": False, **autotune}),
+                             ("pdl_compile", pdl), ("autotune_compile+pdl_compile", autotune_pdl),
+                             ("pdl_compile+static_compile", {**pdl, "dynamic": False})):
         calls.clear()
         bench.Bench(cfg, bench.parse_variant(variant))
         assert calls == [{}] * layers + [options] * layers, variant
@@ -1124,6 +1141,27 @@ def test_qkv_separate_variant_projects_q_k_v_with_three_gemms(tmp_path):
         assert packed == [name == "default"] * len(packed), name
         runs[name] = torch.cat(list(blocks_of(b.cfg, b.models, dit=b.models.dit)), dim=1)
     torch.testing.assert_close(runs["qkv_separate"], runs["default"], rtol=1e-5, atol=1e-5)
+
+
+def test_split_keys_variant_and_config_split_every_blocks_attention(tmp_path):
+    """``attention_key_splits`` (the ``split_keys`` lever: 2) reaches every block's self-attention
+    through build_models, and the rollout through flushes and cuts is the one-kernel default's to
+    float32 rounding; 0 is a config error."""
+    bench = benchmark_module()
+    path = str(REPO / "configs" / "tiny.yaml")
+    runs = {}
+    for name in ("default", "split_keys"):
+        spec = bench.parse_variant(name)
+        b = bench.Bench(bench.load_bench_config(path, spec["overrides"]), spec)
+        assert {blk.self_attn.key_splits for blk in b.models.dit.blocks} == {2 if name == "split_keys" else 1}
+        runs[name] = torch.cat(list(blocks_of(b.cfg, b.models, dit=b.models.dit)), dim=1)
+    torch.testing.assert_close(runs["split_keys"], runs["default"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"attention_key_splits \(0\) must be >= 1"):
+        load_config(path, ["attention_key_splits=0"])
+    # the benchmark's "attention alone" line times the split path with its kernels
+    rate = bench.attention_rate(torch.device("cpu"), torch.float32, heads=2, head_dim=8, q_tokens=5, kv_tokens=9,
+                                seconds=0.01, key_splits=2)
+    assert rate["key_splits"] == 2 and rate["kernel"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
 
 
 def test_interleave_refuses_variants_whose_models_differ():
