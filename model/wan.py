@@ -126,11 +126,9 @@ class Attention(nn.Module):
 
     def out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         """q, k, v ``[B, L, H, D]`` → ``[B, Lq, dim]`` through SDPA and the output projection
-        (with :attr:`key_splits` > 1, unmasked, in half precision or on a CPU and without
-        autograd: :func:`split_key_attention`)."""
+        (with :attr:`key_splits` > 1, unmasked and without autograd: :func:`split_key_attention`)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if (self.key_splits > 1 and mask is None and not torch.is_grad_enabled()
-                and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda)):
+        if self.key_splits > 1 and mask is None and not torch.is_grad_enabled():
             y = split_key_attention(q, k, v, self.key_splits)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -451,8 +449,8 @@ class WanDiT(nn.Module):
 
     def split_attention_keys(self, splits: int) -> None:
         """Each block's self-attention runs its keys in ``splits`` kernels, merged
-        (:func:`split_key_attention`; 1: one SDPA call). Inference only: autograd, masks and
-        float32 on a GPU take SDPA."""
+        (:func:`split_key_attention`; 1: one SDPA call). Inference only: autograd and masks take
+        SDPA. On a GPU the kernels are cuDNN's (bf16/fp16)."""
         for block in self.blocks:
             block.self_attn.key_splits = int(splits)
 

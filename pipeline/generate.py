@@ -35,7 +35,7 @@ from pipeline.plan import Plan, plan_prompt
 from pipeline.rollout import BlockSpec, RolloutSettings, plan_blocks, rollout
 from utils.checkpoint import load_dit_weights
 from utils.config import SWITCHES, safe_text, torch_dtype
-from utils.errors import ConfigError, OutputError
+from utils.errors import ConfigError, OutputError, first_line
 from utils.fs import reason
 from utils.video import PendingFrames, SubtitleRenderer, VideoWriteError, VideoWriter, partial_name
 
@@ -202,7 +202,9 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
         log.info("torch.compile: the first blocks compile (once; the kernels are cached in %s, "
                  "TORCHINDUCTOR_CACHE_DIR, for later runs)", compile_cache_dir())
     dit.pack_qkv()  # self-attention's q, k, v in one GEMM (no memory added; docs/PERFORMANCE.md §24)
-    dit.split_attention_keys(cfg.attention_key_splits)  # before the compile, which bakes it in
+    if cfg.attention_key_splits > 1:  # before the compile, which bakes it in
+        check_split_attention(dit, device, dtype, cfg.attention_key_splits)
+        dit.split_attention_keys(cfg.attention_key_splits)
     if cfg.compile:
         for block in dit.blocks:
             block.compile()
@@ -218,6 +220,23 @@ def build_models(cfg, checkpoint_path: str | None = None, use_ema: bool | None =
     if cfg.compile_vae:
         vae.compile_decoder()
     return Models(dit=dit, text_encoder=text_encoder, vae=vae, device=device)
+
+
+def check_split_attention(dit: WanDiT, device: torch.device, dtype: torch.dtype, splits: int) -> None:
+    """``attention_key_splits`` > 1 calls the attention kernel that returns log-sum-exps itself
+    (cuDNN's on a GPU, which needs bf16/fp16 and a recent GPU): one call on a few tokens says
+    whether it runs here, so that a config it cannot serve is one line now, not a traceback in
+    the first block."""
+    import model.wan as wan
+
+    probe = torch.randn(1, dit.num_heads, 8, dit.head_dim, device=device, dtype=dtype)
+    try:
+        wan.attention_with_lse(probe, probe, probe)
+    except RuntimeError as exc:
+        raise ConfigError(f"attention_key_splits={splits} needs an attention kernel that returns its log-sum-exp, "
+                          f"which {device} cannot run in {str(dtype).replace('torch.', '')} "
+                          f"({first_line(exc)}); "
+                          f"set attention_key_splits=1") from exc
 
 
 def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:

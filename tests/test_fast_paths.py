@@ -1146,7 +1146,7 @@ def test_qkv_separate_variant_projects_q_k_v_with_three_gemms(tmp_path):
 def test_split_keys_variant_and_config_split_every_blocks_attention(tmp_path):
     """``attention_key_splits`` (the ``split_keys`` lever: 2) reaches every block's self-attention
     through build_models, and the rollout through flushes and cuts is the one-kernel default's to
-    float32 rounding; 0 is a config error."""
+    float32 rounding; 0 is a config error, and so is a split the device cannot run."""
     bench = benchmark_module()
     path = str(REPO / "configs" / "tiny.yaml")
     runs = {}
@@ -1158,6 +1158,20 @@ def test_split_keys_variant_and_config_split_every_blocks_attention(tmp_path):
     torch.testing.assert_close(runs["split_keys"], runs["default"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match=r"attention_key_splits \(0\) must be >= 1"):
         load_config(path, ["attention_key_splits=0"])
+    # a device that cannot run the kernel (cuDNN's, on a GPU: bf16/fp16, a recent GPU): one line at build time
+    import model.wan as wan
+
+    def unsupported(*args):
+        raise RuntimeError("No available kernel.\nmore detail")
+
+    real, wan.attention_with_lse = wan.attention_with_lse, unsupported
+    try:
+        with pytest.raises(ConfigError, match=r"^attention_key_splits=2 needs an attention kernel that returns its "
+                                              r"log-sum-exp, which cpu cannot run in float32 \(No available kernel\); "
+                                              r"set attention_key_splits=1$"):
+            build_models(load_config(path, ["attention_key_splits=2"]))
+    finally:
+        wan.attention_with_lse = real
     # the benchmark's "attention alone" line times the split path with its kernels
     rate = bench.attention_rate(torch.device("cpu"), torch.float32, heads=2, head_dim=8, q_tokens=5, kv_tokens=9,
                                 seconds=0.01, key_splits=2)

@@ -79,7 +79,7 @@ def test_split_key_attention_equals_one_kernel_over_all_keys(splits):
 
 def test_split_keys_only_where_inference_runs_them(monkeypatch):
     """``key_splits`` reaches a block's self-attention without autograd and without a mask; with
-    autograd (training), a mask (the block-causal oracle) or in float32 on a GPU, SDPA runs."""
+    autograd (training) or a mask (the block-causal oracle), SDPA runs."""
     calls = []
     real = wan.split_key_attention
     monkeypatch.setattr(wan, "split_key_attention", lambda *a: calls.append(a[-1]) or real(*a))
