@@ -229,14 +229,13 @@ def check_split_attention(dit: WanDiT, device: torch.device, dtype: torch.dtype,
     the first block."""
     import model.wan as wan
 
-    probe = torch.randn(1, dit.num_heads, 8, dit.head_dim, device=device, dtype=dtype)
+    probe = torch.ones(1, dit.num_heads, 8, dit.head_dim, device=device, dtype=dtype)  # (no random draw)
     try:
         wan.attention_with_lse(probe, probe, probe)
     except RuntimeError as exc:
         raise ConfigError(f"attention_key_splits={splits} needs an attention kernel that returns its log-sum-exp, "
-                          f"which {device} cannot run in {str(dtype).replace('torch.', '')} "
-                          f"({first_line(exc)}); "
-                          f"set attention_key_splits=1") from exc
+                          f"which {device} cannot run in {str(dtype).replace('torch.', '')} ({first_line(exc)}); "
+                          "set attention_key_splits=1") from exc
 
 
 def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:

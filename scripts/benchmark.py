@@ -549,10 +549,10 @@ def parse_variant(name: str) -> dict:
         spec["sync_write"] |= v.get("sync_write", False)
         spec["cudnn_benchmark"] |= v.get("cudnn_benchmark", False)
         spec["render"] |= v.get("render", False)
-        more = v.get("compile_options", {})
-        spec["compile_options"] = {**spec["compile_options"], **more,  # inductor's options add up
-                                   **({"options": {**spec["compile_options"].get("options", {}), **more["options"]}}
-                                      if "options" in more else {})}
+        before, more = spec["compile_options"], v.get("compile_options", {})
+        spec["compile_options"] = {**before, **more}
+        if "options" in before or "options" in more:  # inductor's options add up
+            spec["compile_options"]["options"] = {**before.get("options", {}), **more.get("options", {})}
         spec["vae_unfused"] |= v.get("vae_unfused", False)
         spec["qkv_separate"] |= v.get("qkv_separate", False)
     return spec
