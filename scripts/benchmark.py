@@ -253,6 +253,7 @@ def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head
     many kernels and their merge (``model.wan.split_key_attention``), compiled as the blocks are
     when ``compiled`` (one fused merge kernel)."""
     import torch.nn.functional as F
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from model.wan import split_key_attention
@@ -266,13 +267,18 @@ def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head
     else:
         call = functools.partial(F.scaled_dot_product_attention, q, k, v)
     call()  # a compile, if any, outside the profile and the timing
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         call()
+        synchronize(device)
     kernel = sorted({e.key for e in prof.key_averages() if is_sdpa_kernel_op(e.key)})
+    # on a GPU, the longest kernel by name: cuDNN's names carry its tile sizes (how many thread blocks run)
+    gpu = sorted(((e.device_time_total, e.key) for e in prof.key_averages() if e.device_type == DeviceType.CUDA),
+                 reverse=True)[:1] if cuda else []
     best = min(timed_batches(call, device, seconds))
     flops = 4 * heads * q_tokens * kv_tokens * head_dim
     return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "kernel": kernel, "ms": 1e3 * best,
-            "flops_per_s": flops / best, "key_splits": key_splits}
+            "flops_per_s": flops / best, "key_splits": key_splits, "gpu_kernel": gpu[0][1] if gpu else None}
 
 
 def is_sdpa_kernel_op(name: str) -> bool:
@@ -1327,7 +1333,8 @@ def markdown(report: dict) -> str:
             lines.append(f"- `{v['variant']}` attention alone (SDPA, {v['dtype']}): " + "; ".join(
                 f"{name} {a['q_tokens']}×{a['kv_tokens']} tokens"
                 f"{' in %d kernels, merged' % a['key_splits'] if a.get('key_splits', 1) > 1 else ''} {a['ms']:.3g} ms = "
-                f"{a['flops_per_s'] / 1e12:.3g} TFLOP/s ({', '.join(a['kernel']) or '?'})" for name, a in att.items()))
+                f"{a['flops_per_s'] / 1e12:.3g} TFLOP/s ({', '.join(a['kernel']) or '?'}"
+                f"{': ' + a['gpu_kernel'] if a.get('gpu_kernel') else ''})" for name, a in att.items()))
     for v in variants:
         peaks = [r["memory"]["peak_bytes"] for r in v["runs"] if r["memory"]]
         if len(peaks) > 1:

@@ -1274,3 +1274,8 @@ def test_benchmark_measures_a_short_video(tmp_path):
               "variants": [out]}
     table = bench.markdown(report)
     assert "| fast | 2 s | 3 |" in table and "DiT + VAE floor" in table and "attention alone (SDPA" in table
+    # on a GPU the line names the attention's kernel too (cuDNN's name carries its tile sizes)
+    assert all(a["gpu_kernel"] is None for a in out["attention"].values())
+    out["attention"]["self"]["gpu_kernel"] = "sdpa_sm90_flash_fprop_128x128x128"
+    assert "(aten::_scaled_dot_product_flash_attention_for_cpu: sdpa_sm90_flash_fprop_128x128x128)" in \
+        bench.markdown(report)
