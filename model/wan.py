@@ -76,20 +76,28 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
 
 
 def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
-    """SDPA over ``[B, H, L, D]`` with the keys in ``splits`` contiguous parts, one kernel each,
-    merged by their log-sum-exps: softmax(s) v = sum_i w_i softmax(s_i) v_i with w_i = exp(lse_i -
-    lse) = 1 / sum_j exp(lse_j - lse_i), in float32 (elementwise: one fused kernel compiled, which
-    writes the result in the output projection's ``[B, L, H, D]`` layout), in q's dtype.
+    """SDPA over ``[B, H, L, D]`` with the keys in ``splits`` equal contiguous parts attended to
+    in **one** kernel call, merged by their log-sum-exps: softmax(s) v = sum_i w_i softmax(s_i) v_i
+    with w = softmax_i(lse_i), in float32 (elementwise: one fused kernel compiled, which writes the
+    result in the output projection's ``[B, L, H, D]`` layout), in q's dtype.
 
-    A flash kernel's grid is batch x heads x query tiles: when that is a few waves and a fraction
-    over a GPU's SMs (the 1.3B model's 12 heads x 37 tiles of 128 queries are 3.4 waves of an
-    H200's 132), the last wave leaves most SMs idle; ``splits`` kernels over shorter key rows run
-    ``splits`` times the tiles, in fuller waves, for the cost of the merge. Whether that pays is
-    the GPU's to say (docs/PERFORMANCE.md §25)."""
-    splits = min(splits, k.shape[2])
-    parts = [attention_with_lse(q, kp, vp) for kp, vp in zip(k.tensor_split(splits, 2), v.tensor_split(splits, 2))]
-    weights = [1 / sum((lse_j - lse_i).exp() for _, lse_j in parts) for _, lse_i in parts]  # a large gap: inf, 0
-    merged = sum(out.transpose(1, 2) * w.transpose(1, 2) for (out, _), w in zip(parts, weights))
+    The parts are stacked on the batch dimension, ``[B * splits, H, L / splits, D]`` (a view of a
+    contiguous window: no copy), and the queries repeated for each (one copy of q). A flash
+    kernel's grid is batch x heads x query tiles: when that is a few waves and a fraction over a
+    GPU's SMs (the 1.3B model's 12 heads x 37 tiles of 128 queries are 3.4 waves of an H200's 132),
+    the last wave leaves most SMs idle; one call over ``splits`` times the tiles, each half as
+    long, runs in fuller waves (6.7 of 7 for two parts), for the merge's cost. (Consecutive calls,
+    one per part, would each have the same partial last wave.) Keys that do not divide into equal
+    parts take one SDPA call over all of them. Whether the split pays is the GPU's to say
+    (docs/PERFORMANCE.md §25-§26)."""
+    b, h, lq, d = q.shape
+    if k.shape[2] % splits:
+        return F.scaled_dot_product_attention(q, k, v)
+    stacked = lambda x: x.transpose(1, 2).reshape(b * splits, -1, h, d).transpose(1, 2)  # noqa: E731
+    queries = torch.cat([q.transpose(1, 2).unsqueeze(1)] * splits, dim=1).flatten(0, 1)
+    out, lse = attention_with_lse(queries.transpose(1, 2), stacked(k), stacked(v))  # [B * splits, H, Lq, ...]
+    weights = torch.softmax(lse.unflatten(0, (b, splits)), dim=1)  # [B, splits, H, Lq, 1], float32
+    merged = (out.unflatten(0, (b, splits)).transpose(2, 3) * weights.transpose(2, 3)).sum(1)  # [B, Lq, H, D]
     return merged.to(q.dtype).transpose(1, 2)
 
 
@@ -106,7 +114,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.key_splits = 1  # > 1: attention's keys in that many kernels (split_key_attention; inference)
+        self.key_splits = 1  # > 1: attention's keys in that many parts, one call (split_key_attention; inference)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         # pack_qkv(): q, k, v's weights and biases as one tensor each (buffers outside the state dict)
@@ -448,8 +456,8 @@ class WanDiT(nn.Module):
                 block.self_attn.unpack_qkv()
 
     def split_attention_keys(self, splits: int) -> None:
-        """Each block's self-attention runs its keys in ``splits`` kernels, merged
-        (:func:`split_key_attention`; 1: one SDPA call). Inference only: autograd and masks take
+        """Each block's self-attention runs its keys in ``splits`` parts in one kernel call,
+        merged (:func:`split_key_attention`; 1: one SDPA call). Inference only: autograd and masks take
         SDPA. On a GPU the kernels are cuDNN's (bf16/fp16)."""
         for block in self.blocks:
             block.self_attn.key_splits = int(splits)

@@ -100,7 +100,7 @@ VARIANTS = {
     # inductor's kernels launched with Programmatic Dependent Launch (Hopper and later): a kernel's
     # launch and prologue overlap the tail of the one before it (a GPU's launch gaps; no effect elsewhere)
     "pdl_compile": {"compile_options": {"options": {"triton.enable_pdl": True}}},
-    # self-attention's keys in two kernels merged by their log-sum-exps (attention_key_splits, §25)
+    # self-attention's keys in two halves, one kernel call, merged by their log-sum-exps (attention_key_splits, §25-§26)
     "split_keys": {"overrides": ["attention_key_splits=2"]},
     "cuda_graphs": {"overrides": ["cuda_graphs=true"]},  # cached forwards replayed as CUDA graphs (GPU only)
     "fp32": {"overrides": ["dtype=float32"]},
@@ -250,7 +250,7 @@ def attention_rate(device: torch.device, dtype: torch.dtype, *, heads: int, head
     """SDPA alone at one attention shape of the rollout (a block's queries over ``kv_tokens``
     keys): the kernel it dispatches to (profiler) and its rate, 4·heads·q·kv·head_dim FLOPs per
     call (scores and values), the best of five timed batches. ``key_splits`` > 1: the keys in that
-    many kernels and their merge (``model.wan.split_key_attention``), compiled as the blocks are
+    many parts in one kernel call and their merge (``model.wan.split_key_attention``), compiled as the blocks are
     when ``compiled`` (one fused merge kernel)."""
     import torch.nn.functional as F
     from torch.autograd import DeviceType
@@ -1332,7 +1332,7 @@ def markdown(report: dict) -> str:
         if att:
             lines.append(f"- `{v['variant']}` attention alone (SDPA, {v['dtype']}): " + "; ".join(
                 f"{name} {a['q_tokens']}×{a['kv_tokens']} tokens"
-                f"{' in %d kernels, merged' % a['key_splits'] if a.get('key_splits', 1) > 1 else ''} {a['ms']:.3g} ms = "
+                f"{' in %d parts, one call, merged' % a['key_splits'] if a.get('key_splits', 1) > 1 else ''} {a['ms']:.3g} ms = "
                 f"{a['flops_per_s'] / 1e12:.3g} TFLOP/s ({', '.join(a['kernel']) or '?'}"
                 f"{': ' + a['gpu_kernel'] if a.get('gpu_kernel') else ''})" for name, a in att.items()))
     for v in variants:

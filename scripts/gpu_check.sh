@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh            on the GPU: install .whl/, run the CUDA tests and the real-time
 #                                        rows (eager; the default, i.e. the compiled DiT and the channels-
 #                                        last, fused, compiled VAE on a GPU; the default with CUDA graphs;
-#                                        the default with attention's keys in two kernels, at 10 s; the
+#                                        the default with attention's keys in two parts, at 10 s; the
 #                                        default at 60 s), write the tables
 #   bash scripts/gpu_check.sh --levers   a second call, if the session has time left: the levers against
 #                                        the default at 10 s: the default timed as a render (no stage
@@ -118,7 +118,7 @@ else
     # text encoder of umt5-xxl's width in place of the real one: it runs once per prompt)
     CONFIG=(--config_path configs/infinity_rope.yaml); SECONDS_=(10 60); EXTRA=(--repeats 1 random_init=true)
     # the DiT's 60 fps is the target not met: its two candidates in the main rows, CUDA graphs (the
-    # GPU's idle time, which they halved in §17) and attention's keys in two kernels (§25); the
+    # GPU's idle time, which they halved in §17) and attention's keys in two parts, one call (§25-§26); the
     # render row (the pipeline's 30 fps, met in §21) and the plain decoder are in --levers
     ROWS=(eager default default+cuda_graphs split_keys)
     # the render first (what a user's pipeline gets), then the DiT's levers (its 60 fps target is the

@@ -60,17 +60,23 @@ def test_packed_qkv_matches_diffusers():
     assert err < 2e-5 * scale, err
 
 
-@pytest.mark.parametrize("splits", [2, 3, 7, 500])
-def test_split_key_attention_equals_one_kernel_over_all_keys(splits):
-    """Attention with its keys in parts merged by their log-sum-exps (``attention_key_splits``)
-    against SDPA over all the keys in float64: float32 rounding, for strided inputs as a block
-    passes them (``[B, L, H, D]`` transposed), uneven parts, and more parts than keys (one key
-    each); bf16 in, bf16 out, as close as SDPA's own bf16."""
+@pytest.mark.parametrize("splits,keys", [(2, 126), (3, 126), (7, 126), (126, 126), (2, 125)])
+def test_split_key_attention_equals_one_kernel_over_all_keys(monkeypatch, splits, keys):
+    """Attention with its keys in equal parts, stacked on the batch dimension and attended to in
+    one kernel call, merged by their log-sum-exps (``attention_key_splits``), against SDPA over all
+    the keys in float64: float32 rounding, for strided inputs as a block passes them (``[B, L, H,
+    D]`` transposed), two batch entries, one key per part; keys that do not divide into equal
+    parts take SDPA. bf16 in, bf16 out, as close as SDPA's own bf16."""
+    calls = []
+    real = wan.attention_with_lse
+    monkeypatch.setattr(wan, "attention_with_lse", lambda q, k, v: calls.append((q.shape, k.shape)) or real(q, k, v))
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, n, 3, 16, generator=g).transpose(1, 2) for n in (37, 101, 101))
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g).transpose(1, 2) for n in (37, keys, keys))
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     split = wan.split_key_attention(q, k, v, splits)
     assert split.dtype == torch.float32 and ((split.double() - exact).norm() / exact.norm()) < 1e-6
+    parts = splits if keys % splits == 0 else None
+    assert calls == ([((2 * parts, 3, 37, 16), (2 * parts, 3, keys // parts, 16))] if parts else [])
     half = [x.bfloat16() for x in (q, k, v)]
     split, plain = wan.split_key_attention(*half, splits), F.scaled_dot_product_attention(*half)
     assert split.dtype == torch.bfloat16
