@@ -86,10 +86,10 @@ def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split
     kernel's grid is batch x heads x query tiles: when that is a few waves and a fraction over a
     GPU's SMs (the 1.3B model's 12 heads x 37 tiles of 128 queries are 3.4 waves of an H200's 132),
     the last wave leaves most SMs idle; one call over ``splits`` times the tiles, each over
-    1/``splits`` of the keys, runs in fuller waves (6.7 of 7 for two parts), for the merge's cost. (Consecutive calls,
-    one per part, would each have the same partial last wave.) Keys that do not divide into equal
-    parts take one SDPA call over all of them. Whether the split pays is the GPU's to say
-    (docs/PERFORMANCE.md §25-§26)."""
+    1/``splits`` of the keys, runs in fuller waves (6.7 of 7 for two parts), for the merge's
+    cost. (Consecutive calls, one per part, would each have the same partial last wave.) Keys
+    that do not divide into equal parts take one SDPA call over all of them. Whether the split
+    pays is the GPU's to say (docs/PERFORMANCE.md §25-§26)."""
     b, h, lq, d = q.shape
     if k.shape[2] % splits:
         return F.scaled_dot_product_attention(q, k, v)

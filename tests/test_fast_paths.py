@@ -387,7 +387,7 @@ def test_compiled_kernels_are_cached_across_runs(tmp_path, monkeypatch):
 def test_cuda_bf16_compiled_rollout_close_to_eager(tiny, key_splits):
     """The issue's GPU criterion: a bf16 rollout through a flush and a cut, blocks compiled with
     inductor (and q, k, v packed, as build_models makes them; attention's keys in one kernel or,
-    ``attention_key_splits``, two cuDNN kernels merged) against eager bf16 with the three
+    ``attention_key_splits``, two parts in one cuDNN call, merged) against eager bf16 with the three
     projections and one SDPA call: every block within 2e-2 relative, every latent finite."""
     cfg = tiny[0]
     torch._dynamo.reset()
